@@ -1,0 +1,1 @@
+"""Phase 1 modules: backprop in NumPy, a scalar autograd engine, attention."""

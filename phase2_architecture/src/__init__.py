@@ -1,0 +1,1 @@
+"""Phase 2 modules: transformer building blocks and GPT."""

@@ -1,0 +1,1 @@
+"""phase4_training package."""

@@ -1,0 +1,1 @@
+"""Phase 4 modules: training loop, LoRA, reward model, DPO, PPO."""

@@ -1,0 +1,1 @@
+"""phase5_production package."""

@@ -1,0 +1,1 @@
+"""Phase 5 modules: KV cache, sampling, quantization, speculative decoding, serving."""

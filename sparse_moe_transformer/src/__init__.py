@@ -1,0 +1,1 @@
+"""The Sparse Mixture-of-Experts transformer: model, data, training CLI."""
