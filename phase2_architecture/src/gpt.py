@@ -1,0 +1,269 @@
+"""A decoder-only GPT assembled from this phase's blocks (the architecture of GPT-2).
+
+    idx [B, T] token ids
+      -> tok_emb(idx) + pos_emb(0..T-1)          [B, T, C]   token meaning + learned position
+      -> drop
+      -> blocks[0..n_layer-1]                     [B, T, C]   pre-norm TransformerBlock (causal)
+      -> ln_f                                     [B, T, C]
+      -> lm_head                                  [B, T, V]   logits for the NEXT token at each position
+
+Training minimises cross-entropy between logits[:, t] and targets[:, t] = idx[:, t + 1]; a target
+of -100 is ignored (padding, or positions that should not be scored).
+
+Initialisation follows GPT-2: every Linear and Embedding weight ~ N(0, 0.02), biases 0, and the
+two projections that write into the residual stream (attn.out_proj, ffn.down_proj) get std
+0.02 / sqrt(2 * n_layer), so the variance of the residual stream does not grow with depth
+(each block adds two terms to it).
+
+Run `python phase2_architecture/src/gpt.py` to print the parameter count of a few configurations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phase2_architecture.src.feed_forward import swiglu_hidden_size
+from phase2_architecture.src.norms import make_norm
+from phase2_architecture.src.positional_encoding import LearnedPositionalEmbedding
+from phase2_architecture.src.transformer_blocks import TransformerBlock
+
+
+@dataclass
+class GPTConfig:
+    """Hyper-parameters of a GPT.
+
+    vocab_size: number of token ids V.  block_size: longest context T the model accepts.
+    n_layer / n_head / d_model: depth, heads per attention layer, width C (divisible by n_head).
+    dropout: on embeddings, attention weights and residual branches.  bias: in Linear and norms.
+    norm: "layernorm" (GPT-2) or "rmsnorm".  ffn: "gelu" (GPT-2, hidden 4C) or "swiglu".
+    tie_weights: share lm_head.weight with tok_emb.weight (GPT-2 does; saves V*C parameters).
+    """
+
+    vocab_size: int
+    block_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    norm: str = "layernorm"
+    ffn: str = "gelu"
+    tie_weights: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}.")
+        if self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head}) "
+                "so that every head gets d_model / n_head features."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}.")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"GPTConfig.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}.")
+        if self.ffn not in ("gelu", "swiglu"):
+            raise ValueError(f"GPTConfig.ffn must be 'gelu' or 'swiglu', got {self.ffn!r}.")
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model. See the module docstring for the data flow."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT expects a GPTConfig, got {type(config).__name__}.")
+        self.config = config
+        C = config.d_model
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = LearnedPositionalEmbedding(config.block_size, C)  # an nn.Embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                C,
+                config.n_head,
+                dropout=config.dropout,
+                bias=config.bias,
+                norm=config.norm,
+                ffn=config.ffn,
+                norm_first=True,
+                causal=True,
+            )
+            for _ in range(config.n_layer)
+        )
+        self.ln_f = make_norm(config.norm, C, bias=config.bias)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # Residual projections: std 0.02 / sqrt(2 * n_layer) (two residual additions per block).
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.ffn.down_proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Number of distinct trainable parameters (a tied matrix counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_idx(self, idx: torch.Tensor, check_length: bool = True) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            got = (
+                f"{idx.dtype} tensor of shape {tuple(idx.shape)}"
+                if isinstance(idx, torch.Tensor)
+                else type(idx)
+            )
+            raise TypeError(f"idx must be a LongTensor [B, T] of token ids, got {got}.")
+        T = idx.shape[1]
+        if T == 0:
+            raise ValueError("idx has no tokens (T = 0); feed at least one token.")
+        if check_length and T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds block_size {self.config.block_size}; crop the input to the "
+                f"last {self.config.block_size} tokens or build the model with a larger block_size."
+            )
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, {self.config.vocab_size - 1}] "
+                f"(vocab_size {self.config.vocab_size}), "
+                f"got ids in [{lo}, {hi}]; check the tokenizer matches the model's vocab_size."
+            )
+
+    def _check_targets(self, targets: torch.Tensor, idx: torch.Tensor) -> None:
+        if targets.shape != idx.shape or targets.dtype != torch.long:
+            raise ValueError(
+                f"targets must be a LongTensor with the same shape as idx {tuple(idx.shape)}, "
+                f"got {targets.dtype} {tuple(targets.shape)}."
+            )
+        valid = targets != -100
+        if valid.any():
+            scored = targets[valid]
+            if int(scored.min()) < 0 or int(scored.max()) >= self.config.vocab_size:
+                raise ValueError(
+                    f"targets must be token ids in [0, {self.config.vocab_size - 1}] or -100 (ignored), "
+                    f"got values in [{int(scored.min())}, {int(scored.max())}]."
+                )
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx [B, T] -> (logits [B, T, V], mean cross-entropy over targets != -100, or None)."""
+        self._check_idx(idx)
+        B, T = idx.shape
+        tok = self.tok_emb(idx)  # [B, T, C]
+        pos = self.pos_emb.positions(T)  # [T, C]
+        x = self.drop(tok + pos)  # [B, T, C]
+        for block in self.blocks:
+            x = block(x)  # [B, T, C]
+        x = self.ln_f(x)
+        logits = self.lm_head(x)  # [B, T, V]
+        if targets is None:
+            return logits, None
+        self._check_targets(targets, idx)
+        loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to idx [B, T]; returns [B, T + max_new_tokens].
+
+        The whole (cropped) context is re-run for every new token (no KV cache; Phase 5 adds one).
+        temperature = 0 picks the most likely token (greedy); top_k keeps only the k most likely.
+        Dropout is switched off while generating and the previous train/eval mode restored after.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}.")
+        self._check_idx(idx, check_length=False)  # longer prompts are cropped below
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                context = idx[:, -self.config.block_size :]  # [B, <=block_size]
+                logits, _ = self(context)
+                logits = logits[:, -1, :]  # [B, V] prediction for the next token
+                idx_next = self._sample(logits, temperature, top_k, generator)  # [B, 1]
+                idx = torch.cat([idx, idx_next], dim=1)
+        finally:
+            self.train(was_training)
+        return idx
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """logits [B, V] -> next token ids [B, 1]."""
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            k = min(top_k, logits.shape[-1])
+            kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]  # [B, 1]
+            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        probs = F.softmax(logits, dim=-1)  # [B, V]
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def gpt_parameter_count(config: GPTConfig) -> int:
+    """Number of parameters of GPT(config), from the formula (checked against the module in the tests).
+
+    With C = d_model, V = vocab_size, T = block_size, L = n_layer, b = 1 if bias else 0:
+        embeddings   V*C + T*C
+        per block    norms 2 * (C + b*C)      [RMSNorm: 2 * C]
+                     attention 4 * (C*C + b*C)           (q, k, v, out projections)
+                     FFN gelu   2*C*H + b*(H + C), H = 4C
+                         swiglu 3*C*H + b*(2H + C), H = swiglu_hidden_size(C)
+        final norm   C + b*C                 [RMSNorm: C]
+        lm_head      V*C (0 when tied to the token embedding)
+    """
+    C, V, T, L = config.d_model, config.vocab_size, config.block_size, config.n_layer
+    b = 1 if config.bias else 0
+    norm = C + b * C if config.norm == "layernorm" else C
+    attention = 4 * (C * C + b * C)
+    if config.ffn == "gelu":
+        H = 4 * C
+        ffn = 2 * C * H + b * (H + C)
+    else:
+        H = swiglu_hidden_size(C)
+        ffn = 3 * C * H + b * (2 * H + C)
+    per_block = 2 * norm + attention + ffn
+    lm_head = 0 if config.tie_weights else V * C
+    return V * C + T * C + L * per_block + norm + lm_head
+
+
+if __name__ == "__main__":
+    for cfg in (
+        GPTConfig(vocab_size=65, block_size=64),
+        GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768, tie_weights=True),
+        GPTConfig(
+            vocab_size=32000, block_size=2048, n_layer=8, n_head=8, d_model=512, norm="rmsnorm", ffn="swiglu"
+        ),
+    ):
+        print(f"{gpt_parameter_count(cfg):>12,d} parameters  {cfg}")

@@ -1,0 +1,259 @@
+"""A compact training toolkit for language models: evaluation, a training loop, checkpoints.
+
+A model here is anything called as `model(x, y) -> (logits, loss)` (the GPT of `gpt.py`), and
+data comes from a `get_batch(split) -> (x, y)` function returning LongTensors [B, T] for the
+split "train" or "val". Phase 4 builds its full training loop on these pieces.
+
+    estimate_loss(model, get_batch, eval_iters)         mean loss over a few batches per split
+    train_model(model, get_batch, steps=..., lr=...)    AdamW + warmup/cosine LR + grad clipping
+    save_checkpoint(path, model, optimizer, step, ...)  atomic: a crash never leaves a broken file
+    load_checkpoint(path, model, optimizer)             safe: weights_only=True, map_location="cpu"
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from phase3_components.src.lr_schedules import set_learning_rate, warmup_cosine_lr
+
+GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: nn.Module, get_batch: GetBatch, eval_iters: int, splits: tuple[str, ...] = ("train", "val")
+) -> dict[str, float]:
+    """Average loss over `eval_iters` batches of each split, in eval mode (no dropout).
+
+    A single batch's loss is noisy; averaging a few gives a curve you can compare between runs.
+    The model's train/eval mode is restored afterwards.
+    """
+    if isinstance(eval_iters, bool) or not isinstance(eval_iters, int) or eval_iters < 1:
+        raise ValueError(f"eval_iters must be a positive integer, got {eval_iters!r}.")
+    was_training = model.training
+    model.eval()
+    try:
+        out = {}
+        for split in splits:
+            losses = torch.zeros(eval_iters)
+            for i in range(eval_iters):
+                x, y = get_batch(split)
+                _, loss = model(x, y)
+                losses[i] = loss.item()
+            out[split] = losses.mean().item()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def make_adamw(
+    model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases or norm gains.
+
+    Decaying a gain or a bias pulls it towards 0, which is not a sensible prior (nanoGPT's rule:
+    decay parameters with >= 2 dimensions).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def train_model(
+    model: nn.Module,
+    get_batch: GetBatch,
+    *,
+    steps: int,
+    lr: float,
+    min_lr: float | None = None,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    grad_clip: float | None = 1.0,
+    eval_every: int | None = None,
+    eval_iters: int = 10,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train for `steps` optimizer steps and return the history, one dict per step.
+
+    Each step: lr from the schedule (linear warmup for `warmup_steps`, cosine decay to `min_lr`
+    at `steps`; `min_lr=None` means a constant lr after warmup), forward, backward, clip the global
+    gradient norm to `grad_clip`, AdamW step. A given `optimizer` (e.g. restored from a checkpoint)
+    is used instead of a fresh `make_adamw`; the schedule sets its learning rate at every step.
+
+    History entries: {"step", "lr", "loss" (this batch), "grad_norm", "time_s"} and, every
+    `eval_every` steps and at the last step, {"train_loss", "val_loss"} from `estimate_loss`.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}.")
+    if min_lr is not None and not 0 <= min_lr <= lr:
+        raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}.")
+    if not 0 <= warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be in [0, steps={steps}], got {warmup_steps}.")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be a positive integer or None, got {eval_every}.")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}.")
+
+    if optimizer is None:
+        optimizer = make_adamw(model, lr, weight_decay, betas)
+    final_lr = lr if min_lr is None else min_lr
+    history: list[dict] = []
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), disable=not progress, desc="training")
+    for step in bar:
+        step_lr = warmup_cosine_lr(
+            step, max_lr=lr, min_lr=final_lr, warmup_steps=warmup_steps, total_steps=steps
+        )
+        set_learning_rate(optimizer, step_lr)
+
+        x, y = get_batch("train")
+        _, loss = model(x, y)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {step}; lower the learning rate or enable grad_clip."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+        else:
+            grad_norm = math.sqrt(
+                sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)
+            )
+        optimizer.step()
+
+        record = {
+            "step": step,
+            "lr": step_lr,
+            "loss": loss.item(),
+            "grad_norm": grad_norm,
+            "time_s": time.perf_counter() - start,
+        }
+        if eval_every is not None and (step % eval_every == 0 or step == steps - 1):
+            losses = estimate_loss(model, get_batch, eval_iters)
+            record["train_loss"], record["val_loss"] = losses["train"], losses["val"]
+            bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
+        history.append(record)
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+_SAFE_SCALARS = (type(None), bool, int, float, str)
+
+
+def _check_safe(value, where: str) -> None:
+    """Raise TypeError unless `value` can be read back by torch.load(weights_only=True)."""
+    if isinstance(value, _SAFE_SCALARS) or isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_safe(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_safe(key, f"{where} key {key!r}")
+            _check_safe(item, f"{where}[{key!r}]")
+        return
+    hint = (
+        " (for a dataclass such as GPTConfig, pass dataclasses.asdict(config))"
+        if hasattr(value, "__dataclass_fields__")
+        else ""
+    )
+    raise TypeError(
+        f"checkpoint entry {where} is a {type(value).__name__}, which torch.load(weights_only=True) "
+        f"cannot read back; store plain numbers, strings, lists, dicts or tensors{hint}."
+    )
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int = 0,
+    **extra,
+) -> None:
+    """Write model (and optimizer) state, the step and any `extra` entries to `path`, atomically.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over
+    `path` with os.replace (atomic on POSIX and Windows). If anything fails half-way, the previous
+    checkpoint at `path` is untouched and the temporary file is removed.
+    """
+    _check_safe(extra, "extra")
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": int(step),
+        **extra,
+    }
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict:
+    """Restore `model` (and `optimizer`) from `path`; return the whole checkpoint dict (step, extras).
+
+    Loads with weights_only=True (no arbitrary code from the file) onto the CPU; the state is then
+    copied into the model's own tensors, wherever they live. Raises FileNotFoundError for a missing
+    file, ValueError for a corrupt or truncated file, or one that does not match the model.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}; check the path or train first.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, random bytes, a pickle with forbidden objects, ...
+        raise ValueError(
+            f"{path!r} is not a readable checkpoint (corrupt, truncated, or not written by "
+            f"save_checkpoint): {err}"
+        ) from err
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(f"{path!r} holds no 'model' state; it was not written by save_checkpoint.")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint {path!r} does not match this model (different configuration?): {err}"
+        ) from err
+    if optimizer is not None:
+        if checkpoint.get("optimizer") is None:
+            raise ValueError(f"checkpoint {path!r} has no optimizer state; load it without an optimizer.")
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"optimizer state in {path!r} does not match this optimizer: {err}") from err
+    return checkpoint

@@ -1,0 +1,157 @@
+"""Transformer blocks: pre-norm / post-norm residual blocks, the encoder block, the decoder block.
+
+A block = attention (tokens exchange information) + feed-forward (each token thinks alone), each
+wrapped in a residual connection and a normalisation. Where the norm sits matters:
+
+    post-norm (original 2017 transformer, BERT):   x = Norm(x + Attn(x));   x = Norm(x + FFN(x))
+    pre-norm  (GPT-2 onwards, Llama):              x = x + Attn(Norm(x));   x = x + FFN(Norm(x))
+
+In pre-norm the residual stream `x` is a plain sum of every sub-layer's output, so the gradient
+flows from the loss to the first layer through an identity path; post-norm puts a normalisation
+on that path at every layer, which makes deep post-norm stacks hard to train without learning-
+rate warmup. `notebooks/positional_encodings_and_norms.ipynb` plots the difference.
+
+The attention is Phase 1's `MultiHeadAttention`; the norms and FFNs come from this phase.
+Blocks:
+    TransformerBlock   ln1, attn, ln2, ffn          decoder-only (causal) by default; pre- or post-norm
+    EncoderBlock       same, bidirectional           the encoder of the original transformer
+    DecoderBlock       ln1, self_attn, ln2, cross_attn, ln3, ffn
+                       causal self-attention, then attention over the encoder output ("memory")
+"""
+
+from __future__ import annotations
+
+import torch
+from phase1_foundation.src.attention_mechanism import MultiHeadAttention
+from torch import nn
+
+from phase2_architecture.src.feed_forward import make_feed_forward
+from phase2_architecture.src.norms import make_norm
+
+
+def key_padding_to_attention_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, S] bool (True = real token) -> [B, 1, 1, S], broadcastable to attention weights [B, H, T, S]."""
+    if key_mask is None:
+        return None
+    if key_mask.dtype != torch.bool or key_mask.dim() != 2:
+        raise ValueError(
+            f"key padding mask must be a bool tensor [B, S] with True for real tokens, "
+            f"got dtype {key_mask.dtype} and shape {tuple(key_mask.shape)}."
+        )
+    if not key_mask.any(dim=-1).all():
+        raise ValueError(
+            "a sequence in the batch is all padding (its key mask has no True): nothing to attend to."
+        )
+    return key_mask[:, None, None, :]
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention + feed-forward with residual connections.
+
+    Args:
+        d_model, n_heads: width of the residual stream and number of attention heads.
+        d_ff: hidden size of the FFN (default: 4 * d_model for GELU, 2/3 of that for SwiGLU).
+        dropout: attention-weight and residual dropout.
+        bias: biases in linear layers and LayerNorm.
+        norm: "layernorm" or "rmsnorm".  ffn: "gelu" or "swiglu".
+        norm_first: True = pre-norm (GPT-2), False = post-norm (2017 transformer).
+        causal: True = each token attends to itself and earlier tokens only (decoder-only LM).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        d_ff: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        norm: str = "layernorm",
+        ffn: str = "gelu",
+        norm_first: bool = True,
+        causal: bool = True,
+    ):
+        super().__init__()
+        self.norm_first = norm_first
+        self.causal = causal
+        self.ln1 = make_norm(norm, d_model, bias=bias)
+        self.attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
+        self.ln2 = make_norm(norm, d_model, bias=bias)
+        self.ffn = make_feed_forward(ffn, d_model, d_ff, dropout=dropout, bias=bias)
+
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        out, _ = self.attn(x, causal=self.causal, mask=mask)  # [B, T, C]
+        return out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; `mask`: optional bool, broadcastable to [B, H, T, T], True = attend."""
+        if self.norm_first:
+            x = x + self._attend(self.ln1(x), mask)  # pre-norm: the residual path is untouched
+            x = x + self.ffn(self.ln2(x))
+        else:
+            x = self.ln1(x + self._attend(x, mask))  # post-norm: normalise after adding
+            x = self.ln2(x + self.ffn(x))
+        return x
+
+
+class EncoderBlock(TransformerBlock):
+    """A bidirectional block: every token attends to every (non-padding) token.
+
+    Post-norm by default, as in the original transformer. `forward(x, key_mask=None)` takes the
+    source padding mask [B, S] (True = real token).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, norm_first: bool = False, **kwargs):
+        super().__init__(d_model, n_heads, norm_first=norm_first, causal=False, **kwargs)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, key_padding_to_attention_mask(key_mask))
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention over the encoder output, feed-forward.
+
+    forward(x [B, T, C], memory [B, S, C], memory_key_mask [B, S] or None) -> [B, T, C]
+    Post-norm by default (original transformer); `norm_first=True` gives the pre-norm variant.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        d_ff: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        norm: str = "layernorm",
+        ffn: str = "gelu",
+        norm_first: bool = False,
+    ):
+        super().__init__()
+        self.norm_first = norm_first
+        self.ln1 = make_norm(norm, d_model, bias=bias)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
+        self.ln2 = make_norm(norm, d_model, bias=bias)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
+        self.ln3 = make_norm(norm, d_model, bias=bias)
+        self.ffn = make_feed_forward(ffn, d_model, d_ff, dropout=dropout, bias=bias)
+
+    def _self(self, x: torch.Tensor) -> torch.Tensor:
+        return self.self_attn(x, causal=True)[0]  # [B, T, C], position t sees targets <= t
+
+    def _cross(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.cross_attn(x, context=memory, mask=mask)[0]  # queries from x, keys/values from memory
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, memory_key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        mask = key_padding_to_attention_mask(memory_key_mask)  # [B, 1, 1, S] or None
+        if self.norm_first:
+            x = x + self._self(self.ln1(x))
+            x = x + self._cross(self.ln2(x), memory, mask)
+            x = x + self.ffn(self.ln3(x))
+        else:
+            x = self.ln1(x + self._self(x))
+            x = self.ln2(x + self._cross(x, memory, mask))
+            x = self.ln3(x + self.ffn(x))
+        return x

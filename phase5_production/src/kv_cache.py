@@ -1,0 +1,208 @@
+"""A KV cache for the Phase 2 GPT, written from scratch.
+
+Without a cache, generating token t+1 re-runs the model on all t tokens of the context, although
+the keys and values of tokens 0..t-1 are exactly what they were one step ago (causal attention:
+an earlier token never sees a later one, so nothing about it changes). Generating n tokens costs
+O(n^2) token-forwards, and attention O(n^3) work in total.
+
+The cache keeps, for every layer, the keys and values already computed:
+
+    cache.keys[l], cache.values[l]      [B, H, T_cached, Dh]
+
+and a cached forward pass feeds only the NEW tokens x_new [B, T_new]:
+
+    positions       offset .. offset+T_new-1           offset = T_cached (learned absolute positions)
+    per block l     q, k, v = projections of ln1(x)    each [B, H, T_new, Dh]
+                    K = cat(cache.K, k), V = cat(cache.V, v)     [B, H, T_cached+T_new, Dh]
+                    attention of q over K, V with the mask
+                        new query i (absolute position offset+i) may attend key j  iff  j <= offset+i
+                    (a causal mask shifted by `offset`: one row of all-True for a single new token,
+                    the ordinary causal triangle plus a fully visible prefix for a multi-token prefill)
+
+Every block is run with its own modules (ln1, attn.q_proj/k_proj/v_proj, split_heads,
+merge_heads, out_proj, ln2, ffn) and Phase 1's `scaled_dot_product_attention`, so the logits
+equal the full forward's logits (tested to ~1e-5).
+
+The context limit: positions are learned for 0..block_size-1, so the cache holds at most
+block_size tokens; `forward_with_cache` raises a ValueError past it. `generate_with_cache` then
+slides the window like the uncached `GPT.generate` does (keep the last block_size tokens), and
+because every token's position changes when the window slides, it rebuilds the cache from the
+cropped context with one prefill. The output stays identical to uncached generation; beyond
+block_size each new token costs one full-window forward.
+
+    tokens = generate_with_cache(model, idx, max_new_tokens=100, temperature=0.8, top_k=20)
+    for token in stream_with_cache(model, idx, 100): ...        # one [B] tensor per step
+
+Run `python phase5_production/benchmarks/bench_kv_cache.py` to see the speed-up grow with length.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
+from torch import nn
+
+from phase2_architecture.src.gpt import GPT
+from phase5_production.src.sampling import sample_next_token
+
+
+class KVCache:
+    """Per-layer keys and values [B, H, T, Dh] of every token the model has seen so far."""
+
+    def __init__(self, n_layer: int, max_length: int):
+        if n_layer < 1 or max_length < 1:
+            raise ValueError(f"n_layer and max_length must be positive, got {n_layer} and {max_length}.")
+        self.n_layer = n_layer
+        self.max_length = max_length
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    @classmethod
+    def for_model(cls, model: GPT) -> KVCache:
+        return cls(model.config.n_layer, model.config.block_size)
+
+    @property
+    def length(self) -> int:
+        """Number of cached tokens (positions 0 .. length-1)."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new keys/values [B, H, T_new, Dh] of `layer`; return all of them [B, H, T_total, Dh]."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)  # [B, H, T_cached + T_new, Dh]
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def crop(self, length: int) -> None:
+        """Forget every token from position `length` on (used to roll back rejected speculative drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}.")
+        for layer in range(self.n_layer):
+            if self.keys[layer] is not None:
+                if length == 0:
+                    self.keys[layer] = self.values[layer] = None
+                else:
+                    self.keys[layer] = self.keys[layer][:, :, :length]
+                    self.values[layer] = self.values[layer][:, :, :length]
+
+    def reset(self) -> None:
+        self.crop(0)
+
+
+def shifted_causal_mask(t_new: int, offset: int, device=None) -> torch.Tensor:
+    """[T_new, offset + T_new] bool: new query i (position offset+i) may attend key j iff j <= offset+i."""
+    query_pos = torch.arange(offset, offset + t_new, device=device)[:, None]  # [T_new, 1]
+    key_pos = torch.arange(offset + t_new, device=device)[None, :]  # [1, T_total]
+    return key_pos <= query_pos  # [T_new, T_total]
+
+
+def cached_self_attention(
+    attn: nn.Module, x: torch.Tensor, cache: KVCache, layer: int, offset: int
+) -> torch.Tensor:
+    """Phase 1 MultiHeadAttention on new tokens x [B, T_new, C] at positions offset.., attending to
+    the `offset` cached keys of `layer` plus the new ones."""
+    q = attn.split_heads(attn.q_proj(x))  # [B, H, T_new, Dh]
+    k = attn.split_heads(attn.k_proj(x))  # [B, H, T_new, Dh]
+    v = attn.split_heads(attn.v_proj(x))  # [B, H, T_new, Dh]
+    k_all, v_all = cache.append(layer, k, v)  # [B, H, offset + T_new, Dh]
+    mask = shifted_causal_mask(x.shape[1], offset, device=x.device)  # [T_new, offset + T_new]
+    out, _ = scaled_dot_product_attention(q, k_all, v_all, mask)  # [B, H, T_new, Dh]
+    return attn.out_proj(attn.merge_heads(out))  # [B, T_new, C]
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, GPT):
+        raise TypeError(f"the KV cache is written for the Phase 2 GPT, got {type(model).__name__}.")
+    if model.training:
+        raise ValueError("call model.eval() before a cached forward: dropout would make cached and full passes differ.")
+    for block in model.blocks:
+        if not (block.norm_first and block.causal):
+            raise ValueError("the KV cache needs pre-norm causal blocks (the GPT's default).")
+
+
+@torch.no_grad()
+def forward_with_cache(model: GPT, idx_new: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed new tokens idx_new [B, T_new] after the cached ones; return their logits [B, T_new, V]."""
+    _check_model(model)
+    model._check_idx(idx_new, check_length=False)
+    t_new, offset = idx_new.shape[1], cache.length
+    if offset + t_new > model.config.block_size:
+        raise ValueError(
+            f"the cache holds {offset} tokens and {t_new} more would exceed block_size "
+            f"{model.config.block_size}; crop the context and rebuild the cache (generate_with_cache does)."
+        )
+    if cache.keys[0] is not None and cache.keys[0].shape[0] != idx_new.shape[0]:
+        raise ValueError(f"batch size {idx_new.shape[0]} differs from the cached batch {cache.keys[0].shape[0]}.")
+    tok = model.tok_emb(idx_new)  # [B, T_new, C]
+    pos = model.pos_emb.positions(t_new, offset=offset)  # [T_new, C] positions offset .. offset+T_new-1
+    x = model.drop(tok + pos)  # [B, T_new, C]
+    for layer, block in enumerate(model.blocks):
+        x = x + cached_self_attention(block.attn, block.ln1(x), cache, layer, offset)  # pre-norm residual
+        x = x + block.ffn(block.ln2(x))
+    return model.lm_head(model.ln_f(x))  # [B, T_new, V]
+
+
+def _check_generation_args(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+
+
+@torch.no_grad()
+def stream_with_cache(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield max_new_tokens next tokens, each a LongTensor [B], using a KV cache.
+
+    Sampling is Phase 5's `sample_next_token` (temperature 0 = greedy); the repetition penalty
+    sees the prompt and everything generated so far. The model is put in eval mode while the
+    generator runs and its previous mode restored when it finishes (or is closed).
+    """
+    _check_generation_args(max_new_tokens)
+    model._check_idx(idx, check_length=False)
+    block_size = model.config.block_size
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache.for_model(model)
+        logits = forward_with_cache(model, idx[:, -block_size:], cache)[:, -1, :]  # prefill -> [B, V]
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(
+                logits,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                repetition_penalty=repetition_penalty,
+                previous_ids=idx,
+                generator=generator,
+            )  # [B]
+            yield next_token
+            idx = torch.cat([idx, next_token[:, None]], dim=1)  # [B, T + 1]
+            if step == max_new_tokens - 1:
+                break
+            if cache.length == block_size:  # window full: slide it and rebuild the cache
+                cache.reset()
+                logits = forward_with_cache(model, idx[:, -block_size:], cache)[:, -1, :]
+            else:  # the usual step: one new token
+                logits = forward_with_cache(model, next_token[:, None], cache)[:, -1, :]
+    finally:
+        model.train(was_training)
+
+
+def generate_with_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """idx [B, T] -> [B, T + max_new_tokens]; the same contract as GPT.generate, with a KV cache.
+
+    Keyword arguments: temperature, top_k, top_p, repetition_penalty, generator.
+    """
+    new_tokens = [token[:, None] for token in stream_with_cache(model, idx, max_new_tokens, **sampling)]
+    return torch.cat([idx, *new_tokens], dim=1)
