@@ -16,12 +16,12 @@ reuses the parent's projections, split/merge and attention function; only the ro
 from __future__ import annotations
 
 import torch
+
 from phase1_foundation.src.attention_mechanism import (
     MultiHeadAttention,
     causal_mask,
     scaled_dot_product_attention,
 )
-
 from phase2_architecture.src.positional_encoding import RotaryEmbedding
 
 
@@ -45,7 +45,6 @@ class RotaryMultiHeadAttention(MultiHeadAttention):
     ):
         super().__init__(d_model, n_heads, bias=bias, dropout=dropout)
         self.rope = RotaryEmbedding(d_model // n_heads, max_len, base)
-        self.attn_dropout = torch.nn.Dropout(dropout)
 
     def forward(
         self,
@@ -61,6 +60,7 @@ class RotaryMultiHeadAttention(MultiHeadAttention):
                 "RotaryMultiHeadAttention is self-attention only (queries and keys share one position axis); "
                 "use phase 1's MultiHeadAttention for cross-attention."
             )
+        self._check_forward_inputs(x, None, causal)
         T = x.shape[1]
         q = self.rope(self.split_heads(self.q_proj(x)), offset)  # [B, H, T, Dh] rotated by position
         k = self.rope(self.split_heads(self.k_proj(x)), offset)  # [B, H, T, Dh] rotated by position
@@ -69,5 +69,7 @@ class RotaryMultiHeadAttention(MultiHeadAttention):
             allowed = causal_mask(T, device=x.device)  # [T, T]
             mask = allowed if mask is None else mask & allowed
         out, weights = scaled_dot_product_attention(q, k, v, mask)  # [B, H, T, Dh], [B, H, T, T]
+        if self.training and self.attn_dropout.p > 0:
+            out = self.attn_dropout(weights) @ v  # dropout on the weights, as in the parent class
         out = self.out_proj(self.merge_heads(out))  # [B, T, C]
-        return self.attn_dropout(out), weights
+        return out, weights

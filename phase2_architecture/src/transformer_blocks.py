@@ -22,9 +22,9 @@ Blocks:
 from __future__ import annotations
 
 import torch
-from phase1_foundation.src.attention_mechanism import MultiHeadAttention
 from torch import nn
 
+from phase1_foundation.src.attention_mechanism import MultiHeadAttention
 from phase2_architecture.src.feed_forward import make_feed_forward
 from phase2_architecture.src.norms import make_norm
 
@@ -51,7 +51,8 @@ class TransformerBlock(nn.Module):
     Args:
         d_model, n_heads: width of the residual stream and number of attention heads.
         d_ff: hidden size of the FFN (default: 4 * d_model for GELU, 2/3 of that for SwiGLU).
-        dropout: attention-weight and residual dropout.
+        dropout: on the attention weights (inside Phase 1's attention) and on each sub-layer's output
+            before it is added to the residual stream (`resid_drop` after attention, inside the FFN).
         bias: biases in linear layers and LayerNorm.
         norm: "layernorm" or "rmsnorm".  ffn: "gelu" or "swiglu".
         norm_first: True = pre-norm (GPT-2), False = post-norm (2017 transformer).
@@ -76,12 +77,13 @@ class TransformerBlock(nn.Module):
         self.causal = causal
         self.ln1 = make_norm(norm, d_model, bias=bias)
         self.attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
+        self.resid_drop = nn.Dropout(dropout)
         self.ln2 = make_norm(norm, d_model, bias=bias)
         self.ffn = make_feed_forward(ffn, d_model, d_ff, dropout=dropout, bias=bias)
 
     def _attend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         out, _ = self.attn(x, causal=self.causal, mask=mask)  # [B, T, C]
-        return out
+        return self.resid_drop(out)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]; `mask`: optional bool, broadcastable to [B, H, T, T], True = attend."""
@@ -135,12 +137,15 @@ class DecoderBlock(nn.Module):
         self.cross_attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
         self.ln3 = make_norm(norm, d_model, bias=bias)
         self.ffn = make_feed_forward(ffn, d_model, d_ff, dropout=dropout, bias=bias)
+        self.resid_drop = nn.Dropout(dropout)
 
     def _self(self, x: torch.Tensor) -> torch.Tensor:
-        return self.self_attn(x, causal=True)[0]  # [B, T, C], position t sees targets <= t
+        out, _ = self.self_attn(x, causal=True)  # [B, T, C], position t sees targets <= t
+        return self.resid_drop(out)
 
     def _cross(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.cross_attn(x, context=memory, mask=mask)[0]  # queries from x, keys/values from memory
+        out, _ = self.cross_attn(x, context=memory, mask=mask)  # queries from x, keys/values from memory
+        return self.resid_drop(out)
 
     def forward(
         self, x: torch.Tensor, memory: torch.Tensor, memory_key_mask: torch.Tensor | None = None

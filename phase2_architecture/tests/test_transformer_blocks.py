@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from phase1_foundation.src.attention_mechanism import to_torch_multihead_attention
 from phase2_architecture.src.transformer_blocks import (
     DecoderBlock,
     EncoderBlock,
@@ -13,15 +14,6 @@ from phase2_architecture.src.transformer_blocks import (
 )
 
 C, H, FF = 32, 4, 64
-
-
-def copy_attention(ours, ref: nn.MultiheadAttention):
-    """torch packs q, k, v projections into one in_proj matrix [3C, C]."""
-    with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
-        ref.out_proj.weight.copy_(ours.out_proj.weight)
-        ref.out_proj.bias.copy_(ours.out_proj.bias)
 
 
 def copy_ffn_and_norms(ours, ref, norm_pairs):
@@ -44,7 +36,9 @@ def test_encoder_block_matches_torch_encoder_layer(norm_first):
     ref = nn.TransformerEncoderLayer(
         C, H, FF, dropout=0.0, activation="gelu", batch_first=True, norm_first=norm_first
     ).double()
-    copy_attention(ours.attn, ref.self_attn)
+    ref.self_attn = to_torch_multihead_attention(
+        ours.attn
+    )  # phase 1: our q/k/v/out weights in torch's module
     copy_ffn_and_norms(ours, ref, [(ours.ln1, ref.norm1), (ours.ln2, ref.norm2)])
     ref.train()  # dropout is 0; train mode keeps torch off its fused inference fast path
     x = torch.randn(3, 7, C, dtype=torch.float64)
@@ -63,8 +57,8 @@ def test_decoder_block_matches_torch_decoder_layer(norm_first):
     ref = nn.TransformerDecoderLayer(
         C, H, FF, dropout=0.0, activation="gelu", batch_first=True, norm_first=norm_first
     ).double()
-    copy_attention(ours.self_attn, ref.self_attn)
-    copy_attention(ours.cross_attn, ref.multihead_attn)
+    ref.self_attn = to_torch_multihead_attention(ours.self_attn)
+    ref.multihead_attn = to_torch_multihead_attention(ours.cross_attn)
     copy_ffn_and_norms(ours, ref, [(ours.ln1, ref.norm1), (ours.ln2, ref.norm2), (ours.ln3, ref.norm3)])
     x = torch.randn(2, 6, C, dtype=torch.float64)
     memory = torch.randn(2, 9, C, dtype=torch.float64)

@@ -99,6 +99,10 @@ class BPETokenizer:
                 raise ValueError(
                     f"merge {rank} = ({a}, {b}) uses an id that does not exist yet: corrupt merges"
                 )
+            if (a, b) in self.merge_ranks:
+                raise ValueError(
+                    f"merge {rank} = ({a}, {b}) repeats merge {self.merge_ranks[(a, b)]}: corrupt merges"
+                )
             self.merge_ranks[(a, b)] = rank
             self.vocab.append(self.vocab[a] + self.vocab[b])
         special_tokens = list(special_tokens)

@@ -166,6 +166,8 @@ def test_clear_errors(tmp_path):
         BPETokenizer.load(other)
     with pytest.raises(ValueError, match="does not exist yet"):
         BPETokenizer([(N_BYTES + 5, 1)])
+    with pytest.raises(ValueError, match="repeats"):
+        BPETokenizer([(1, 2), (1, 2)])
 
 
 def test_matches_hf_tokenizers_trained_on_the_same_text(story_text):

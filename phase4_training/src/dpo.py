@@ -3,7 +3,8 @@
 RLHF fits a reward model and then maximises it with RL while a KL penalty keeps the policy near a
 reference model. DPO notices that this KL-regularised problem has a closed-form optimum,
 
-    pi*(y|x) = pi_ref(y|x) exp(r(x,y) / beta) / Z(x)   =>   r(x,y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x),
+    pi*(y|x) = pi_ref(y|x) exp(r(x,y) / beta) / Z(x)
+    =>  r(x,y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x),
 
 and substitutes that reward into the Bradley–Terry preference model. Z(x) cancels in the difference
 between two answers to the same prompt, which leaves a plain classification loss on the policy:
@@ -87,7 +88,9 @@ def train_dpo(
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     policy.train()
     history = []
     for step in range(steps):

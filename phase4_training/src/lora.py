@@ -34,7 +34,9 @@ def _check_lora_hyperparameters(rank: int, alpha: float, dropout: float) -> None
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}; typical values are 4, 8 or 16")
     if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}; a common choice is alpha = 2 * rank")
+        raise ValueError(
+            f"alpha must be a positive number, got {alpha!r}; a common choice is alpha = 2 * rank"
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
@@ -156,11 +158,27 @@ def inject_lora(
             + ", ".join(sorted(linears)[:20])
             + (" ..." if len(linears) > 20 else "")
         )
+    _check_not_tied(model, chosen)
     for name in chosen:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, LoRALinear(linears[name], rank=rank, alpha=alpha, dropout=dropout))
     return chosen
+
+
+def _check_not_tied(model: nn.Module, chosen: list[str]) -> None:
+    """Merging into a weight shared with another module (e.g. a tied lm_head) would change both."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(p), []).append(name)
+    for name in chosen:
+        shared = names_by_tensor[id(model.get_submodule(name).weight)]
+        if len(shared) > 1:
+            others = [n for n in shared if n != name + ".weight"]
+            raise ValueError(
+                f"{name}.weight is tied to {others}: merging LoRA into it would change those too; "
+                "leave it out of the targets or build the model without weight tying"
+            )
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:

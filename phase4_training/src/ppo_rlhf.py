@@ -185,7 +185,9 @@ def rollout(
 ) -> dict[str, torch.Tensor]:
     """Sample completions and compute everything the update needs (all constants for it)."""
     P = prompts.shape[1]
-    ids = policy.gpt.generate(prompts, config.max_new_tokens, temperature=1.0, generator=generator)  # [B, P+N]
+    ids = policy.gpt.generate(
+        prompts, config.max_new_tokens, temperature=1.0, generator=generator
+    )  # [B, P+N]
     policy.eval()
     logits, values = policy(ids)
     old_log_probs = completion_log_probs(logits, ids, P)  # [B, N]

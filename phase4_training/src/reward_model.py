@@ -123,7 +123,11 @@ def train_reward_model(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        record = {"step": step, "loss": loss.item(), "batch_accuracy": float((chosen > rejected).float().mean())}
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "batch_accuracy": float((chosen > rejected).float().mean()),
+        }
         if val_pairs is not None and eval_interval and (step % eval_interval == 0 or step == steps - 1):
             record["val_accuracy"] = preference_accuracy(model, val_pairs)
         history.append(record)

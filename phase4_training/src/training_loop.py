@@ -102,7 +102,11 @@ class TrainingConfig:
         """Linear warmup, then cosine decay to min_lr at max_steps (Phase 3's warmup_cosine_lr)."""
         min_lr = self.max_lr / 10 if self.min_lr is None else self.min_lr
         return warmup_cosine_lr(
-            step, max_lr=self.max_lr, min_lr=min_lr, warmup_steps=self.warmup_steps, total_steps=self.max_steps
+            step,
+            max_lr=self.max_lr,
+            min_lr=min_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.max_steps,
         )
 
 
@@ -122,7 +126,9 @@ def resolve_precision(precision: str, device_type: str) -> torch.dtype | None:
             return None  # CPUs (and MPS) train in fp32 unless bf16 is asked for
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16" and device_type != "cuda":
-        raise ValueError("precision='fp16' (with a GradScaler) needs a CUDA GPU; use 'bf16' or 'fp32' on a CPU")
+        raise ValueError(
+            "precision='fp16' (with a GradScaler) needs a CUDA GPU; use 'bf16' or 'fp32' on a CPU"
+        )
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
@@ -168,7 +174,9 @@ def train_step(
         with autocast_context(device.type, amp_dtype):
             _, loss = model(x, y)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()}; lower the learning rate or enable grad_clip")
+            raise FloatingPointError(
+                f"loss became {loss.item()}; lower the learning rate or enable grad_clip"
+            )
         total_loss += loss.item() / grad_accum_steps
         # Divide by k: the sum of k backward passes is then the gradient of the mean loss.
         scaler.scale(loss / grad_accum_steps).backward()
@@ -190,11 +198,12 @@ def train_step(
 
 def capture_rng_state() -> dict:
     """The global torch / CUDA / numpy / random states, in types torch.load(weights_only=True) reads."""
-    np_state = np.random.get_state()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "python": [list(random.getstate()[1]), random.getstate()[0]],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_cached_gauss],
+        "python": [py_version, list(py_internal), py_gauss_next],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -203,10 +212,10 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
-    python_keys, python_version = state["python"]
-    random.setstate((python_version, tuple(python_keys), None))
+    np_name, np_keys, np_pos, np_has_gauss, np_cached_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_cached_gauss))
+    py_version, py_internal, py_gauss_next = state["python"]
+    random.setstate((py_version, tuple(py_internal), py_gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -221,8 +230,15 @@ def _due(step: int, interval: int) -> bool:
 
 
 def evaluate(model: nn.Module, get_batch: GetBatch, eval_iters: int, amp_dtype: torch.dtype | None) -> dict:
-    with autocast_context(model_device(model).type, amp_dtype):
-        return estimate_loss(model, get_batch, eval_iters)
+    """Phase 2's estimate_loss (eval mode, mean over eval_iters batches per split), under autocast."""
+    device = model_device(model)
+
+    def get_batch_on_device(split):
+        x, y = get_batch(split)
+        return x.to(device), y.to(device)
+
+    with autocast_context(device.type, amp_dtype):
+        return estimate_loss(model, get_batch_on_device, eval_iters)
 
 
 def train(
@@ -316,8 +332,12 @@ if __name__ == "__main__":
     tokenizer = CharTokenizer.from_text(text)
     train_tokens, val_tokens = train_val_split(np.array(tokenizer.encode(text)), val_fraction=0.1)
     block_size = 64
-    get_batch = lambda split: get_random_batch(train_tokens if split == "train" else val_tokens, 16, block_size)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=2, n_head=4, d_model=64))
+    get_batch = lambda split: get_random_batch(
+        train_tokens if split == "train" else val_tokens, 16, block_size
+    )
+    model = GPT(
+        GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=2, n_head=4, d_model=64)
+    )
     config = TrainingConfig(max_steps=200, max_lr=3e-3, warmup_steps=20, grad_accum_steps=2, eval_interval=50)
     history = train(model, get_batch, config, progress=True)
     for record in history["eval"]:

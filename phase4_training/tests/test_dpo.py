@@ -8,8 +8,18 @@ import torch.nn.functional as F
 
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase4_training.src.dpo import dpo_loss, log_prob_margin, train_dpo
-from phase4_training.src.log_probs import completion_mask, frozen_reference, sequence_log_probs, token_log_probs
-from phase4_training.src.preference_data import encode_pairs, feeling_examples, make_preference_pairs, story_tokenizer
+from phase4_training.src.log_probs import (
+    completion_mask,
+    frozen_reference,
+    sequence_log_probs,
+    token_log_probs,
+)
+from phase4_training.src.preference_data import (
+    encode_pairs,
+    feeling_examples,
+    make_preference_pairs,
+    story_tokenizer,
+)
 
 
 def tiny_gpt(vocab_size: int, seed: int = 0) -> GPT:
@@ -19,9 +29,13 @@ def tiny_gpt(vocab_size: int, seed: int = 0) -> GPT:
 
 def test_dpo_loss_on_hand_made_numbers():
     # policy prefers chosen by 1 nat more than the reference, and rejected by 1 nat less: margin 2
-    loss, metrics = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    loss, metrics = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
+    )
     assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-6)  # -log sigmoid(0.5 * 2)
-    assert metrics["chosen_reward"].item() == pytest.approx(0.5) and metrics["rejected_reward"].item() == pytest.approx(-0.5)
+    assert metrics["chosen_reward"].item() == pytest.approx(0.5) and metrics[
+        "rejected_reward"
+    ].item() == pytest.approx(-0.5)
     assert metrics["reward_accuracy"].item() == 1.0
     # identical policy and reference: loss = log 2 whatever the log-probs
     same = torch.tensor([-4.0, -9.0])
@@ -41,7 +55,10 @@ def test_dpo_loss_against_an_independent_computation():
     pc_ = pc.clone().requires_grad_()
     dpo_loss(pc_, pr, rc, rr, beta)[0].backward()
     torch.testing.assert_close(pc_.grad, -beta * torch.sigmoid(-logits) / 64)
-    assert torch.autograd.gradcheck(lambda a, b: dpo_loss(a, b, rc, rr, beta)[0], (pc_.detach().requires_grad_(), pr.clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: dpo_loss(a, b, rc, rr, beta)[0],
+        (pc_.detach().requires_grad_(), pr.clone().requires_grad_()),
+    )
 
 
 def test_sequence_log_probs_against_the_models_own_cross_entropy():

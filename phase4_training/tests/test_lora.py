@@ -131,8 +131,10 @@ def test_gradient_of_lora_matches_finite_differences():
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(3, 5, dtype=torch.double)
-    assert torch.autograd.gradcheck(lambda a, b: layer.base(x) + layer.scaling * (x @ a.T) @ b.T, (
-        layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: layer.base(x) + layer.scaling * (x @ a.T) @ b.T,
+        (layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()),
+    )
 
 
 def test_bad_input_raises_clear_errors():
@@ -163,3 +165,25 @@ def test_injecting_twice_does_not_wrap_the_base_again():
     names = inject_lora(model, ("k_proj",), rank=2)
     assert all(n.endswith("k_proj") for n in names)
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * model.config.n_layer
+
+
+def test_tied_weights_are_refused():
+    torch.manual_seed(0)
+    tied = GPT(GPTConfig(vocab_size=23, block_size=16, n_layer=1, n_head=2, d_model=32, tie_weights=True))
+    with pytest.raises(ValueError, match="tied"):
+        inject_lora(tied, ("lm_head",), rank=2)
+    assert inject_lora(tied, ("q_proj",), rank=2) == ["blocks.0.attn.q_proj"]
+
+
+def test_lora_dropout_acts_on_the_adapter_path_only():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 16), rank=4, alpha=4, dropout=0.5)
+    x = torch.randn(8, 16)
+    layer.train()
+    torch.testing.assert_close(layer(x), layer.base(x))  # B = 0: nothing to drop yet
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert not torch.allclose(layer(x), layer(x))  # training: random masks on the LoRA input
+    layer.eval()
+    expected = layer.base(x) + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected)  # eval: no dropout

@@ -113,4 +113,6 @@ def test_ppo_raises_the_reward_of_a_pretrained_policy():
     assert after > before + 0.4, (before, after)
     assert history[-1]["mean_score"] > history[0]["mean_score"]
     assert history[-1]["kl"] > 0  # the policy moved away from the reference ...
-    assert all(torch.equal(v, reference_weights[k]) for k, v in reference.state_dict().items())  # ... which did not
+    assert all(
+        torch.equal(v, reference_weights[k]) for k, v in reference.state_dict().items()
+    )  # ... which did not

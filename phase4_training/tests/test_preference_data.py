@@ -41,8 +41,17 @@ def test_pairs_prefer_the_positive_word_whatever_the_story_said():
 
 @pytest.mark.parametrize(
     "completion, reward",
-    [("happy.", 1.0), (" glad to", 1.0), ("unhappy,", -1.0), ("sad. He", -1.0), ("worried", -1.0),
-     ("happyish", 0.0), ("the dog", 0.0), ("", 0.0), ("...happy", 0.0)],
+    [
+        ("happy.", 1.0),
+        (" glad to", 1.0),
+        ("unhappy,", -1.0),
+        ("sad. He", -1.0),
+        ("worried", -1.0),
+        ("happyish", 0.0),
+        ("the dog", 0.0),
+        ("", 0.0),
+        ("...happy", 0.0),
+    ],
 )
 def test_sentiment_reward_on_hand_made_strings(completion, reward):
     assert sentiment_reward(completion) == reward
@@ -59,7 +68,13 @@ def test_padding_and_encoding():
     enc = encode_pairs(pairs, tokenizer)
     assert enc.prompt_length == 24 and len(enc) == len(pairs)
     row = 5
-    assert tokenizer.decode(enc.chosen_ids[row, : enc.chosen_lengths[row]].tolist()) == pairs[row].prompt + pairs[row].chosen
-    assert tokenizer.decode(enc.rejected_ids[row, : enc.rejected_lengths[row]].tolist()) == pairs[row].prompt + pairs[row].rejected
+    assert (
+        tokenizer.decode(enc.chosen_ids[row, : enc.chosen_lengths[row]].tolist())
+        == pairs[row].prompt + pairs[row].chosen
+    )
+    assert (
+        tokenizer.decode(enc.rejected_ids[row, : enc.rejected_lengths[row]].tolist())
+        == pairs[row].prompt + pairs[row].rejected
+    )
     windows = language_model_windows(examples, tokenizer)
     assert windows.shape == (len(examples), 24 + 12) and windows.dtype == torch.long

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from phase2_architecture.src.gpt import GPT, GPTConfig
-from phase4_training.src.preference_data import encode_pairs, feeling_examples, make_preference_pairs, story_tokenizer
+from phase4_training.src.preference_data import (
+    encode_pairs,
+    feeling_examples,
+    make_preference_pairs,
+    story_tokenizer,
+)
 from phase4_training.src.reward_model import (
     RewardModel,
     bradley_terry_loss,
@@ -61,7 +66,9 @@ def test_reward_reads_the_last_real_token_and_ignores_padding():
 def test_reward_model_learns_the_preference_on_held_out_pairs():
     tokenizer = story_tokenizer()
     train_pairs = encode_pairs(make_preference_pairs(feeling_examples(200, seed=0), seed=0), tokenizer)
-    held_out = encode_pairs(make_preference_pairs(feeling_examples(80, seed=1), seed=1), tokenizer)  # other stories
+    held_out = encode_pairs(
+        make_preference_pairs(feeling_examples(80, seed=1), seed=1), tokenizer
+    )  # other stories
     model = RewardModel(tiny_backbone(tokenizer.vocab_size))
     before = preference_accuracy(model, held_out)
     history = train_reward_model(model, train_pairs, steps=60, batch_size=32, lr=3e-3, seed=0)
@@ -69,4 +76,6 @@ def test_reward_model_learns_the_preference_on_held_out_pairs():
     assert after > 0.9 and after > before + 0.1
     assert history[-1]["loss"] < history[0]["loss"] / 2
     # the unused LM head is not trained
-    assert all(id(p) not in {id(q) for q in model.backbone.lm_head.parameters()} for p in model.parameters_to_train())
+    assert all(
+        id(p) not in {id(q) for q in model.backbone.lm_head.parameters()} for p in model.parameters_to_train()
+    )

@@ -82,5 +82,7 @@ def train_char_gpt(
         ids = train_ids if split == "train" else val_ids
         return get_random_batch(ids, batch_size, block_size, generator=generator)
 
-    train_model(model, get_batch, steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=steps // 10, progress=False)
+    train_model(
+        model, get_batch, steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=steps // 10, progress=False
+    )
     return model.eval()

@@ -32,10 +32,13 @@ from torch import nn
 def total_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
     """(sum of -log p(y | x) over targets != -100, number of such targets) for one batch."""
     if x.shape != y.shape or x.dim() != 2:
-        raise ValueError(f"x and y must both be [B, T] with the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")
+        raise ValueError(
+            f"x and y must both be [B, T] with the same shape, got {tuple(x.shape)} and {tuple(y.shape)}."
+        )
     logits, _ = model(x)  # [B, T, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp16/bf16 -> fp32, fp64 stays
     nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum"
     )  # sum over real tokens
     return nll.item(), int((y != -100).sum())
 
@@ -56,7 +59,9 @@ def perplexity_from_batches(
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("no scored tokens (every target is -100 or there were no batches); nothing to evaluate.")
+        raise ValueError(
+            "no scored tokens (every target is -100 or there were no batches); nothing to evaluate."
+        )
     nll = nll_sum / count
     return {"nll": nll, "perplexity": math.exp(nll), "tokens": count}
 

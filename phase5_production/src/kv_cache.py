@@ -117,7 +117,9 @@ def _check_model(model: nn.Module) -> None:
     if not isinstance(model, GPT):
         raise TypeError(f"the KV cache is written for the Phase 2 GPT, got {type(model).__name__}.")
     if model.training:
-        raise ValueError("call model.eval() before a cached forward: dropout would make cached and full passes differ.")
+        raise ValueError(
+            "call model.eval() before a cached forward: dropout would make cached and full passes differ."
+        )
     for block in model.blocks:
         if not (block.norm_first and block.causal):
             raise ValueError("the KV cache needs pre-norm causal blocks (the GPT's default).")
@@ -135,7 +137,9 @@ def forward_with_cache(model: GPT, idx_new: torch.Tensor, cache: KVCache) -> tor
             f"{model.config.block_size}; crop the context and rebuild the cache (generate_with_cache does)."
         )
     if cache.keys[0] is not None and cache.keys[0].shape[0] != idx_new.shape[0]:
-        raise ValueError(f"batch size {idx_new.shape[0]} differs from the cached batch {cache.keys[0].shape[0]}.")
+        raise ValueError(
+            f"batch size {idx_new.shape[0]} differs from the cached batch {cache.keys[0].shape[0]}."
+        )
     tok = model.tok_emb(idx_new)  # [B, T_new, C]
     pos = model.pos_emb.positions(t_new, offset=offset)  # [T_new, C] positions offset .. offset+T_new-1
     x = model.drop(tok + pos)  # [B, T_new, C]

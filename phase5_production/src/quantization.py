@@ -111,7 +111,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"QuantizedLinear expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}."
+                f"QuantizedLinear expects inputs whose last dimension is {self.in_features}, "
+                f"got shape {tuple(x.shape)}."
             )
         # The scale factors out of the sum over j: y[..., r] = s_r * sum_j x[..., j] Q[r, j]
         y = F.linear(x, self.weight_int8.to(x.dtype))  # [..., out] integer-valued weights
@@ -170,31 +171,34 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 def state_dict_size_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor in the state_dict (works for torch's quantized modules too)."""
+    """Bytes of every tensor in the state_dict, a shared tensor counted once.
+
+    Works for torch's dynamically quantized layers too, whose packed weight appears in the
+    state_dict as a (qint8 weight, float bias) tuple: a quantized tensor counts 1 byte per element
+    plus its scales and zero points.
+    """
     total = 0
     seen: set[int] = set()
     for value in model.state_dict().values():
-        tensors = value if isinstance(value, tuple) else (value,)
-        for t in tensors:
+        for t in value if isinstance(value, tuple) else (value,):
             if not isinstance(t, torch.Tensor):
-                continue
+                continue  # e.g. the dtype entry of a packed-params record
             if t.is_quantized:
-                total += t.numel() * t.element_size() + (t.q_per_channel_scales().numel() * 8 if
-                                                         t.qscheme() in (torch.per_channel_affine,)
-                                                         else 8)
+                n_scales = t.q_per_channel_scales().numel() if t.qscheme() == torch.per_channel_affine else 1
+                total += t.numel() * t.element_size() + n_scales * (4 + 8)  # fp32 scale + int64 zero point
                 continue
             key = t.untyped_storage().data_ptr()
-            if key in seen:
-                continue
-            seen.add(key)
-            total += t.numel() * t.element_size()
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
     return total
 
 
 def linear_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(float bytes of nn.Linear weights, bytes of QuantizedLinear int8 weights + scales)."""
-    float_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-                      if isinstance(m, nn.Linear))
+    float_bytes = sum(
+        m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear)
+    )
     int8_bytes = sum(
         m.weight_int8.numel() + m.weight_scale.numel() * m.weight_scale.element_size()
         for m in model.modules()
@@ -221,7 +225,11 @@ def weight_error(float_model: nn.Module, quantized_model: nn.Module) -> dict[str
         worst_ratio = max(worst_ratio, (err / (module.weight_scale[:, None] / 2)).max().item())
     if count == 0:
         raise ValueError("quantized_model has no QuantizedLinear layers; run quantize_model first.")
-    return {"max_abs_error": max_err, "mean_abs_error": abs_sum / count, "max_error_over_half_scale": worst_ratio}
+    return {
+        "max_abs_error": max_err,
+        "mean_abs_error": abs_sum / count,
+        "max_error_over_half_scale": worst_ratio,
+    }
 
 
 def torch_dynamic_quantization(model: nn.Module) -> tuple[nn.Module | None, str]:
@@ -234,7 +242,10 @@ def torch_dynamic_quantization(model: nn.Module) -> tuple[nn.Module | None, str]
     try:
         from torch.ao.quantization import quantize_dynamic
     except ImportError as err:  # removed in a future release
-        return None, f"torch.ao.quantization.quantize_dynamic is not available in torch {torch.__version__}: {err}"
+        return (
+            None,
+            f"torch.ao.quantization.quantize_dynamic is not available in torch {torch.__version__}: {err}",
+        )
     engines = torch.backends.quantized.supported_engines
     if not any(engine in engines for engine in ("x86", "fbgemm", "qnnpack", "onednn")):
         return None, f"no quantized CPU engine in this torch build (supported_engines={engines})"
@@ -252,6 +263,15 @@ def torch_dynamic_quantization(model: nn.Module) -> tuple[nn.Module | None, str]
 
 
 if __name__ == "__main__":
-    from phase5_production.src.evaluation import quantization_report
-
-    quantization_report()
+    # A quick look at one layer; benchmarks/bench_quantization.py measures a whole trained GPT.
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 512)
+    qlayer = QuantizedLinear.from_linear(layer)
+    q, scale = quantize_per_channel_int8(layer.weight)
+    err = (layer.weight - dequantize_per_channel_int8(q, scale)).abs()
+    x = torch.randn(8, 512)
+    out_err = (qlayer(x) - layer(x)).abs().max().item()
+    int8_bytes = q.numel() + scale.numel() * 4
+    print(f"weight bytes: float32 {layer.weight.numel() * 4:,}  int8+scales {int8_bytes:,}")
+    print(f"max |W - W~| = {err.max():.2e} (bound scale/2 = {(scale / 2).max():.2e}); mean {err.mean():.2e}")
+    print(f"max output error on random inputs: {out_err:.2e}")

@@ -36,9 +36,13 @@ __all__ = [
 
 def _check_logits(logits: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or not torch.is_floating_point(logits):
-        raise TypeError(f"logits must be a floating-point torch.Tensor [..., V], got {type(logits).__name__}.")
+        raise TypeError(
+            f"logits must be a floating-point torch.Tensor [..., V], got {type(logits).__name__}."
+        )
     if logits.dim() == 0 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}.")
+        raise ValueError(
+            f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}."
+        )
 
 
 def _is_number(x) -> bool:
@@ -114,7 +118,9 @@ def apply_repetition_penalty(
     if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {penalty!r}.")
     if logits.dim() != 2:
-        raise ValueError(f"logits must be [B, V] for the repetition penalty, got shape {tuple(logits.shape)}.")
+        raise ValueError(
+            f"logits must be [B, V] for the repetition penalty, got shape {tuple(logits.shape)}."
+        )
     if not isinstance(previous_ids, torch.Tensor) or previous_ids.dtype != torch.long:
         raise TypeError("previous_ids must be a LongTensor [B, T] of token ids.")
     if previous_ids.dim() == 1:
@@ -165,7 +171,9 @@ def sample_next_token(
             raise ValueError("repetition_penalty != 1 needs previous_ids (the token ids seen so far).")
         logits = apply_repetition_penalty(logits, previous_ids, repetition_penalty)
     elif not _is_number(repetition_penalty):
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}.")
+        raise ValueError(
+            f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}."
+        )
 
     if temperature == 0:
         return logits.argmax(dim=-1)  # [B] greedy

@@ -107,8 +107,11 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     if value is None and default is None:
         return None
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}.")
+    wrong_type = not isinstance(value, int if integer else (int, float)) or isinstance(value, bool)
+    if wrong_type:
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}."
+        )
     if not math.isfinite(value) or not low <= value <= high:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"'{name}' must be in [{low}, {high}], got {value!r}.")
     return value
@@ -119,12 +122,18 @@ def parse_generate_request(raw: bytes, tokenizer: CharTokenizer, vocab_size: int
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not valid UTF-8 JSON ({err}); send a JSON object.")
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"the body is not valid UTF-8 JSON ({err}); send a JSON object."
+        ) from None
     if not isinstance(body, dict):
-        raise RequestError(HTTPStatus.BAD_REQUEST, 'the body must be a JSON object such as {"prompt": "Once"}.')
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, 'the body must be a JSON object such as {"prompt": "Once"}.'
+        )
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown field(s) {unknown}; allowed fields: {list(FIELDS)}.")
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, f"unknown field(s) {unknown}; allowed fields: {list(FIELDS)}."
+        )
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise RequestError(HTTPStatus.BAD_REQUEST, "'prompt' is required and must be a non-empty string.")
@@ -192,7 +201,9 @@ class GenerationHandler(BaseHTTPRequestHandler):
         elif self.path == "/generate":
             self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST /generate with a JSON body.")
         else:
-            self._error(HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r}; use GET /health or POST /generate.")
+            self._error(
+                HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r}; use GET /health or POST /generate."
+            )
 
     def do_POST(self):
         if self.path != "/generate":
@@ -202,8 +213,12 @@ class GenerationHandler(BaseHTTPRequestHandler):
                 self._error(HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r}; use POST /generate.")
             return
         try:
-            args = parse_generate_request(self._read_body(), self.server.tokenizer,
-                                          self.server.model.config.vocab_size, self.server.limits)
+            args = parse_generate_request(
+                self._read_body(),
+                self.server.tokenizer,
+                self.server.model.config.vocab_size,
+                self.server.limits,
+            )
         except RequestError as err:
             self._error(err.status, err.message)
             return
@@ -218,11 +233,14 @@ class GenerationHandler(BaseHTTPRequestHandler):
             length = int(length)
         except (TypeError, ValueError):
             self.close_connection = True
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header (a number) is required.")
+            raise RequestError(
+                HTTPStatus.LENGTH_REQUIRED, "a Content-Length header (a number) is required."
+            ) from None
         if length < 0 or length > MAX_BODY_BYTES:
             self.close_connection = True  # the unread body must not be parsed as the next request
             raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}."
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}.",
             )
         return self.rfile.read(length)
 
@@ -277,8 +295,9 @@ class GenerationHandler(BaseHTTPRequestHandler):
 class GenerationServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, model: GPT, tokenizer: CharTokenizer, limits: dict | None = None,
-                 verbose: bool = False):
+    def __init__(
+        self, address, model: GPT, tokenizer: CharTokenizer, limits: dict | None = None, verbose: bool = False
+    ):
         super().__init__(address, GenerationHandler)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -287,8 +306,9 @@ class GenerationServer(ThreadingHTTPServer):
         self.generation_lock = threading.Lock()
 
 
-def make_server(model: GPT, tokenizer: CharTokenizer, host: str = "127.0.0.1", port: int = 8000,
-                **kwargs) -> GenerationServer:
+def make_server(
+    model: GPT, tokenizer: CharTokenizer, host: str = "127.0.0.1", port: int = 8000, **kwargs
+) -> GenerationServer:
     """Create (not start) the server; port 0 picks a free port (see server.server_address)."""
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(
@@ -310,8 +330,11 @@ def train_demo_checkpoint(path, steps: int = 300) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="phase5_demo_gpt.pt", help="checkpoint to serve")
-    parser.add_argument("--demo", action="store_true",
-                        help="first train a small demo model (~10 s) and save it at --checkpoint")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="first train a small demo model (~10 s) and save it at --checkpoint",
+    )
     parser.add_argument("--demo-steps", type=int, default=300)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=8000)

@@ -103,7 +103,9 @@ def _check_args(target: GPT, draft: GPT, idx: torch.Tensor, max_new_tokens: int,
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
     target._check_idx(idx, check_length=False)
     if idx.shape[0] != 1:
-        raise ValueError(f"speculative decoding here runs one sequence at a time (batch 1), got batch {idx.shape[0]}.")
+        raise ValueError(
+            f"speculative decoding here runs one sequence at a time (batch 1), got batch {idx.shape[0]}."
+        )
     limit = min(target.config.block_size, draft.config.block_size)
     if idx.shape[1] + max_new_tokens > limit:
         raise ValueError(
@@ -156,7 +158,8 @@ def speculative_generate(
                     stats.draft_calls += 1
             # 2. one target pass over the unseen part of seq + the k drafts
             seen = seq.shape[1]
-            verify_in = torch.cat([seq[:, target_cache.length :], torch.tensor([drafts], device=seq.device)], 1)
+            unseen = seq[:, target_cache.length :]  # [1, >=1] tokens the target has not processed
+            verify_in = torch.cat([unseen, torch.tensor([drafts], device=seq.device)], dim=1)
             target_logits = forward_with_cache(target, verify_in, target_cache)[0, -(k + 1) :]  # [k+1, V]
             stats.target_calls += 1
             # 3. accept a prefix of the drafts, then one token from the target

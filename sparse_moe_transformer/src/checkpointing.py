@@ -110,7 +110,8 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = BEST_NAME) -> Path
             if (path / name).is_file():
                 return path / name
         raise FileNotFoundError(
-            f"no checkpoint in {path} (expected {BEST_NAME} or {LATEST_NAME}): train into this --out-dir first"
+            f"no checkpoint in {path} (expected {BEST_NAME} or {LATEST_NAME}): "
+            "train into this --out-dir first"
         )
     if not path.is_file():
         raise FileNotFoundError(
