@@ -338,7 +338,7 @@ if __name__ == "__main__":
     model = GPT(
         GPTConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=2, n_head=4, d_model=64)
     )
-    config = TrainingConfig(max_steps=200, max_lr=3e-3, warmup_steps=20, grad_accum_steps=2, eval_interval=50)
+    config = TrainingConfig(max_steps=150, max_lr=3e-3, warmup_steps=15, grad_accum_steps=2, eval_interval=50)
     history = train(model, get_batch, config, progress=True)
     for record in history["eval"]:
         print(f"step {record['step']:>4}  train loss {record['train']:.3f}  val loss {record['val']:.3f}")

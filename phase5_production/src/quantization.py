@@ -262,6 +262,58 @@ def torch_dynamic_quantization(model: nn.Module) -> tuple[nn.Module | None, str]
     return qmodel, note
 
 
+@torch.no_grad()
+def quantization_report(model: nn.Module, token_ids, block_size: int | None = None) -> list[dict]:
+    """Float vs hand-written int8 vs torch dynamic int8: size, weight/output error, perplexity.
+
+    `token_ids` is held-out text (a 1-D sequence of ids) for the perplexity and the output error.
+    Returns one row (dict) per variant; torch's variant is {"variant": ..., "note": reason} when
+    unavailable.
+    """
+    from phase5_production.src.evaluation import perplexity, stream_to_windows
+
+    model = model.eval()
+    block_size = block_size or model.config.block_size
+    x, _ = stream_to_windows(token_ids, block_size, batch_size=4)[0]  # [<=4, T] a batch of held-out text
+    reference = model(x)[0]  # [b, T, V] float logits
+
+    def row(name: str, m: nn.Module, size: int, note: str = "") -> dict:
+        logits = m(x)[0]
+        return {
+            "variant": name,
+            "size_bytes": size,
+            "max_logit_error": (logits - reference).abs().max().item(),
+            "perplexity": perplexity(m, token_ids, block_size)["perplexity"],
+            "note": note,
+        }
+
+    rows = [row("float32", model, model_size_bytes(model))]
+    qmodel = quantize_model(model)
+    errors = weight_error(model, qmodel)
+    weight_note = f"|W - W~| max {errors['max_abs_error']:.2e}, mean {errors['mean_abs_error']:.2e}"
+    rows.append(row("int8 per-channel (ours)", qmodel, model_size_bytes(qmodel), weight_note))
+    dynamic, note = torch_dynamic_quantization(model)
+    if dynamic is None:
+        rows.append({"variant": "torch dynamic int8", "note": note})
+    else:
+        rows.append(row("torch dynamic int8", dynamic, state_dict_size_bytes(dynamic), note))
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    """The rows of quantization_report as a fixed-width table."""
+    lines = [f"{'variant':<26}{'size (KB)':>11}{'max |dlogit|':>14}{'perplexity':>12}  note"]
+    for r in rows:
+        if "size_bytes" not in r:
+            lines.append(f"{r['variant']:<26}{'-':>11}{'-':>14}{'-':>12}  {r['note']}")
+            continue
+        lines.append(
+            f"{r['variant']:<26}{r['size_bytes'] / 1024:>11.1f}{r['max_logit_error']:>14.4f}"
+            f"{r['perplexity']:>12.4f}  {r['note']}"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     # A quick look at one layer; benchmarks/bench_quantization.py measures a whole trained GPT.
     torch.manual_seed(0)
