@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import random
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class Value:
     def __init__(self, data: float, _children: tuple = (), _op: str = "", label: str = ""):
         if isinstance(data, Value):
             raise TypeError("Value(data) needs a plain number; the argument is already a Value.")
-        if isinstance(data, bool) or not isinstance(data, (int, float)):
+        if isinstance(data, bool) or not isinstance(data, numbers.Real):
             raise TypeError(f"Value holds a real number (int or float), got {type(data).__name__}.")
         self.data = float(data)
         self.grad = 0.0  # dL/d(this value), filled by backward()
@@ -78,7 +79,7 @@ class Value:
         return out
 
     def __pow__(self, exponent) -> Value:
-        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)):
+        if isinstance(exponent, bool) or not isinstance(exponent, numbers.Real):
             raise TypeError(
                 "Value ** exponent supports a plain int/float exponent only; for a Value exponent "
                 "write (exponent * base.log()).exp()."
@@ -87,6 +88,7 @@ class Value:
             raise ZeroDivisionError(f"0 ** {exponent} is undefined.")
         if self.data < 0 and not float(exponent).is_integer():
             raise ValueError(f"({self.data}) ** {exponent}: a negative base needs an integer exponent.")
+        exponent = float(exponent)
         out = Value(self.data**exponent, (self,), f"**{exponent:g}")
 
         def _backward():  # d(a^n)/da = n · a^(n-1)

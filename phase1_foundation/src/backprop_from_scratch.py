@@ -45,6 +45,7 @@ OR_Y = np.array([[0.0], [1.0], [1.0], [1.0]])  # [4, 1]
 # ----------------------------------------------------------------------------------------------
 def mse_loss(y_hat: np.ndarray, y: np.ndarray) -> float:
     """L = mean over batch and outputs of (y_hat - y)², a scalar."""
+    y_hat, y = np.asarray(y_hat, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if y_hat.shape != y.shape:
         raise ValueError(f"predictions {y_hat.shape} and targets {y.shape} must have the same shape.")
     return float(np.mean((y_hat - y) ** 2))

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from phase1_foundation.src.attention_mechanism import (
     MultiHeadAttention,
     causal_mask,
+    main,
     plot_attention_weights,
     scaled_dot_product_attention,
     to_torch_multihead_attention,
@@ -234,3 +235,9 @@ def test_plot_attention_weights_returns_figure():
         plot_attention_weights(torch.rand(2, 4, 4))
     with pytest.raises(ValueError, match="query_labels has 2 entries"):
         plot_attention_weights(torch.rand(4, 4), query_labels=["a", "b"])
+
+
+def test_demo_main_prints_agreement(capsys):
+    main()
+    out = capsys.readouterr().out
+    assert "nn.MultiheadAttention" in out and "F.scaled_dot_product_attention" in out

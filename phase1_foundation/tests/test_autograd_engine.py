@@ -3,6 +3,9 @@
 import random
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +235,16 @@ def test_bad_input_raises_clear_errors():
         MLP(2, [3, 1], seed=0)([1.0, 2.0, 3.0])
     with pytest.raises(TypeError, match="needs a Value"):
         draw_graph(3.0)
+
+
+def test_script_trains_xor_and_writes_a_graph(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "src" / "autograd_engine.py"
+    out = tmp_path / "neuron_graph"
+    result = subprocess.run(
+        [sys.executable, str(script), "--graph-out", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Step 299, Loss: " in result.stdout
+    written = list(tmp_path.iterdir())
+    assert len(written) == 1 and written[0].suffix in (".svg", ".dot")  # .dot only without graphviz's dot
+    assert str(written[0]) in result.stdout

@@ -1,5 +1,9 @@
 """TinyNN and the explicit-matrix network learn XOR (and OR) and agree with each other step by step."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -107,3 +111,12 @@ def test_bad_input_raises_clear_errors():
         net.loss(np.zeros((4, 1)), np.zeros(4))
     with np.errstate(over="ignore", invalid="ignore"), pytest.raises(FloatingPointError, match="too large"):
         TinyNN([2, 8, 1], seed=0).train(XOR_X, XOR_Y, epochs=200, lr=100.0, print_every=None)
+
+
+def test_script_runs_and_prints_training_and_predictions():
+    script = Path(__file__).resolve().parents[1] / "src" / "backprop_from_scratch.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Epoch 0, Loss: " in result.stdout and "Epoch 1999, Loss: " in result.stdout
+    assert "XOR predictions:" in result.stdout and "OR predictions:" in result.stdout
+    assert "target" in result.stdout and "relative error" in result.stdout

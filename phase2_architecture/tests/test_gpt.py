@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from phase1_foundation.src.attention_mechanism import MultiHeadAttention
 
+from phase1_foundation.src.attention_mechanism import MultiHeadAttention
 from phase2_architecture.src.gpt import GPT, GPTConfig, gpt_parameter_count
 
 
@@ -82,9 +82,12 @@ def test_loss_ignores_minus_100_targets():
     assert not torch.isclose(loss, F.cross_entropy(logits.reshape(-1, 37), targets.reshape(-1)))
 
 
-def test_causality_future_tokens_do_not_change_past_logits():
+@pytest.mark.parametrize(
+    "variant", [{}, {"norm": "rmsnorm", "ffn": "swiglu", "tie_weights": True, "bias": False}]
+)
+def test_causality_future_tokens_do_not_change_past_logits(variant):
     torch.manual_seed(0)
-    model = GPT(tiny_config(n_layer=3)).eval()
+    model = GPT(tiny_config(n_layer=3, **variant)).eval()
     idx = torch.randint(0, 37, (2, 16))
     t = 6
     changed = idx.clone()

@@ -4,8 +4,8 @@ is causal, and its output does not change when every position is shifted by the 
 import pytest
 import torch
 import torch.nn.functional as F
-from phase1_foundation.src.attention_mechanism import MultiHeadAttention
 
+from phase1_foundation.src.attention_mechanism import MultiHeadAttention
 from phase2_architecture.src.rotary_attention import RotaryMultiHeadAttention
 
 B, T, C, H = 2, 10, 32, 4

@@ -63,11 +63,23 @@ def test_train_model_learns_and_follows_the_lr_schedule():
 
 
 def test_grad_clip_bounds_the_update():
+    """With plain SGD (lr 1) the update IS the clipped gradient: its norm must equal grad_clip."""
     torch.manual_seed(0)
     model = GPT(CONFIG)
-    history = train_model(model, make_get_batch(), steps=3, lr=1e-3, grad_clip=1e-3, progress=False)
-    # clip_grad_norm_ returns the norm *before* clipping; it is positive and finite
-    assert all(0 < h["grad_norm"] < float("inf") for h in history)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_get_batch(seed=2)("train")
+    model(x, y)[1].backward()  # the unclipped gradient norm, computed independently
+    true_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    model.zero_grad(set_to_none=True)
+
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    history = train_model(
+        model, make_get_batch(seed=2), steps=1, lr=1.0, grad_clip=1e-2, optimizer=sgd, progress=False
+    )
+    assert true_norm > 1e-2  # so clipping is active
+    assert history[0]["grad_norm"] == pytest.approx(true_norm, rel=1e-4)  # reported: norm before clipping
+    update = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before)))
+    assert update.item() == pytest.approx(1e-2, rel=1e-3)
 
 
 def test_make_adamw_decays_only_matrices():
@@ -159,6 +171,11 @@ def test_load_errors_are_clear(tmp_path):
         load_checkpoint(path, other)
     with pytest.raises(ValueError, match="no optimizer state"):
         load_checkpoint(path, model, make_adamw(model, 1e-3))
+    with_opt = tmp_path / "with_opt.pt"
+    save_checkpoint(with_opt, model, make_adamw(model, 1e-3))
+    single_group = torch.optim.AdamW(model.parameters(), lr=1e-3)  # 1 param group instead of 2
+    with pytest.raises(ValueError, match="does not match this optimizer"):
+        load_checkpoint(with_opt, model, single_group)
     with pytest.raises(TypeError, match="dataclasses.asdict"):
         save_checkpoint(path, model, config=CONFIG)
 

@@ -31,6 +31,7 @@ def measure(model: GPT, batch_size: int, prompt_len: int, new_tokens: int, repea
     prompt = torch.randint(
         0, model.config.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)
     )
+    generate_with_cache(model, prompt, 2, temperature=0)  # warm-up (first calls allocate memory)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """A small HTTP server that streams tokens from a Phase 2 GPT checkpoint (standard library only).
 
-    python phase5_production/src/server.py --demo --checkpoint /tmp/demo_gpt.pt   # train ~10 s, then serve
+    python phase5_production/src/server.py --demo --checkpoint /tmp/demo_gpt.pt   # train ~30 s, then serve
     python phase5_production/src/server.py --checkpoint /tmp/demo_gpt.pt          # serve a checkpoint
     curl -N -X POST http://127.0.0.1:8000/generate -d '{"prompt": "Once upon", "max_new_tokens": 50}'
     curl http://127.0.0.1:8000/health
@@ -318,8 +318,8 @@ def make_server(
     return GenerationServer((host, port), model, tokenizer, **kwargs)
 
 
-def train_demo_checkpoint(path, steps: int = 300) -> None:
-    """Train a small character GPT on the offline story corpus (~10 s on a CPU) and save it to `path`."""
+def train_demo_checkpoint(path, steps: int = 200) -> None:
+    """Train a small character GPT on the offline story corpus (~30 s on a CPU) and save it to `path`."""
     from phase5_production.src.demo_models import story_corpus, train_char_gpt
 
     corpus = story_corpus()
@@ -333,10 +333,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--demo",
         action="store_true",
-        help="first train a small demo model (~10 s) and save it at --checkpoint",
+        help="first train a small demo model (~30 s on a CPU) and save it at --checkpoint",
     )
-    parser.add_argument("--demo-steps", type=int, default=300)
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    parser.add_argument("--demo-steps", type=int, default=200)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-prompt-chars", type=int, default=DEFAULT_LIMITS["max_prompt_chars"])
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_LIMITS["max_new_tokens"])

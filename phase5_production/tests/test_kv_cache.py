@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from phase1_foundation.src.attention_mechanism import causal_mask
 
+from phase1_foundation.src.attention_mechanism import causal_mask
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase5_production.src.kv_cache import (
     KVCache,

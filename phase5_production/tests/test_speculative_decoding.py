@@ -1,4 +1,4 @@
-"""Speculative decoding: greedy output equals the target's; the sampling rule reproduces the target's distribution."""
+"""Speculative decoding: greedy output equals the target's; sampling follows the target's distribution."""
 
 import itertools
 

@@ -1,0 +1,66 @@
+"""The memory plan: its activation term matches what autograd really saves, and t1000 fits 4 GB."""
+
+import pytest
+import torch
+
+from sparse_moe_transformer.src import train as cli
+from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, plan_memory
+
+
+def _measured_saved_bytes(model, x, y) -> int:
+    """Bytes of the distinct non-parameter tensors autograd keeps for the backward pass of one
+    training forward (plus the logits the loop holds), measured with saved-tensor hooks."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, labels=y)
+    logits = out.logits.untyped_storage()
+    seen[logits.data_ptr()] = logits.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_prediction_matches_saved_tensors(dropout):
+    config = cli.Config.from_preset(
+        "cpu-demo", vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_experts=8, top_k=2, d_ff=128,
+        max_len=64, dropout=dropout,
+    )
+    torch.manual_seed(0)
+    model = cli.SparseMoETransformer(config).train()
+    B, T = 4, 64
+    x = torch.randint(0, config.vocab_size, (B, T))
+    measured = _measured_saved_bytes(model, x, torch.roll(x, -1, 1))
+    n_params = sum(p.numel() for p in model.parameters())
+    plan = plan_memory(config, B, T, n_params=n_params, precision="fp32")
+    assert plan.activations == pytest.approx(measured, rel=0.15), (plan.activations, measured)
+    assert plan.parameters == 4 * n_params and plan.optimizer_state == 8 * n_params
+
+
+def test_t1000_defaults_fit_4_gb():
+    config = cli.Config.from_preset("t1000")
+    n_params = cli.analytic_total_params(config)
+    plan = plan_memory(config, 4, 256, n_params=n_params, precision="fp16")
+    assert 150e6 < n_params < 170e6
+    assert plan.total < 4 * GB, format_memory_plan(plan, budget_gb=4)
+    assert plan.model_state > 0.6 * plan.total  # AdamW state dominates, as it should at batch 4
+    checkpointed = plan_memory(config, 4, 256, n_params=n_params, precision="fp16", activation_checkpointing=True)
+    assert checkpointed.activations < plan.activations
+    bigger = plan_memory(config, 64, 256, n_params=n_params, precision="fp16")
+    assert bigger.total > 4 * GB and "does NOT fit" in format_memory_plan(bigger, budget_gb=4)
+
+
+def test_bad_arguments():
+    config = cli.Config.from_preset("cpu-demo")
+    with pytest.raises(ValueError, match="unknown precision"):
+        plan_memory(config, 1, 8, n_params=10, precision="int4")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        plan_memory(config, 0, 8, n_params=10)
+    with pytest.raises(ValueError, match="exceeds the model's max_len"):
+        plan_memory(config, 1, config.max_len + 1, n_params=10)
