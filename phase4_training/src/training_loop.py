@@ -173,11 +173,10 @@ def train_step(
         x, y = x.to(device), y.to(device)
         with autocast_context(device.type, amp_dtype):
             _, loss = model(x, y)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"loss became {loss.item()}; lower the learning rate or enable grad_clip"
-            )
-        total_loss += loss.item() / grad_accum_steps
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value}; lower the learning rate or enable grad_clip")
+        total_loss += loss_value / grad_accum_steps
         # Divide by k: the sum of k backward passes is then the gradient of the mean loss.
         scaler.scale(loss / grad_accum_steps).backward()
     scaler.unscale_(optimizer)  # fp16: true gradients again before measuring / clipping them

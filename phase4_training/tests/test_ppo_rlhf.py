@@ -116,3 +116,26 @@ def test_ppo_raises_the_reward_of_a_pretrained_policy():
     assert all(
         torch.equal(v, reference_weights[k]) for k, v in reference.state_dict().items()
     )  # ... which did not
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="minibatch_size"):
+        PPOConfig(batch_size=8, minibatch_size=16)
+    with pytest.raises(ValueError, match="clip_eps"):
+        PPOConfig(clip_eps=0.0)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, d_model=16))
+    policy, reward_fn = (
+        PolicyWithValueHead(copy.deepcopy(gpt)),
+        lambda prompts, completions: torch.zeros(len(prompts)),
+    )
+    with pytest.raises(ValueError, match="frozen"):
+        train_ppo(
+            policy,
+            gpt,
+            torch.zeros(4, 4, dtype=torch.long),
+            reward_fn,
+            PPOConfig(batch_size=4, minibatch_size=4),
+        )
+    with pytest.raises(ValueError, match="block_size"):
+        train_ppo(policy, frozen_reference(gpt), torch.zeros(4, 12, dtype=torch.long), reward_fn, PPOConfig())

@@ -1,5 +1,6 @@
 """Speculative decoding: greedy output equals the target's; sampling follows the target's distribution."""
 
+import copy
 import itertools
 
 import pytest
@@ -35,16 +36,34 @@ def draft():
     return _gpt(1, d_model=16, n_layer=1)
 
 
+@pytest.fixture(scope="module")
+def noisy_draft(target):
+    """The target with noise on every weight: agrees with it often, not always (both branches run)."""
+    model = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return model
+
+
 @pytest.mark.parametrize("num_draft", [1, 3, 6])
-def test_greedy_output_is_exactly_the_targets(target, draft, num_draft):
+def test_greedy_output_is_exactly_the_targets(target, noisy_draft, num_draft):
     idx = torch.tensor([[1, 4, 2]])
     expected = target.generate(idx, 30, temperature=0)
-    got, stats = speculative_generate(target, draft, idx, 30, num_draft=num_draft)
+    got, stats = speculative_generate(target, noisy_draft, idx, 30, num_draft=num_draft)
     assert torch.equal(got, expected)
     assert stats.new_tokens == 30
-    assert 0 <= stats.accepted <= stats.proposed
+    assert 0 < stats.accepted < stats.proposed, "the draft should agree sometimes, not always"
     # every round emits accepted drafts + 1 token, so the number of rounds is fixed by the acceptances
     assert stats.target_calls <= 30 - stats.accepted + 1
+
+
+def test_greedy_output_with_an_unrelated_draft(target, draft):
+    idx = torch.tensor([[5]])
+    got, stats = speculative_generate(target, draft, idx, 25, num_draft=4)
+    assert torch.equal(got, generate_with_cache(target, idx, 25, temperature=0))
+    assert stats.new_tokens == 25
 
 
 def test_identical_draft_is_always_accepted(target):

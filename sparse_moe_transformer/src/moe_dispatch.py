@@ -14,13 +14,13 @@ Every token picks `top_k` experts, so a batch of N tokens makes M = N * top_k (t
         a custom torch.autograd.Function. Forward: gather the sorted token rows once, and for
         every expert e with a non-empty slice s:t run  y[s:t] = GELU(x_s @ w1[e] + b1[e]) @ w2[e] + b2[e]
         as two addmm calls that write into preallocated [M, F] / [M, C] buffers, scale by the
-        routing weight and index_add_ the rows back to their tokens once. Backward does the same
+        routing weight and add the rows back to their tokens once (see _combine). Backward does the same
         in reverse by hand (dX, dW1, db1, dW2, db2 and d(routing weight)) on the same slices.
 
 Why by hand: left to autograd, slicing a stacked weight per expert and concatenating results
 creates dozens of small graph nodes, copies and zero-filled gradient buffers per layer (the
 seed-style loop with a boolean mask per expert is worse still: it touches all N tokens E times).
-Here the only data movement besides the matmuls is one gather and one index_add_ each way.
+Here the only data movement besides the matmuls is one gather and one un-sort gather each way.
 `torch._grouped_mm` exists in torch 2.13 but on the CPU it is slower than this loop and its
 backward is not implemented for CPU tensors, so it is not used.
 """
@@ -91,7 +91,11 @@ def route_tokens(gate_logits: torch.Tensor, top_k: int, capacity: int | None = N
         kept_counts = routed_counts.clamp(max=capacity)
         dropped = int(order.numel() - int(kept_counts.sum()))
         if dropped:
-            token_sorted, weight_sorted, expert_sorted = token_sorted[keep], weight_sorted[keep], expert_sorted[keep]
+            token_sorted, weight_sorted, expert_sorted = (
+                token_sorted[keep],
+                weight_sorted[keep],
+                expert_sorted[keep],
+            )
             order = order[keep]
     # Inverse permutation: sorted row of every pair; dropped pairs point at row M (a zero row).
     unsort_index = torch.full_like(flat_expert, order.numel())  # [k*N]
@@ -119,7 +123,7 @@ def _slices(counts: list[int]):
 
 
 class _SortedExpertFFN(torch.autograd.Function):
-    """out = sum over kept pairs p of weight[p] * FFN_{expert[p]}(x[token[p]]), forward and backward by hand."""
+    """out = sum over kept pairs p of weight[p] * FFN_{expert[p]}(x[token[p]]); backward by hand."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, weight, token_index, unsort_index, counts, top_k):
@@ -140,7 +144,7 @@ class _SortedExpertFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xs, h, a, y, w1, w2, weight, token_index, unsort_index = ctx.saved_tensors
-        counts, E = ctx.counts, w1.shape[0]
+        counts = ctx.counts
         g = grad_out.contiguous().index_select(0, token_index)  # [M, C] dL/d(weighted output) per pair
         grad_weight = (g * y).sum(-1)  # [M]   d out / d weight = y
         dy = g.mul_(weight[:, None])  # [M, C] dL/dy (in place: g is ours)
@@ -149,17 +153,20 @@ class _SortedExpertFFN(torch.autograd.Function):
         for e, c in enumerate(counts):
             if c == 0:
                 dw1[e].zero_(), db1[e].zero_(), dw2[e].zero_(), db2[e].zero_()
+        # Bias gradients are column sums, written as matrix-vector products with a ones vector:
+        # on the CPU torch.mv is far faster than a sum over dim 0 of a row-major slice.
+        ones = dy.new_ones(max(counts))  # [max m]
         da = torch.empty_like(a)  # [M, F]
         for e, s, t in _slices(counts):
             torch.mm(a[s:t].t(), dy[s:t], out=dw2[e])  # [F, m] @ [m, C]
-            torch.sum(dy[s:t], 0, out=db2[e])  # [C]
+            torch.mv(dy[s:t].t(), ones[: t - s], out=db2[e])  # [C, m] @ [m] = sum over rows
             torch.mm(dy[s:t], w2[e].t(), out=da[s:t])  # [m, C] @ [C, F]
         dh = torch.ops.aten.gelu_backward(da, h)  # [M, F]  da * GELU'(h)
         need_dx = ctx.needs_input_grad[0]
         dxs = torch.empty_like(xs) if need_dx else None  # [M, C]
         for e, s, t in _slices(counts):
             torch.mm(xs[s:t].t(), dh[s:t], out=dw1[e])  # [C, m] @ [m, F]
-            torch.sum(dh[s:t], 0, out=db1[e])  # [F]
+            torch.mv(dh[s:t].t(), ones[: t - s], out=db1[e])  # [F]
             if need_dx:
                 torch.mm(dh[s:t], w1[e].t(), out=dxs[s:t])  # [m, F] @ [F, C]
         dx = _combine(dxs, unsort_index, ctx.top_k, ctx.n_tokens) if need_dx else None  # [N, C]

@@ -172,3 +172,47 @@ def test_checkpoint_errors(trained, tmp_path, capsys):
     bad.write_bytes((trained["out_dir"] / LATEST_NAME).read_bytes()[:1000])
     err = cli_error(["--mode", "generate", "--checkpoint", bad], capsys)
     assert "corrupt or truncated" in err
+
+
+def _tiny_config(dropout=0.0):
+    return cli.Config.from_preset(
+        "cpu-demo", vocab_size=64, n_layers=2, d_model=32, n_heads=2, n_experts=4, top_k=2, d_ff=64,
+        max_len=16, dropout=dropout,
+    )
+
+
+def test_adamw_groups_skip_norms_biases_and_embeddings():
+    model = cli.SparseMoETransformer(_tiny_config())
+    settings = cli.TrainSettings(batch_size=1, grad_accum=1, block_size=8, max_steps=1, lr=1e-3, min_lr=0.0,
+                                 warmup_steps=0, weight_decay=0.1)
+    optimizer = cli.make_optimizer(model, settings, torch.device("cpu"))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    all_params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(all_params) == len(list(model.parameters()))  # every parameter exactly once
+    for name, p in model.named_parameters():
+        module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        no_decay = (
+            isinstance(module, torch.nn.Embedding)
+            or "norm" in type(module).__name__.lower()
+            or isinstance(module, torch.nn.LayerNorm)
+            or p.dim() == 1
+            or name.rsplit(".", 1)[-1] in ("b1", "b2", "bias")
+        )
+        assert (id(p) in decayed) != no_decay, name
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = cli.SparseMoETransformer(_tiny_config(dropout=0.1)).train()
+    x = torch.randint(0, 64, (3, 16))
+    grads = []
+    for enabled in (False, True):
+        cli.set_activation_checkpointing(model, enabled)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks: checkpointing replays the RNG state
+        out = model(x, labels=torch.roll(x, -1, 1))
+        (out.loss + out.aux_loss).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    cli.set_activation_checkpointing(model, False)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -1,0 +1,120 @@
+"""The fast sorted dispatch equals a naive per-token reference, forward and gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_moe_transformer.src.moe_dispatch import expert_capacity, expert_ffn, route_tokens
+from sparse_moe_transformer.src.train import Config, SparseMoEFFN
+
+
+def naive_moe(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, capacity=None):
+    """Token by token, slot by slot. Capacity: walk the pairs slot-major (all first choices in token
+    order, then all second choices) and keep a pair only while its expert has room left."""
+    N, E = x.shape[0], w1.shape[0]
+    logits = x @ gate_weight.t() + gate_bias  # [N, E]
+    top_logits, top_experts = torch.topk(logits, top_k, dim=-1)
+    weights = torch.softmax(top_logits, dim=-1)  # [N, k]
+    kept = [[True] * top_k for _ in range(N)]
+    if capacity is not None:
+        used = [0] * E
+        for j in range(top_k):
+            for n in range(N):
+                e = int(top_experts[n, j])
+                kept[n][j] = used[e] < capacity
+                used[e] += kept[n][j]
+    rows = []
+    for n in range(N):
+        out_n = torch.zeros_like(x[n])
+        for j in range(top_k):
+            if kept[n][j]:
+                e = int(top_experts[n, j])
+                hidden = F.gelu(x[n] @ w1[e] + b1[e])  # [F]
+                out_n = out_n + weights[n, j] * (hidden @ w2[e] + b2[e])  # [C]
+        rows.append(out_n)
+    dropped = sum(not k for row in kept for k in row)
+    return torch.stack(rows), dropped
+
+
+def make_moe(N=24, C=12, Fh=20, E=6, k=2, skew=0.0, seed=0, capacity_factor=None):
+    torch.manual_seed(seed)
+    cfg = Config(vocab_size=11, d_model=C, n_heads=1, n_layers=1, n_experts=E, top_k=k, d_ff=Fh, max_len=8,
+                 capacity_factor=capacity_factor)  # fmt: skip
+    moe = SparseMoEFFN(cfg)
+    with torch.no_grad():
+        for p in (moe.b1, moe.b2):
+            p.normal_(std=0.1)
+        moe.w1.normal_(std=0.3), moe.w2.normal_(std=0.3)
+        # skew: a strong bias towards the first experts makes the load uneven and some experts empty
+        moe.gate.bias.copy_(-skew * torch.arange(E, dtype=torch.float32))
+    x = torch.randn(N, C, requires_grad=True)
+    return moe, x
+
+
+def grads(out, tensors, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, tensors, g)
+
+
+@pytest.mark.parametrize(
+    "skew,capacity_factor,k",
+    [(0.0, None, 2), (3.0, None, 2), (0.0, None, 1), (0.0, None, 3), (1.0, 0.5, 2), (0.0, 1.0, 2), (3.0, 1.25, 3)],
+)
+def test_fast_dispatch_equals_naive_reference_forward_and_gradients(skew, capacity_factor, k):
+    moe, x = make_moe(skew=skew, capacity_factor=capacity_factor, k=k)
+    params = [x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2]
+    out = moe(x)
+    capacity = expert_capacity(x.shape[0], k, moe.n_experts, capacity_factor)
+    ref, ref_dropped = naive_moe(x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2, k, capacity)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert moe.stats.dropped == ref_dropped
+    if capacity_factor is not None and capacity_factor < 1:
+        assert ref_dropped > 0  # the capacity case really drops pairs
+    if skew >= 3:
+        assert (moe.stats.tokens_per_expert == 0).any()  # really uneven, with empty experts
+    for got, want in zip(grads(out, params), grads(ref, params)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_backward_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    N, C, Fh, E, k = 12, 3, 4, 4, 2
+    dt = torch.float64
+    x = torch.randn(N, C, dtype=dt, requires_grad=True)
+    wg = torch.randn(C, E, dtype=dt, requires_grad=True)
+    ws = [torch.randn(*s, dtype=dt, requires_grad=True) for s in ((E, C, Fh), (E, Fh), (E, Fh, C), (E, C))]
+
+    def f(x, wg, w1, b1, w2, b2, capacity):
+        return expert_ffn(x, w1, b1, w2, b2, route_tokens(x @ wg, k, capacity))
+
+    assert torch.autograd.gradcheck(lambda *a: f(*a, None), (x, wg, *ws))
+    assert torch.autograd.gradcheck(lambda *a: f(*a, 4), (x, wg, *ws))  # 4 < 2*12/4: drops
+
+
+def test_routing_is_grouped_by_expert_and_unsort_index_inverts_it():
+    logits = torch.randn(50, 7)
+    r = route_tokens(logits, 2)
+    assert torch.all(r.expert_index[1:] >= r.expert_index[:-1])
+    assert r.counts == torch.bincount(r.expert_index, minlength=7).tolist()
+    # pair (slot j, token n) sits at row unsort_index[j*N + n] of the sorted order
+    for j in range(2):
+        rows = r.unsort_index[j * 50 : (j + 1) * 50]
+        assert torch.equal(r.token_index[rows], torch.arange(50))
+        assert torch.equal(r.expert_index[rows], r.topk_index[:, j])
+
+
+def test_capacity_drops_later_slots_first_then_later_tokens():
+    # every token picks expert 0 first and expert 1 second; capacity 3
+    logits = torch.tensor([[5.0, 4.0, 0.0]]).repeat(4, 1)
+    r = route_tokens(logits, 2, capacity=3)
+    assert r.dropped == 2 and r.counts == [3, 3, 0]
+    kept_expert0 = r.token_index[r.expert_index == 0]
+    assert kept_expert0.tolist() == [0, 1, 2]  # token 3 (the latest) loses its first choice
+
+
+def test_expert_capacity_formula():
+    assert expert_capacity(100, 2, 16, None) is None
+    assert expert_capacity(100, 2, 16, 1.0) == math.ceil(200 / 16)
+    assert expert_capacity(100, 2, 16, 1.25) == math.ceil(1.25 * 200 / 16)
