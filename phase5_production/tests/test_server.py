@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import socket
 import threading
 
 import pytest
@@ -220,3 +221,33 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_served_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="vocab"):
         make_server(model, CharTokenizer("abc"), port=0)
+
+
+def test_missing_content_length_gets_411(served):
+    server, _, _ = served
+    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\r\n")
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 411") and "Content-Length" in reply
+
+
+def test_health_answers_while_a_generation_waits_for_the_model(served):
+    """Generation is serialised by a lock; /health does not take it."""
+    server, _, _ = served
+    result = {}
+
+    def generate():
+        conn, response = _post(server, {"prompt": "ab", "max_new_tokens": 3, "temperature": 0})
+        result["events"] = _events(response)
+        conn.close()
+
+    with server.generation_lock:  # hold the model: the request below must wait
+        worker = threading.Thread(target=generate)
+        worker.start()
+        conn = _connection(server)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert "events" not in result
+    worker.join(timeout=30)
+    assert result["events"][-1]["generated_tokens"] == 3

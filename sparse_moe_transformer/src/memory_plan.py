@@ -19,19 +19,23 @@ H = heads:
                       for the aux and z losses 3 * 4E, top-k indices and weights 12k,
                       expert FFN per routed pair: gathered input a*C, pre-activation a*F,
                       GELU output a*F, expert output a*C, weight and indices 20 bytes
-                      -> k * (2 a*C + 2 a*F + 20), residual dropout mask C (if dropout)
+                      -> k * (2 a*C + 2 a*F + 20) with a = 4 (below), residual dropout mask C
     embeddings        ids 8, embedding dropout mask C (if dropout)
     head              final LayerNorm input 4C + 8, head input a*C, logits a*V (returned to the
-                      loop), fp32 log-softmax saved by the cross-entropy 4V (+ a 4V fp32 upcast
-                      of the logits under autocast)
-The MoE expert buffers are written by a custom autograd.Function in the activation dtype of its
-input; this plan assumes it runs in the autocast dtype (a, the usual case). With activation
+                      loop), fp32 log-softmax saved by the cross-entropy 4V
+The MoE expert buffers are written by a custom autograd.Function in the dtype of its input, the
+LayerNorm output, which autocast keeps in fp32: they are counted at 4 bytes in every precision.
+On the CPU with dropout, scaled_dot_product_attention falls back to its math kernel, which also
+keeps the T x T attention weights: (3a + 1) bytes per weight (scores, softmax, dropout mask,
+dropped weights); GPUs use the flash / memory-efficient kernels (logsumexp only). With activation
 checkpointing only each layer's input (4C per token per layer) is kept, and one layer's
 activations are rebuilt at a time during the backward pass.
 
-Transient peak during the backward pass: the fp32 gradient of the logits (4V per token) and of one
-layer's activations. Runtime overhead: the CUDA context and cuBLAS workspaces (about 0.35 GB on a
-recent driver; `cuda_overhead_gb`), and 10% allocator fragmentation on top of the tensors.
+Transient peak at the start of the backward pass: the fp32 gradients of the log-softmax and of the
+logits (8V per token; the fp32 copy of the logits made in the forward pass is as large and gone by
+then), plus one layer's activation gradients. Runtime overhead: the CUDA context and cuBLAS
+workspaces (about 0.35 GB; `cuda_overhead_gb`), and 10% allocator fragmentation on the activations
+and transients (the model state is a few large long-lived blocks).
 
 The formula is checked against the bytes of the tensors autograd really saves for the backward pass
 (`tests/test_memory_plan.py`, fp32 on the CPU); everything else is stated assumption.
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-GB = 1024**3
+GB = 1024**3  # the plan counts binary gigabytes (GiB): a "4 GB" card has 4 GiB
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -81,7 +85,7 @@ class MemoryPlan:
         return {**asdict(self), "model_state": self.model_state, "total": self.total}
 
 
-def activation_bytes_per_token(config, act_bytes: int) -> dict[str, float]:
+def activation_bytes_per_token(config, act_bytes: int, seq_len: int, math_attention: bool = False) -> dict:
     """Saved-for-backward bytes per token of one layer's parts, the embeddings and the head."""
     C, F, E, k, H, V = (
         config.d_model,
@@ -94,11 +98,12 @@ def activation_bytes_per_token(config, act_bytes: int) -> dict[str, float]:
     a = act_bytes
     mask = C if config.dropout > 0 else 0  # dropout keeps a 1-byte mask per element
     attention = (4 * C + 8) + a * C + 4 * a * C + 4 * H + a * C + mask
-    experts = k * (2 * a * C + 2 * a * F + 20)
+    if math_attention:  # the T x T weights: scores, softmax, dropout mask and dropped weights
+        attention += H * seq_len * (3 * a + 1)
+    experts = k * (2 * 4 * C + 2 * 4 * F + 20)  # fp32 (see the module docstring)
     moe = (4 * C + 8) + a * C + 3 * 4 * E + 12 * k + experts + mask
     embeddings = 8 + mask
-    upcast = 4 * V if a != 4 else 0  # autocast computes the cross-entropy in fp32
-    head = (4 * C + 8) + a * C + a * V + 4 * V + upcast
+    head = (4 * C + 8) + a * C + a * V + 4 * V  # logits (kept by the loop) + fp32 log-softmax
     return {
         "attention": attention,
         "moe": moe,
@@ -125,7 +130,8 @@ def plan_memory(
     `n_params`: the model's parameter count (the model's own counting function);
     `n_matmul_params`: parameters autocast casts to half precision (default: all but the
     embeddings and the expert weights, which the dispatch Function uses in their own dtype);
-    `on_gpu`: add the CUDA runtime overhead (default: precision != "fp32").
+    `on_gpu`: a CUDA run (default: precision != "fp32"): adds the CUDA runtime overhead and uses the
+    fused attention kernels; a CPU run with dropout keeps the attention weights (math kernel).
     """
     if precision not in PRECISION_BYTES:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}")
@@ -136,20 +142,20 @@ def plan_memory(
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_len {config.max_len}")
     act = PRECISION_BYTES[precision]
     tokens = batch_size * seq_len
-    per_token = activation_bytes_per_token(config, act)
+    on_gpu = precision != "fp32" if on_gpu is None else on_gpu
+    math_attention = not on_gpu and config.dropout > 0  # CPU SDPA with dropout: the math kernel
+    per_token = activation_bytes_per_token(config, act, seq_len, math_attention)
     L = config.n_layers
     if activation_checkpointing:
         kept = L * 4 * config.d_model + per_token["layer"]  # layer inputs + one rebuilt layer
     else:
         kept = L * per_token["layer"]
     activations = int(tokens * (kept + per_token["embeddings"] + per_token["head"]))
-    transient = int(tokens * (4 * config.vocab_size + per_token["layer"]))
+    transient = int(tokens * (8 * config.vocab_size + per_token["layer"]))
     if n_matmul_params is None:
         C, V, E = config.d_model, config.vocab_size, config.n_experts
         n_matmul_params = L * (4 * C * C + C * E) + C * V  # attention, gate, head weights
     copies = 0 if act == 4 else 2 * n_matmul_params
-    state = 16 * n_params
-    on_gpu = precision != "fp32" if on_gpu is None else on_gpu
     return MemoryPlan(
         n_params=n_params,
         tokens_per_micro_batch=tokens,
@@ -161,7 +167,7 @@ def plan_memory(
         autocast_weight_copies=copies,
         activations=activations,
         backward_transient=transient,
-        fragmentation=int(0.10 * (state + copies + activations + transient)),
+        fragmentation=int(0.10 * (activations + transient)),
         runtime_overhead=int(cuda_overhead_gb * GB) if on_gpu else 0,
     )
 
@@ -179,16 +185,16 @@ def format_memory_plan(plan: MemoryPlan, budget_gb: float | None = None) -> str:
             plan.activations,
         ),
         ("backward transient", plan.backward_transient),
-        ("allocator fragmentation (10%)", plan.fragmentation),
+        ("fragmentation (10% of activations)", plan.fragmentation),
         ("CUDA context + workspaces", plan.runtime_overhead),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"memory plan ({plan.n_params / 1e6:,.1f}M parameters, per process):"]
-    lines += [f"  {name:<{width}}  {value / GB:7.3f} GB" for name, value in rows]
-    lines.append(f"  {'total':<{width}}  {plan.total / GB:7.3f} GB")
+    lines += [f"  {name:<{width}}  {value / GB:7.3f} GiB" for name, value in rows]
+    lines.append(f"  {'total':<{width}}  {plan.total / GB:7.3f} GiB")
     if budget_gb is not None:
         verdict = "fits" if plan.total <= budget_gb * GB else "does NOT fit"
         lines.append(
-            f"  -> {verdict} in {budget_gb:g} GB ({(budget_gb * GB - plan.total) / GB:+.3f} GB to spare)"
+            f"  -> {verdict} in {budget_gb:g} GiB ({(budget_gb * GB - plan.total) / GB:+.3f} GiB to spare)"
         )
     return "\n".join(lines)

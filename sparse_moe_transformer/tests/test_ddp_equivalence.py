@@ -25,9 +25,34 @@ def _free_port() -> int:
 
 
 def _argv(out_dir, cache_dir, batch_size):
-    argv = ["--mode", "train", *TINY, *DATA, "--cache-dir", cache_dir, "--out-dir", out_dir,
-            "--batch-size", batch_size, "--max-steps", 6, "--warmup-steps", 2, "--lr", 1e-2,
-            "--eval-interval", 3, "--eval-batches", 2, "--log-interval", 1, "--sample-tokens", 0, "--device", "cpu"]
+    argv = [
+        "--mode",
+        "train",
+        *TINY,
+        *DATA,
+        "--cache-dir",
+        cache_dir,
+        "--out-dir",
+        out_dir,
+        "--batch-size",
+        batch_size,
+        "--max-steps",
+        6,
+        "--warmup-steps",
+        2,
+        "--lr",
+        1e-2,
+        "--eval-interval",
+        3,
+        "--eval-batches",
+        2,
+        "--log-interval",
+        1,
+        "--sample-tokens",
+        0,
+        "--device",
+        "cpu",
+    ]
     return [str(a) for a in argv]
 
 
@@ -41,8 +66,19 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     cli.main(_argv(tmp_path / "single", cache, batch_size=8))  # also fills the token cache
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(TRAIN_SCRIPT), *_argv(tmp_path / "ddp", cache, batch_size=4)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(TRAIN_SCRIPT),
+        *_argv(tmp_path / "ddp", cache, batch_size=4),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("memory plan") == 1  # only rank 0 logs
@@ -52,9 +88,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for a, b in zip(single, ddp):
         for key in ("loss", "aux_loss", "z_loss"):
             assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
-        assert a["expert_load"] == b["expert_load"] or max(
-            abs(x - y) for la, lb in zip(a["expert_load"], b["expert_load"]) for x, y in zip(la, lb)
-        ) < 1e-6
+        assert (
+            a["expert_load"] == b["expert_load"]
+            or max(abs(x - y) for la, lb in zip(a["expert_load"], b["expert_load"]) for x, y in zip(la, lb))
+            < 1e-6
+        )
     val_single, val_ddp = _records(tmp_path / "single", "eval"), _records(tmp_path / "ddp", "eval")
     for a, b in zip(val_single, val_ddp):
         assert abs(a["val_loss"] - b["val_loss"]) <= 1e-5

@@ -29,8 +29,16 @@ def _measured_saved_bytes(model, x, y) -> int:
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_activation_prediction_matches_saved_tensors(dropout):
     config = cli.Config.from_preset(
-        "cpu-demo", vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_experts=8, top_k=2, d_ff=128,
-        max_len=64, dropout=dropout,
+        "cpu-demo",
+        vocab_size=512,
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_experts=8,
+        top_k=2,
+        d_ff=128,
+        max_len=64,
+        dropout=dropout,
     )
     torch.manual_seed(0)
     model = cli.SparseMoETransformer(config).train()
@@ -45,12 +53,14 @@ def test_activation_prediction_matches_saved_tensors(dropout):
 
 def test_t1000_defaults_fit_4_gb():
     config = cli.Config.from_preset("t1000")
-    n_params = cli.analytic_total_params(config)
+    n_params = cli.count_parameters(config)
     plan = plan_memory(config, 4, 256, n_params=n_params, precision="fp16")
     assert 150e6 < n_params < 170e6
     assert plan.total < 4 * GB, format_memory_plan(plan, budget_gb=4)
     assert plan.model_state > 0.6 * plan.total  # AdamW state dominates, as it should at batch 4
-    checkpointed = plan_memory(config, 4, 256, n_params=n_params, precision="fp16", activation_checkpointing=True)
+    checkpointed = plan_memory(
+        config, 4, 256, n_params=n_params, precision="fp16", activation_checkpointing=True
+    )
     assert checkpointed.activations < plan.activations
     bigger = plan_memory(config, 64, 256, n_params=n_params, precision="fp16")
     assert bigger.total > 4 * GB and "does NOT fit" in format_memory_plan(bigger, budget_gb=4)

@@ -60,14 +60,24 @@ def grads(out, tensors, seed=1):
 
 @pytest.mark.parametrize(
     "skew,capacity_factor,k",
-    [(0.0, None, 2), (3.0, None, 2), (0.0, None, 1), (0.0, None, 3), (1.0, 0.5, 2), (0.0, 1.0, 2), (3.0, 1.25, 3)],
+    [
+        (0.0, None, 2),
+        (3.0, None, 2),
+        (0.0, None, 1),
+        (0.0, None, 3),
+        (1.0, 0.5, 2),
+        (0.0, 1.0, 2),
+        (3.0, 1.25, 3),
+    ],
 )
 def test_fast_dispatch_equals_naive_reference_forward_and_gradients(skew, capacity_factor, k):
     moe, x = make_moe(skew=skew, capacity_factor=capacity_factor, k=k)
     params = [x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2]
     out = moe(x)
     capacity = expert_capacity(x.shape[0], k, moe.n_experts, capacity_factor)
-    ref, ref_dropped = naive_moe(x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2, k, capacity)
+    ref, ref_dropped = naive_moe(
+        x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2, k, capacity
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert moe.stats.dropped == ref_dropped
     if capacity_factor is not None and capacity_factor < 1:

@@ -29,9 +29,33 @@ def cache_dir(tmp_path_factory):
 def _argv(out_dir, cache_dir, *extra):
     # dropout 0.1 (the preset's) is on: resume must restore the dropout RNG stream, and the data
     # order (sampler position), not only the weights
-    argv = ["--mode", "train", *TINY, "--set", "dropout=0.1", *DATA, "--cache-dir", cache_dir,
-            "--out-dir", out_dir, "--batch-size", 4, "--max-steps", 10, "--warmup-steps", 2, "--lr", 5e-3,
-            "--eval-interval", 0, "--log-interval", 1, "--sample-tokens", 0, *extra]
+    argv = [
+        "--mode",
+        "train",
+        *TINY,
+        "--set",
+        "dropout=0.1",
+        *DATA,
+        "--cache-dir",
+        cache_dir,
+        "--out-dir",
+        out_dir,
+        "--batch-size",
+        4,
+        "--max-steps",
+        10,
+        "--warmup-steps",
+        2,
+        "--lr",
+        5e-3,
+        "--eval-interval",
+        0,
+        "--log-interval",
+        1,
+        "--sample-tokens",
+        0,
+        *extra,
+    ]
     return [str(a) for a in argv]
 
 
@@ -93,8 +117,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
     out_dir = tmp_path / "sigint"
     argv = _argv(out_dir, cache_dir, "--max-steps", 100000, "--save-interval", 0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN_SCRIPT), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     metrics = out_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     try:

@@ -1,4 +1,4 @@
-"""Sparsity: exactly top_k of n_experts run per token, weights are a distribution, idle experts get no gradient."""
+"""Sparsity: top_k of n_experts run per token, weights form a distribution, idle experts get 0 grad."""
 
 import torch
 

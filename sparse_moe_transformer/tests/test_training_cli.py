@@ -77,8 +77,17 @@ def test_smoke_run_learns_and_writes_everything(trained):
 
 def test_eval_mode_reproduces_the_logged_validation_loss(trained, capsys):
     result = run_cli(
-        ["--mode", "eval", "--checkpoint", trained["out_dir"] / LATEST_NAME, *DATA,
-         "--cache-dir", trained["root"] / "cache", "--eval-batches", 4]
+        [
+            "--mode",
+            "eval",
+            "--checkpoint",
+            trained["out_dir"] / LATEST_NAME,
+            *DATA,
+            "--cache-dir",
+            trained["root"] / "cache",
+            "--eval-batches",
+            4,
+        ]
     )
     logged = _records(trained["out_dir"], "eval")[-1]["val_loss"]
     assert result["val_loss"] == pytest.approx(logged, abs=1e-5)
@@ -86,29 +95,68 @@ def test_eval_mode_reproduces_the_logged_validation_loss(trained, capsys):
 
 
 def test_generate_streams_text_and_is_reproducible(trained, capsys):
-    argv = ["--mode", "generate", "--checkpoint", trained["out_dir"], "--prompt", "Once upon a time",
-            "--max-new-tokens", 12, "--temperature", 0.9, "--top-k", 20, "--top-p", 0.95,
-            "--repetition-penalty", 1.1, "--num-samples", 2, "--seed", 3]
+    argv = [
+        "--mode",
+        "generate",
+        "--checkpoint",
+        trained["out_dir"],
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        12,
+        "--temperature",
+        0.9,
+        "--top-k",
+        20,
+        "--top-p",
+        0.95,
+        "--repetition-penalty",
+        1.1,
+        "--num-samples",
+        2,
+        "--seed",
+        3,
+    ]
     first = run_cli(argv)
     out = capsys.readouterr().out
     assert len(first) == 2 and all(t.startswith("Once upon a time") for t in first)
     assert first[0] in out and "sample 2/2" in out
     assert run_cli(argv) == first  # same seed, same samples
-    greedy = run_cli(["--mode", "generate", "--checkpoint", trained["out_dir"], "--temperature", 0,
-                      "--max-new-tokens", 8])
+    greedy = run_cli(
+        ["--mode", "generate", "--checkpoint", trained["out_dir"], "--temperature", 0, "--max-new-tokens", 8]
+    )
     assert len(greedy[0]) > len("Once upon a time")
 
 
 def test_benchmark_reports_and_saves_json(trained, capsys):
     path = trained["root"] / "bench.json"
-    result = run_cli(["--mode", "benchmark", "--checkpoint", trained["out_dir"], "--bench-steps", 2,
-                      "--bench-warmup", 1, "--max-new-tokens", 8, "--bench-json", path])
+    result = run_cli(
+        [
+            "--mode",
+            "benchmark",
+            "--checkpoint",
+            trained["out_dir"],
+            "--bench-steps",
+            2,
+            "--bench-warmup",
+            1,
+            "--max-new-tokens",
+            8,
+            "--bench-json",
+            path,
+        ]
+    )
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(result))
     model, _, _ = cli.load_trained_model(str(trained["out_dir"]), torch.device("cpu"))
     assert saved["total_params"] == sum(p.numel() for p in model.parameters())
     assert 0 < saved["active_params_per_token"] < saved["total_params"]
-    for key in ("forward_flops_per_token", "train_tokens_per_s", "decode_ms_per_token_median", "peak_memory_mb"):
+    for key in (
+        "forward_flops_per_token",
+        "train_tokens_per_s",
+        "decode_ms_per_token_median",
+        "peak_memory_mb",
+    ):
         assert saved[key] > 0, key
     assert "KV cache" in capsys.readouterr().out
 
@@ -123,7 +171,7 @@ def test_plot_mode_redraws(trained):
 def test_plan_mode_checks_the_budget(capsys):
     plan = run_cli(["--mode", "plan", "--preset", "t1000"])
     out = capsys.readouterr().out
-    assert "fits in 4 GB" in out and plan["total"] < 4 * 1024**3
+    assert "fits in 4 GiB" in out and plan["total"] < 4 * 1024**3
 
 
 @pytest.mark.parametrize(
@@ -141,7 +189,16 @@ def test_plan_mode_checks_the_budget(capsys):
 )
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, extra, message):
     argv = ["--mode", "train", *TINY, "--synthetic-stories", 300, "--vocab-size", 512]  # synthetic by default
-    argv += ["--cache-dir", tmp_path / "cache", "--out-dir", tmp_path / "run", "--max-steps", 2, "--warmup-steps", 0]
+    argv += [
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out-dir",
+        tmp_path / "run",
+        "--max-steps",
+        2,
+        "--warmup-steps",
+        0,
+    ]
     err = cli_error([*argv, *extra], capsys)
     assert message in err and "Traceback" not in err
 
@@ -176,15 +233,31 @@ def test_checkpoint_errors(trained, tmp_path, capsys):
 
 def _tiny_config(dropout=0.0):
     return cli.Config.from_preset(
-        "cpu-demo", vocab_size=64, n_layers=2, d_model=32, n_heads=2, n_experts=4, top_k=2, d_ff=64,
-        max_len=16, dropout=dropout,
+        "cpu-demo",
+        vocab_size=64,
+        n_layers=2,
+        d_model=32,
+        n_heads=2,
+        n_experts=4,
+        top_k=2,
+        d_ff=64,
+        max_len=16,
+        dropout=dropout,
     )
 
 
 def test_adamw_groups_skip_norms_biases_and_embeddings():
     model = cli.SparseMoETransformer(_tiny_config())
-    settings = cli.TrainSettings(batch_size=1, grad_accum=1, block_size=8, max_steps=1, lr=1e-3, min_lr=0.0,
-                                 warmup_steps=0, weight_decay=0.1)
+    settings = cli.TrainSettings(
+        batch_size=1,
+        grad_accum=1,
+        block_size=8,
+        max_steps=1,
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_steps=0,
+        weight_decay=0.1,
+    )
     optimizer = cli.make_optimizer(model, settings, torch.device("cpu"))
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
