@@ -41,9 +41,9 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
 from torch import nn
 
+from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
 from phase2_architecture.src.gpt import GPT
 from phase5_production.src.sampling import sample_next_token
 
