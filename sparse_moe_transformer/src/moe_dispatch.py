@@ -9,20 +9,23 @@ Every token picks `top_k` experts, so a batch of N tokens makes M = N * top_k (t
         second choices and earlier tokens before later ones. With a capacity C per expert, the
         pairs beyond position C of each slice are dropped: the lowest-priority pairs are the
         later choices (slot 2 before slot 1), then the later tokens in the flattened batch.
+        Note: capacity is shared by the whole batch, so a later token can take the place of an
+        earlier token's second choice; with a capacity factor the model is therefore not strictly
+        causal. Dropless routing (the default) is.
 
     expert_ffn(x, w1, b1, w2, b2, routing)       -> out [N, C]
         a custom torch.autograd.Function. Forward: gather the sorted token rows once, and for
         every expert e with a non-empty slice s:t run  y[s:t] = GELU(x_s @ w1[e] + b1[e]) @ w2[e] + b2[e]
         as two addmm calls that write into preallocated [M, F] / [M, C] buffers, scale by the
-        routing weight and add the rows back to their tokens once (see _combine). Backward does the same
-        in reverse by hand (dX, dW1, db1, dW2, db2 and d(routing weight)) on the same slices.
+        routing weight and add the rows back to their tokens once (see _combine). Backward does
+        the same in reverse by hand (dX, dW1, db1, dW2, db2 and d(routing weight)) on the same slices.
 
 Why by hand: left to autograd, slicing a stacked weight per expert and concatenating results
 creates dozens of small graph nodes, copies and zero-filled gradient buffers per layer (the
 seed-style loop with a boolean mask per expert is worse still: it touches all N tokens E times).
 Here the only data movement besides the matmuls is one gather and one un-sort gather each way.
-`torch._grouped_mm` exists in torch 2.13 but on the CPU it is slower than this loop and its
-backward is not implemented for CPU tensors, so it is not used.
+`torch._grouped_mm` exists in torch 2.13, but on the CPU its forward was slower than this loop
+and its backward failed on CPU tensors when we tried it, so it is not used (BENCHMARKS.md).
 """
 
 from __future__ import annotations

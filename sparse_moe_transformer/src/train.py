@@ -43,7 +43,9 @@ class Config:
     d_ff: int = 384  # hidden size of each expert
     max_len: int = 128
     dropout: float = 0.0
-    capacity_factor: float | None = None  # None = dropless; else each expert takes ceil(cf*N*k/E) pairs
+    # None = dropless (default). Else each expert takes ceil(cf*N*k/E) pairs and drops the rest;
+    # the limit is shared by the whole batch, so it is not strictly causal (see moe_dispatch.py).
+    capacity_factor: float | None = None
     aux_loss_coef: float = 0.01  # Switch load-balancing loss coefficient
     z_loss_coef: float = 1e-3  # router z-loss coefficient
     init_std: float = 0.02

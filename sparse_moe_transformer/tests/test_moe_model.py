@@ -140,3 +140,14 @@ def test_cached_forward_in_chunks_equals_full_forward(T):
         cache = KVCache(model.config, 2)
         parts = [model(ids[:, i : i + T], cache=cache).logits for i in range(0, 15, T)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_autocast_runs_and_keeps_float32_gradients():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.total_loss(model.config).backward()
+    w1 = model.layers[0].moe.w1
+    assert w1.grad.dtype == torch.float32 and w1.grad.abs().sum() > 0
