@@ -178,6 +178,7 @@ def test_plan_mode_checks_the_budget(capsys):
     "extra, message",
     [
         (["--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
+        (["--dataset", "tinystories"], "cannot reach the Hugging Face hub"),  # offline (conftest)
         (["--data-files", "MISSING.txt"], "data file not found"),
         (["--set", "n_layerz=3"], "unknown config field 'n_layerz'"),
         (["--set", "n_layers=three"], "n_layers must be an int"),
