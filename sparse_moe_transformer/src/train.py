@@ -1356,6 +1356,10 @@ def train_main(args) -> dict:
             if best_val is not None
             else f"done: step {step}, checkpoints in {out_dir}"
         )
+    if rt.distributed:
+        # Leave together: a rank that tears down its gloo connections while another is still
+        # working (rank 0 drawing plots) can make the other abort with "connection closed".
+        torch_dist.barrier()
     return summary
 
 
