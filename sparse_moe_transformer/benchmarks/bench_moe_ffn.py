@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparse_moe_transformer.src.cpu_memory import keep_freed_memory
 from sparse_moe_transformer.src.train import Config, SparseMoEFFN
 
 
@@ -157,6 +158,8 @@ def main():
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        keep_freed_memory()  # as the training CLI does: big buffers are reused, not page-faulted in
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, float32")
 

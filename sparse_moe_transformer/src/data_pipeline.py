@@ -564,15 +564,18 @@ class _staging_dir:
 class BlockBatchSampler:
     """Deterministic, resumable, DDP-aware sampler of training windows.
 
-    The stream of `num_tokens` tokens is cut into n_blocks = (num_tokens - 1) // block_size windows
-    of block_size + 1 tokens starting at 0, block_size, 2*block_size, ...: inputs never overlap and
-    every token after the first is a label exactly once per epoch.
+    Epoch e cuts the stream of `num_tokens` tokens into windows of block_size + 1 tokens starting
+    at o_e, o_e + block_size, o_e + 2*block_size, ...: inputs never overlap and every token after
+    the first o_e + 1 is a label exactly once per epoch. Epoch 0 starts at o_0 = 0; every later
+    epoch draws its grid offset o_e from [0, block_size) with (seed, e), so on a corpus seen many
+    times the model meets each token in new contexts and at new positions instead of the same
+    windows again (fixed windows are memorised much sooner: they overfit a small corpus).
 
-    Epoch e visits the windows in the permutation drawn from (seed, e). A global batch is
+    Epoch e visits its windows in the permutation drawn from (seed, e). A global batch is
     batch_size * world_size consecutive entries of that permutation; rank r takes entries
     [r*batch_size, (r+1)*batch_size). So two ranks with batch B together see exactly what one rank
     with batch 2B sees, in the same order. An epoch has n_blocks // global_batch batches (the
-    windows left over at the end of an epoch's permutation wait for a later epoch).
+    windows left over at the end of an epoch's permutation are skipped in that epoch).
 
     `next(sampler)` returns the start offsets [batch_size] of this rank's next batch;
     `state_dict()` after N batches and `load_state_dict()` in a new sampler continue with batch N+1.
@@ -611,10 +614,11 @@ class BlockBatchSampler:
                 f"({batch_size} x {world_size} ranks = {self.global_batch}): use more data, or a smaller "
                 "--batch-size or --block-size"
             )
-        self.batches_per_epoch = self.n_blocks // self.global_batch
+        self.batches_per_epoch = self.n_blocks // self.global_batch  # of epoch 0 (offset 0)
         self.epoch = 0
         self.index = 0  # batches already drawn in this epoch
         self._perm = None
+        self._offset = 0  # o_e of the current epoch
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -622,18 +626,25 @@ class BlockBatchSampler:
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+    def _epoch_plan(self, epoch: int) -> tuple[int, np.ndarray]:
+        """(grid offset o_e, permutation of the epoch's window numbers), both drawn from (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        offset = 0 if epoch == 0 else int(rng.integers(self.block_size))
+        n_blocks = (self.num_tokens - 1 - offset) // self.block_size  # windows that fit after o_e
+        if n_blocks < self.global_batch:  # a corpus of barely one batch: keep the grid at 0
+            offset, n_blocks = 0, self.n_blocks
+        return offset, rng.permutation(n_blocks)
 
     def __next__(self) -> np.ndarray:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index, self._perm = self.epoch + 1, 0, None
         if self._perm is None:
-            self._perm = self._permutation(self.epoch)
+            self._offset, self._perm = self._epoch_plan(self.epoch)
+        if self.index >= len(self._perm) // self.global_batch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._offset, self._perm = self._epoch_plan(self.epoch)
         first = self.index * self.global_batch + self.rank * self.batch_size
         blocks = self._perm[first : first + self.batch_size]  # [B] window numbers
         self.index += 1
-        return blocks.astype(np.int64) * self.block_size  # [B] token offsets
+        return self._offset + blocks.astype(np.int64) * self.block_size  # [B] token offsets
 
     def state_dict(self) -> dict:
         return {

@@ -66,6 +66,7 @@ from sparse_moe_transformer.src.checkpointing import (
     read_checkpoint,
     save_run_checkpoints,
 )
+from sparse_moe_transformer.src.cpu_memory import keep_freed_memory
 from sparse_moe_transformer.src.data_pipeline import (
     BlockBatchSampler,
     add_data_arguments,
@@ -94,7 +95,8 @@ class Config:
     top_k: int = 2
     d_ff: int = 384  # hidden size of each expert
     max_len: int = 128
-    dropout: float = 0.0
+    dropout: float = 0.0  # on embeddings, attention output and expert output (the residual branches)
+    attn_dropout: float | None = None  # on the attention probabilities; None = the same as dropout
     # None = dropless (default). Else each expert takes ceil(cf*N*k/E) pairs and drops the rest;
     # the limit is shared by the whole batch, so it is not strictly causal (see moe_dispatch.py).
     capacity_factor: float | None = None
@@ -118,6 +120,9 @@ class Config:
             )
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"Config.dropout must be in [0, 1), got {self.dropout!r}.")
+        ad = self.attn_dropout
+        if ad is not None and (not isinstance(ad, (int, float)) or isinstance(ad, bool) or not 0 <= ad < 1):
+            raise ValueError(f"Config.attn_dropout must be None (= dropout) or in [0, 1), got {ad!r}.")
         cf = self.capacity_factor
         if cf is not None and (not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0):
             raise ValueError(f"Config.capacity_factor must be None (dropless) or a number > 0, got {cf!r}.")
@@ -157,6 +162,13 @@ PRESETS: dict[str, Config] = {
     "cpu-demo": Config(
         vocab_size=4096, d_model=192, n_heads=6, n_layers=4, n_experts=8, top_k=2, d_ff=384,
         max_len=128, dropout=0.0,
+    ),
+    # nanoGPT's small CPU model (4 layers, 4 heads, d 128, block 256: 0.8M active parameters per
+    # token outside the embeddings) with its FFN split into 8 experts of 256, top-2. Dropout on
+    # the residual branches only (attention dropout would leave SDPA's fused CPU kernel).
+    "cpu-small": Config(
+        vocab_size=4096, d_model=128, n_heads=4, n_layers=4, n_experts=8, top_k=2, d_ff=256,
+        max_len=256, dropout=0.1, attn_dropout=0.0,
     ),
     # For unit tests: a few milliseconds per forward.
     "tiny": Config(
@@ -320,7 +332,10 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.n_heads, self.dropout = config.n_heads, config.dropout
+        self.n_heads = config.n_heads
+        # Dropout on the attention probabilities. On the CPU, SDPA has no fused kernel with dropout
+        # and falls back to the unfused math path (about 30% slower training at d_model 128).
+        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)  # q, k, v projections fused
         self.out_proj = nn.Linear(config.d_model, config.d_model)
         self.resid_drop = nn.Dropout(config.dropout)
@@ -397,6 +412,13 @@ class SparseMoETransformer(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # untied
         self.apply(self._init_weights)
+        # GPT-2's scaled init: the two projections that write into the residual stream in each of
+        # the L layers (attention output, expert output) start at std / sqrt(2L), so the residual
+        # stream's variance at init does not grow with depth.
+        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.out_proj.weight, std=residual_std)
+            nn.init.normal_(layer.moe.w2, std=residual_std)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -590,6 +612,18 @@ TRAINING_PRESETS = {
         save_interval=50,
     ),
 }
+TRAINING_PRESETS["cpu-small"] = dict(  # nanoGPT's CPU recipe: batch 16 x 256, lr 1e-3 -> 1e-4
+    batch_size=16,
+    grad_accum=1,
+    max_steps=1400,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_steps=100,
+    eval_interval=250,
+    eval_batches=50,
+    log_interval=10,
+    save_interval=250,
+)
 TRAINING_FALLBACK = TRAINING_PRESETS["cpu-demo"]
 
 
@@ -737,6 +771,8 @@ def setup_runtime(device_name: str, precision: str) -> Runtime:
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
     amp_dtype = resolve_precision(precision, device.type)
+    if device.type == "cpu":
+        keep_freed_memory()  # reuse big per-step buffers instead of page-faulting them in (cpu_memory.py)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where present
         torch.backends.cudnn.allow_tf32 = True
@@ -1109,6 +1145,7 @@ def train_main(args) -> dict:
     )
     seed_everything(s.seed + rt.rank)  # dropout streams differ between ranks
     step, tokens_seen, best_val = 0, 0, None
+    train_time = 0.0  # seconds spent in optimizer steps (evaluation, sampling and saving excluded)
     if resume_ckpt is not None:
         load_model_state(model, resume_ckpt)
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -1119,6 +1156,7 @@ def train_main(args) -> dict:
         restore_rng_state(rng_states[rt.rank % len(rng_states)])
         step, tokens_seen = int(resume_ckpt["step"]), int(resume_ckpt["tokens"])
         best_val = resume_ckpt.get("best_val_loss")
+        train_time = float(resume_ckpt.get("train_time_s", 0.0))
 
     log = print if rt.is_main else (lambda *a, **k: None)
     if rt.is_main:
@@ -1137,7 +1175,9 @@ def train_main(args) -> dict:
     log(
         f"model     {preset}: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, "
         f"{config.n_experts} experts (top-{config.top_k}, hidden {config.d_ff}), max_len {config.max_len}, "
-        f"dropout {config.dropout}\n          {parameter_summary(config)}"
+        f"dropout {config.dropout}"
+        + ("" if config.attn_dropout is None else f" (attention {config.attn_dropout})")
+        + f"\n          {parameter_summary(config)}"
     )
     log(
         f"device    {rt.device} x {rt.world_size} rank(s), precision "
@@ -1203,6 +1243,7 @@ def train_main(args) -> dict:
             train_args=asdict(s),
             tokenizer=tokenizer.to_state(),
             best_val_loss=best_val,
+            train_time_s=train_time,
         )
 
     metrics_file = open(out_dir / METRICS_FILE, "a", encoding="utf-8") if rt.is_main else None
@@ -1222,7 +1263,8 @@ def train_main(args) -> dict:
             sample = sample_text(
                 model, tokenizer, args.sample_prompt, s.sample_tokens, rt.device, seed=s.seed
             )
-        write_metrics({"kind": "eval", "step": step, "tokens": tokens_seen, **result, "sample": sample})
+        record = {"kind": "eval", "step": step, "tokens": tokens_seen, "train_time_s": train_time}
+        write_metrics({**record, **result, "sample": sample})
         if rt.is_main:
             bar.write(
                 f"step {step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
@@ -1273,6 +1315,7 @@ def train_main(args) -> dict:
                 window["steps"] += 1
                 window["time"] += dt
                 window["tokens"] += s.tokens_per_step
+                train_time += dt
                 if step % s.log_interval == 0 or step == s.max_steps:
                     lm, aux, z, total = (window["losses"] / window["steps"]).tolist()
                     if rt.distributed:  # every rank's routing decisions, not only rank 0's
@@ -1291,6 +1334,7 @@ def train_main(args) -> dict:
                             "total_loss": total,
                             "grad_norm": float(result["grad_norm"]),
                             "tokens_per_s": tok_s,
+                            "train_time_s": train_time,
                             "expert_load": load.tolist(),
                         }
                     )

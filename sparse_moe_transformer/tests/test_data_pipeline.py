@@ -282,9 +282,21 @@ def test_sampler_is_deterministic_and_permutes_each_epoch():
     assert not all((x == y).all() for x, y in zip(epoch_a, epoch_c))
     starts = np.concatenate(epoch_a)
     assert sorted(starts.tolist()) == list(range(0, 10_000, 100))  # every window once per epoch
-    next_epoch = np.concatenate([next(a) for _ in range(25)])
-    assert a.epoch == 1 and sorted(next_epoch.tolist()) == sorted(starts.tolist())
-    assert next_epoch.tolist() != starts.tolist()  # a new order
+    # later epochs shift the whole window grid by an offset o_e in [0, block_size) drawn from
+    # (seed, epoch): the same tokens, in new windows, in a new order
+    offsets = set()
+    for epoch in range(1, 6):
+        n_batches = a._epoch_plan(epoch)[1].size // 4
+        batches = [next(a) for _ in range(n_batches)]
+        assert a.epoch == epoch
+        grid = np.sort(np.concatenate(batches))
+        offset = int(grid[0]) % 100
+        offsets.add(offset)
+        assert 0 <= offset < 100 and ((grid - offset) % 100 == 0).all()  # one shifted grid
+        assert (np.diff(grid) > 0).all()  # no window twice
+        assert grid[-1] + 100 + 1 <= 10_001  # the last window fits in the stream
+        assert grid.size >= 96  # at most one window lost to the shift (and 3 to the batch size)
+    assert len(offsets) > 1  # the grid really moves between epochs
 
 
 def test_sampler_resumes_with_exactly_the_next_batch(tmp_path):

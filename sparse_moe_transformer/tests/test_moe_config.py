@@ -32,7 +32,7 @@ def test_t1000_has_158_6M_parameters_and_about_20M_active():
     assert active / (total - 2 * 50257 * 512 - 256 * 512) < 0.2
 
 
-@pytest.mark.parametrize("preset", ["cpu-demo", "tiny"])
+@pytest.mark.parametrize("preset", ["cpu-demo", "cpu-small", "tiny"])
 def test_analytic_counts_match_the_module(preset):
     c = Config.from_preset(preset)
     assert count_parameters(c) == module_param_count(c)
@@ -69,6 +69,8 @@ def test_analytic_flops_agree_with_torch_flop_counter():
         ({"vocab_size": -5}, "vocab_size"),
         ({"n_layers": 2.0}, "n_layers"),
         ({"dropout": 1.0}, "dropout"),
+        ({"attn_dropout": -0.1}, "attn_dropout"),
+        ({"attn_dropout": True}, "attn_dropout"),
         ({"capacity_factor": 0}, "capacity_factor"),
         ({"aux_loss_coef": -0.1}, "aux_loss_coef"),
         ({"z_loss_coef": float("nan")}, "z_loss_coef"),
@@ -103,3 +105,14 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="Config"):
         SparseMoETransformer({"d_model": 4})
+
+
+def test_cpu_small_matches_nanogpts_cpu_model_in_active_size():
+    # nanoGPT's CPU baseline: 4 layers, 4 heads, d 128, FFN 128 -> 512 -> 128 (0.79M parameters in
+    # the layers). cpu-small splits that FFN into 8 experts of 256, 2 active: the same active size.
+    c = Config.from_preset("cpu-small")
+    dense = Config.from_preset("cpu-small", n_experts=1, top_k=1, d_ff=512)
+    assert (c.d_model, c.n_heads, c.n_layers, c.max_len) == (128, 4, 4, 256)
+    assert abs(count_active_parameters(c) - count_active_parameters(dense)) / count_active_parameters(dense) < 0.02
+    assert count_parameters(c) > 1.8 * count_parameters(dense)  # 4x the FFN parameters in total
+    assert c.dropout == 0.1 and c.attn_dropout == 0.0

@@ -129,6 +129,28 @@ def test_backward_reaches_every_parameter_and_dropout_is_active_in_training():
     torch.testing.assert_close(model(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("attn_dropout,expected", [(None, 0.3), (0.0, 0.0), (0.1, 0.1)])
+def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart(attn_dropout, expected, monkeypatch):
+    model = tiny_model(dropout=0.3, attn_dropout=attn_dropout).train()
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids)
+    assert seen == [expected] * model.config.n_layers
+    # the residual-branch dropouts follow `dropout` either way
+    assert all(m.p == 0.3 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    model.eval()
+    seen.clear()
+    model(ids)
+    assert seen == [0.0] * model.config.n_layers  # no dropout at inference
+
+
 @pytest.mark.parametrize("T", [1, 5])
 def test_cached_forward_in_chunks_equals_full_forward(T):
     from sparse_moe_transformer.src.train import KVCache
