@@ -149,7 +149,13 @@ def main():
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=8,
+        help="untimed rounds first (default 8): the allocator needs a few steps to reuse freed blocks, "
+        "as it has in a training run",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only-fast", action="store_true", help="skip the seed loop and HF Mixtral")

@@ -165,10 +165,10 @@ class _SortedExpertFFN(torch.autograd.Function):
         for e, s, t in _slices(counts):
             torch.mm(a[s:t].t(), dy[s:t], out=dw2[e])  # [F, m] @ [m, C]
             torch.mm(dy[s:t], w2[e].t(), out=da[s:t])  # [m, C] @ [C, F]
-        dh = torch.ops.aten.gelu_backward(da, h)  # [M, F]  da * GELU'(h)
+        dh = torch.ops.aten.gelu_backward.grad_input(da, h, grad_input=da)  # [M, F] da * GELU'(h), in da
         db1 = S_t @ dh  # [E, F]
         need_dx = ctx.needs_input_grad[0]
-        dxs = torch.empty_like(xs) if need_dx else None  # [M, C]
+        dxs = dy if need_dx else None  # [M, C] dy is no longer needed: its buffer takes dx per pair
         for e, s, t in _slices(counts):
             torch.mm(xs[s:t].t(), dh[s:t], out=dw1[e])  # [C, m] @ [m, F]
             if need_dx:
