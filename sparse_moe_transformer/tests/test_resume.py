@@ -76,6 +76,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir, monkeypatc
     assert sorted(split) == sorted(full) == list(range(1, 11))
     for step in full:
         assert abs(split[step] - full[step]) <= 1e-6, (step, split[step], full[step])
+    # train_time_s (seconds of optimizer steps) is stored in the checkpoint and carries on after resume
+    records = [json.loads(r) for r in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    times = [r["train_time_s"] for r in records if r["kind"] == "train"]
+    assert len(times) == 10 and all(b > a > 0 for a, b in zip(times, times[1:]))
+    assert read_checkpoint(tmp_path / "split" / LATEST_NAME)["train_time_s"] == times[-1]
 
     # Control: the same resume without restoring the RNG states drifts (dropout masks differ), so
     # the comparison above really checks the restored state.
