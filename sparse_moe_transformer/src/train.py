@@ -3,7 +3,8 @@
 Model
 
     Config                      presets `t1000` (the reference model, ~158.8M params, ~19M active
-                                per token outside the embeddings) and `cpu-demo`, plus `tiny` for tests;
+                                per token outside the embeddings), `cpu-demo` (the offline demo),
+                                `cpu-small` (nanoGPT's CPU model as 8 experts), plus `tiny` for tests;
                                 analytic parameter / active-parameter / FLOP counts
     SparseMoEFFN                gate -> top-k -> softmax over the selected logits -> experts, with the
                                 fast sorted dispatch of moe_dispatch.py; Switch aux loss, router z-loss
