@@ -612,19 +612,19 @@ TRAINING_PRESETS = {
         log_interval=10,
         save_interval=50,
     ),
+    "cpu-small": dict(  # nanoGPT's CPU recipe: batch 16 x 256, lr 1e-3 -> 1e-4
+        batch_size=16,
+        grad_accum=1,
+        max_steps=1400,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=100,
+        eval_interval=250,
+        eval_batches=50,
+        log_interval=10,
+        save_interval=250,
+    ),
 }
-TRAINING_PRESETS["cpu-small"] = dict(  # nanoGPT's CPU recipe: batch 16 x 256, lr 1e-3 -> 1e-4
-    batch_size=16,
-    grad_accum=1,
-    max_steps=1400,
-    lr=1e-3,
-    min_lr=1e-4,
-    warmup_steps=100,
-    eval_interval=250,
-    eval_batches=50,
-    log_interval=10,
-    save_interval=250,
-)
 TRAINING_FALLBACK = TRAINING_PRESETS["cpu-demo"]
 
 
