@@ -139,7 +139,7 @@ class _SortedExpertFFN(torch.autograd.Function):
         y = x.new_empty(M, C)  # [M, C] expert outputs
         for e, s, t in _slices(counts):
             torch.addmm(b2[e], a[s:t], w2[e], out=y[s:t])  # [m, F] @ [F, C] + [C]
-        out = _combine(y * weight[:, None], unsort_index, top_k, N)  # [N, C] scatter back once
+        out = _combine(y, unsort_index, top_k, N, weight)  # [N, C] weighted, scattered back once
         ctx.save_for_backward(xs, h, a, y, w1, w2, weight, token_index, expert_index, unsort_index)
         ctx.counts, ctx.top_k, ctx.n_tokens = counts, top_k, N
         return out
@@ -156,17 +156,13 @@ class _SortedExpertFFN(torch.autograd.Function):
         for e, c in enumerate(counts):
             if c == 0:
                 dw1[e].zero_(), dw2[e].zero_()
-        # Bias gradients are per-expert column sums: one matmul with the one-hot expert matrix
-        # S [M, E] does all experts at once (db = S^T @ dy); a sum over dim 0 of each row-major
-        # slice is much slower on the CPU, and one op instead of E keeps threads in step.
-        S_t = F.one_hot(expert_index, len(counts)).to(dy.dtype).t()  # [E, M]
-        db2 = S_t @ dy  # [E, C]
+        db2 = per_expert_sum(dy, expert_index, len(counts))  # [E, C]
         da = torch.empty_like(a)  # [M, F]
         for e, s, t in _slices(counts):
             torch.mm(a[s:t].t(), dy[s:t], out=dw2[e])  # [F, m] @ [m, C]
             torch.mm(dy[s:t], w2[e].t(), out=da[s:t])  # [m, C] @ [C, F]
         dh = torch.ops.aten.gelu_backward.grad_input(da, h, grad_input=da)  # [M, F] da * GELU'(h), in da
-        db1 = S_t @ dh  # [E, F]
+        db1 = per_expert_sum(dh, expert_index, len(counts))  # [E, F]
         need_dx = ctx.needs_input_grad[0]
         dxs = dy if need_dx else None  # [M, C] dy is no longer needed: its buffer takes dx per pair
         for e, s, t in _slices(counts):
@@ -177,22 +173,54 @@ class _SortedExpertFFN(torch.autograd.Function):
         return dx, dw1, db1, dw2, db2, grad_weight, None, None, None, None, None
 
 
-def _combine(rows: torch.Tensor, unsort_index: torch.Tensor, top_k: int, n_tokens: int) -> torch.Tensor:
-    """Sum the sorted pair rows [M, C] back per token -> [N, C].
+def per_expert_sum(
+    rows: torch.Tensor, expert_index: torch.Tensor, n_experts: int, one_hot_matmul: bool | None = None
+) -> torch.Tensor:
+    """Column sums of each expert's rows: rows [M, D], expert_index [M] -> [E, D] (bias gradients).
+
+    CPU: one index_add_ streams every row into its expert's accumulator; it reads the rows once
+    and is 6-8x faster than the one-hot matmul (BENCHMARKS.md). GPU (one_hot_matmul, the default
+    off the CPU): index_add_ would use atomic adds, whose float sums depend on the order, so there
+    the sum is the one-hot matmul S^T @ rows with S [M, E].
+    """
+    if one_hot_matmul is None:
+        one_hot_matmul = rows.device.type != "cpu"
+    if one_hot_matmul:
+        return F.one_hot(expert_index, n_experts).to(rows.dtype).t() @ rows  # [E, M] @ [M, D]
+    return rows.new_zeros(n_experts, rows.shape[1]).index_add_(0, expert_index, rows)
+
+
+def _combine(
+    rows: torch.Tensor,
+    unsort_index: torch.Tensor,
+    top_k: int,
+    n_tokens: int,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum the sorted pair rows [M, C] back per token -> [N, C], each scaled by weight [M] if given.
 
     unsort_index [k*N] gives, for pair (slot j, token n) at j*N + n, its row in the sorted order,
     or M (a zero row) when the pair was dropped. One gather restores slot-major order
     [k, N, C] and a sum over the k slots adds each token's contributions: the same result as
-    index_add_ over token_index, deterministic, and several times faster on the CPU.
+    index_add_ over token_index, deterministic, and several times faster on the CPU. The routing
+    weights are applied after the gather (out = sum_j w_j * row_j), which saves a scaled [M, C] copy.
     """
     if rows.shape[0] < unsort_index.numel():  # some pairs dropped: append the zero row
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        if weight is not None:
+            weight = torch.cat([weight, weight.new_zeros(1)])
     per_slot = rows.index_select(0, unsort_index).view(top_k, n_tokens, rows.shape[1])  # [k, N, C]
-    if top_k == 1:
-        return per_slot[0]
-    out = per_slot[0] + per_slot[1]  # [N, C]
-    for j in range(2, top_k):
-        out += per_slot[j]
+    if weight is None:
+        if top_k == 1:
+            return per_slot[0]
+        out = per_slot[0] + per_slot[1]  # [N, C]
+        for j in range(2, top_k):
+            out += per_slot[j]
+        return out
+    w = weight.index_select(0, unsort_index).view(top_k, n_tokens, 1)  # [k, N, 1]
+    out = per_slot[0] * w[0]  # [N, C]
+    for j in range(1, top_k):
+        out.addcmul_(per_slot[j], w[j])  # out += row_j * w_j
     return out
 
 

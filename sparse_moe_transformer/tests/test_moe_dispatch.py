@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_moe_transformer.src.moe_dispatch import expert_capacity, expert_ffn, route_tokens
+from sparse_moe_transformer.src.moe_dispatch import expert_capacity, expert_ffn, per_expert_sum, route_tokens
 from sparse_moe_transformer.src.train import Config, SparseMoEFFN
 
 
@@ -128,3 +128,14 @@ def test_expert_capacity_formula():
     assert expert_capacity(100, 2, 16, None) is None
     assert expert_capacity(100, 2, 16, 1.0) == math.ceil(200 / 16)
     assert expert_capacity(100, 2, 16, 1.25) == math.ceil(1.25 * 200 / 16)
+
+
+def test_per_expert_sum_index_add_and_one_hot_matmul_agree_with_a_loop():
+    torch.manual_seed(0)
+    expert_index = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 3, 5])  # sorted, experts 1 and 4 empty
+    rows = torch.randn(expert_index.numel(), 7)
+    want = torch.stack([rows[expert_index == e].sum(0) for e in range(6)])  # empty experts: zeros
+    for one_hot_matmul in (False, True):
+        got = per_expert_sum(rows, expert_index, 6, one_hot_matmul=one_hot_matmul)
+        torch.testing.assert_close(got, want)
+    assert (want[[1, 4]] == 0).all()
