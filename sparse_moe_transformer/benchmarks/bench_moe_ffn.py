@@ -3,6 +3,7 @@
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py                 # the issue's setting
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --profile       # + where the time goes
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --device cuda   # on a GPU
+    python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --processes 6   # ours / dense, fresh processes
 
 Setting (issue 3): float32, 2 threads, d_model 512, d_ff 1024, 16 experts, top-2, 1024 and 2048
 tokens, gradients for the input, the gate and the experts. Implementations, run in alternating
@@ -16,6 +17,11 @@ order every round (so machine noise hits them alike) and reported as medians:
     dense         a dense GELU FFN d_model -> top_k*d_ff -> d_model: the same active work as the MoE
 
 Then the cpu-demo layer (d_model 192, d_ff 384, 8 experts) against its dense equivalent.
+
+On the 2-core VM each process settles into a fast or a slow speed for the expert matmuls and
+keeps it (BENCHMARKS.md), so one process is one sample: `--processes K` times ours against dense
+in K fresh processes per token count, one token count per process as in a training run, and
+prints every process's ratio and their median.
 Numbers vary with machine load; report them with the machine and the command.
 """
 
@@ -23,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -143,6 +151,26 @@ def profile_ours(impls, n_tokens, d_model, device):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def ratios_over_processes(args):
+    """Run ours against dense in args.processes fresh processes per token count; print each ratio."""
+    samples = {n: [] for n in args.tokens}
+    common = ["--only-fast", "--ratio-only", "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    common += ["--threads", str(args.threads), "--device", args.device]
+    print(f"ours / dense in {args.processes} fresh processes per token count ({args.threads} threads)")
+    for i in range(args.processes):
+        for n_tokens in args.tokens:  # token counts alternate, so drifting machine load hits all alike
+            cmd = [sys.executable, __file__, "--tokens", str(n_tokens), *common]
+            line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split("\n")[-2]
+            _, _, ours_ms, dense_ms = line.split()
+            samples[n_tokens].append((float(ours_ms), float(dense_ms)))
+            print(f"  process {i + 1}, {n_tokens} tokens: ours {ours_ms} ms, dense {dense_ms} ms, "
+                  f"{float(ours_ms) / float(dense_ms):.2f}x", flush=True)  # fmt: skip
+    for n_tokens, pairs in samples.items():
+        ratios = sorted(o / d for o, d in pairs)
+        print(f"{n_tokens} tokens: median ours / dense {statistics.median(ratios):.2f}x "
+              f"(per process: {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -162,7 +190,16 @@ def main():
     parser.add_argument(
         "--profile", action="store_true", help="print the op profile of ours at the largest size"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="time ours / dense in this many fresh processes per token count and report the median",
+    )
+    parser.add_argument("--ratio-only", action="store_true", help=argparse.SUPPRESS)  # one --processes sample
     args = parser.parse_args()
+    if args.processes:
+        return ratios_over_processes(args)
     torch.set_num_threads(args.threads)
     if args.device == "cpu":
         keep_freed_memory()  # as the training CLI does: big buffers are reused, not page-faulted in
@@ -176,6 +213,9 @@ def main():
     swiglu = [n for n in impls if n.startswith("hf_mixtral")]
     for n_tokens in args.tokens:
         medians = time_impls(impls, n_tokens, d_model, args.repeats, args.warmup, args.device)
+        if args.ratio_only:
+            print(f"RATIO {n_tokens} {medians['ours'] * 1e3:.2f} {medians['dense'] * 1e3:.2f}")
+            return
         report(medians, n_tokens, d_model, d_ff, top_k, swiglu)
     if args.profile:
         profile_ours(impls, max(args.tokens), d_model, args.device)

@@ -1,0 +1,38 @@
+"""The two benchmark scripts run end to end on tiny settings. Timings are printed, never asserted;
+what is checked is that every report line is there and that the cached generation equals the
+recomputed one."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name, *args):
+    cmd = [sys.executable, str(BENCHMARKS / name), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+
+
+def test_bench_moe_ffn_reports_ours_and_dense_for_each_size():
+    tiny = ["--repeats", "1", "--warmup", "0"]
+    out = run_script("bench_moe_ffn.py", "--only-fast", "--tokens", "64", "128", *tiny)
+    main_part, cpu_demo_part = out.split("cpu-demo layer")
+    part_64, part_128 = main_part.split("\n64 tokens:")[1].split("\n128 tokens:")
+    for section in (part_64, part_128, cpu_demo_part):
+        assert re.search(r"ours\s+[\d.]+ ms\s+[\d.]+ GFLOP/s\s+[\d.]+x", section)
+        assert re.search(r"dense\s+[\d.]+ ms\s+[\d.]+ GFLOP/s\s+1\.00x", section)
+
+
+def test_bench_moe_ffn_processes_mode_reports_one_ratio_per_process():
+    tiny = ["--repeats", "1", "--warmup", "0"]
+    out = run_script("bench_moe_ffn.py", "--processes", "2", "--tokens", "64", *tiny)
+    assert len(re.findall(r"process \d, 64 tokens: ours [\d.]+ ms, dense [\d.]+ ms, [\d.]+x", out)) == 2
+    assert re.search(r"64 tokens: median ours / dense [\d.]+x \(per process: [\d.]+, [\d.]+\)", out)
+
+
+def test_bench_generation_cached_tokens_equal_recomputed_tokens():
+    out = run_script("bench_generation.py", "--new-tokens", "6", "--repeats", "1")
+    assert re.search(r"with KV cache\s+[\d.]+ tokens/s", out)
+    assert "same tokens: True" in out
