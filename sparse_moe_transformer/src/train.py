@@ -152,6 +152,16 @@ class Config:
             raise ValueError(f"Unknown Config field(s) {unknown}; the fields are {sorted(known)}.")
         return replace(PRESETS[name], **overrides)
 
+    @classmethod
+    def saved_fields(cls, saved: dict) -> dict:
+        """A checkpoint's config dict, completed with the defaults of fields added after it was written.
+
+        A new field must default to the behaviour from before it existed (attn_dropout=None means
+        "the same as dropout", as before the split), so an older checkpoint resumes unchanged.
+        """
+        defaults = {f.name: f.default for f in fields(cls)}
+        return {**defaults, **saved}
+
 
 PRESETS: dict[str, Config] = {
     # The reference model: GPT-2 vocabulary, 6 layers of 16 experts (top-2), learned positions.
@@ -1110,7 +1120,7 @@ def train_main(args) -> dict:
 
     # -- model config and settings, checked before any data work -----------------------------------
     overrides = parse_overrides(args.set)
-    saved_config = resume_ckpt["config"] if resume_ckpt else None
+    saved_config = Config.saved_fields(resume_ckpt["config"]) if resume_ckpt else None
     vocab_guess = saved_config["vocab_size"] if saved_config else Config.from_preset(preset).vocab_size
     config = resolve_model_config(args.preset, overrides, saved_config, vocab_guess)  # validates the fields
     if values["block_size"] is None:

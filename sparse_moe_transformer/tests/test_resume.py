@@ -146,3 +146,17 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
     ckpt = read_checkpoint(out_dir / LATEST_NAME)
     assert ckpt["step"] == max(_train_losses(out_dir))  # saved after the last completed step
     assert ckpt["sampler"]["index"] == ckpt["step"]  # with the data position of that step
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_resumes(tmp_path, cache_dir):
+    """attn_dropout was added after the first checkpoints were written; its default (None: the same as
+    dropout) is the old behaviour, so such a checkpoint resumes instead of failing the config check."""
+    cli.main(_argv(tmp_path, cache_dir, "--stop-at-step", 4))
+    path = tmp_path / LATEST_NAME
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    del checkpoint["config"]["attn_dropout"]  # as written before the field existed
+    torch.save(checkpoint, path)
+    summary = cli.main(_argv(tmp_path, cache_dir, "--resume"))
+    assert summary["status"] == "finished"
+    assert sorted(_train_losses(tmp_path)) == list(range(1, 11))
+    assert read_checkpoint(path)["config"]["attn_dropout"] is None
