@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from typing import Callable
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from phase2_architecture.src.atomic_files import atomic_write
 from phase3_components.src.lr_schedules import set_learning_rate, warmup_cosine_lr
 
 GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
@@ -195,9 +195,9 @@ def save_checkpoint(
 ) -> None:
     """Write model (and optimizer) state, the step and any `extra` entries to `path`, atomically.
 
-    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over
-    `path` with os.replace (atomic on POSIX and Windows). If anything fails half-way, the previous
-    checkpoint at `path` is untouched and the temporary file is removed.
+    Through `atomic_write`: the data goes to a temporary file in the same folder, is flushed to
+    disk, then renamed over `path` with os.replace (atomic on POSIX and Windows). If anything fails
+    half-way, the previous checkpoint at `path` is untouched and the temporary file is removed.
     """
     _check_safe(extra, "extra")
     payload = {
@@ -206,20 +206,8 @@ def save_checkpoint(
         "step": int(step),
         **extra,
     }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(

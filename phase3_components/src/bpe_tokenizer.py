@@ -39,12 +39,13 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import regex
+
+from phase2_architecture.src.atomic_files import atomic_write
 
 # The pre-tokenisation pattern of GPT-2 (openai/gpt-2, encoder.py), also used by HF ByteLevel:
 #   's 't 're 've 'm 'll 'd     English contractions
@@ -286,7 +287,7 @@ class BPETokenizer:
     # ------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write merges, special tokens and pattern as JSON, atomically (temp file + os.replace)."""
+        """Write merges, special tokens and pattern as JSON, atomically (phase 2's atomic_write)."""
         path = Path(path)
         payload = {
             "type": "ByteLevelBPE",
@@ -296,14 +297,8 @@ class BPETokenizer:
             "merges": [list(m) for m in self.merges],
             "merge_counts": self.merge_counts,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            json.dump(payload, f, ensure_ascii=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:

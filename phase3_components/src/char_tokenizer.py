@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from phase2_architecture.src.atomic_files import atomic_write
 
 
 class CharTokenizer:
@@ -86,17 +87,11 @@ class CharTokenizer:
         return "".join(chars)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the vocabulary as JSON, atomically (temp file + os.replace)."""
+        """Write the vocabulary as JSON, atomically (phase 2's atomic_write)."""
         path = Path(path)
         payload = json.dumps({"type": "CharTokenizer", "chars": self.itos}, ensure_ascii=False)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CharTokenizer:

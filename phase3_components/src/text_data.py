@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,6 +39,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from phase2_architecture.src.atomic_files import atomic_write
 
 IGNORE_INDEX = -100  # the target value torch's cross_entropy skips (ignore_index default)
 
@@ -277,7 +278,7 @@ def choose_token_dtype(max_id: int) -> np.dtype:
 
 
 def write_token_file(path: str | os.PathLike, ids, dtype=None) -> Path:
-    """Write token ids to a memory-mappable file, atomically (temp file + os.replace).
+    """Write token ids to a memory-mappable file, atomically (phase 2's atomic_write).
 
     dtype None picks uint16 when max(ids) < 65536, else uint32. An explicit dtype (uint16/uint32)
     that cannot hold an id raises a ValueError instead of wrapping around.
@@ -303,16 +304,10 @@ def write_token_file(path: str | os.PathLike, ids, dtype=None) -> Path:
         )
     file_dtype = _DTYPES[dtype.itemsize]
     header = _MAGIC + np.uint32(dtype.itemsize).tobytes() + bytes(4)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for start in range(0, ids.size, _CHUNK):
-                f.write(np.ascontiguousarray(ids[start : start + _CHUNK], dtype=file_dtype).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(header)
+        for start in range(0, ids.size, _CHUNK):
+            f.write(np.ascontiguousarray(ids[start : start + _CHUNK], dtype=file_dtype).tobytes())
     return path
 
 

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from phase2_architecture.src.atomic_files import atomic_write
 from phase2_architecture.src.training_utils import save_checkpoint
 
 CHECKPOINT_FORMAT = "llm-foundation/sparse-moe"
@@ -87,19 +87,9 @@ def save_run_checkpoints(
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy `src` to a temp file next to `dst`, fsync it, and rename it over `dst`."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + dst.name + "-", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, length=16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return dst
+    with atomic_write(dst) as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, length=16 << 20)
+    return Path(dst)
 
 
 def resolve_checkpoint(path: str | os.PathLike, prefer: str = BEST_NAME) -> Path:

@@ -626,6 +626,10 @@ class BlockBatchSampler:
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
 
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches of epoch `epoch`: len(self) for epoch 0; a later epoch's shifted grid can hold fewer."""
+        return len(self._epoch_plan(epoch)[1]) // self.global_batch
+
     def _epoch_plan(self, epoch: int) -> tuple[int, np.ndarray]:
         """(grid offset o_e, permutation of the epoch's window numbers), both drawn from (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])

@@ -34,10 +34,11 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from phase2_architecture.src.atomic_files import atomic_write
 
 EOT = "<|endoftext|>"
 TOKENIZER_CHOICES = ("gpt2", "bpe")
@@ -91,7 +92,8 @@ class TextTokenizer(ABC):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer as JSON (atomically); reload it with `load_tokenizer_file`."""
         path = Path(path)
-        _atomic_write_text(path, json.dumps(self.to_state(), ensure_ascii=False))
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_state(), f, ensure_ascii=False)
         return path
 
     def __repr__(self) -> str:
@@ -265,7 +267,8 @@ class HFByteLevelBPETokenizer(TextTokenizer):
     def save(self, path: str | os.PathLike) -> Path:
         """Write a standard HF `tokenizer.json` (loadable by `tokenizers.Tokenizer.from_file` too)."""
         path = Path(path)
-        _atomic_write_text(path, self.tokenizer.to_str())
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(self.tokenizer.to_str())
         return path
 
     @classmethod
@@ -389,17 +392,3 @@ def load_tokenizer_file(path: str | os.PathLike) -> TextTokenizer:
         raise ValueError(
             f"{path} is neither a tokenizer state nor a Hugging Face tokenizer.json: {err}"
         ) from err
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temp file in the same folder, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
