@@ -18,10 +18,12 @@ order every round (so machine noise hits them alike) and reported as medians:
 
 Then the cpu-demo layer (d_model 192, d_ff 384, 8 experts) against its dense equivalent.
 
-On the 2-core VM each process settles into a fast or a slow speed for the expert matmuls and
-keeps it (BENCHMARKS.md), so one process is one sample: `--processes K` times ours against dense
-in K fresh processes per token count, one token count per process as in a training run, and
-prints every process's ratio and their median.
+On the 2-core VM the machine alternates between two states every few tens of seconds. In one
+of them a 64 MiB memory copy runs faster and the expert matmuls run slower (dense barely moves;
+BENCHMARKS.md). So every timed round also times such a copy, and each report gives its median
+rate as the machine state of that measurement. `--processes K` repeats the ours / dense
+comparison in K fresh processes per token count (one token count per process, as in a training
+run) and prints every sample with its copy rate, then the median ratio.
 Numbers vary with machine load; report them with the machine and the command.
 """
 
@@ -106,10 +108,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def copy_rate_probe(device, mib=64):
+    """A function that copies `mib` MiB and returns the rate in GiB/s (read + write): the machine state."""
+    src = torch.randn(mib << 18, device=device)
+    dst = torch.empty_like(src)
+
+    def probe():
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        return 2 * mib / 1024 / (time.perf_counter() - t0)
+
+    return probe
+
+
 def time_impls(impls, n_tokens, d_model, repeats, warmup, device):
+    """Median seconds per forward + backward of each implementation, and the median copy rate."""
     x = torch.randn(n_tokens, d_model, device=device, requires_grad=True)
     grad = torch.randn(n_tokens, d_model, device=device)
     times = {name: [] for name in impls}
+    probe, copy_rates = copy_rate_probe(device), []
     names = list(impls)
     for r in range(warmup + repeats):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate the order every round
@@ -123,13 +142,16 @@ def time_impls(impls, n_tokens, d_model, repeats, warmup, device):
             sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+        if r >= warmup:
+            copy_rates.append(probe())
+    return {name: statistics.median(v) for name, v in times.items()}, statistics.median(copy_rates)
 
 
-def report(medians, n_tokens, d_model, d_ff, top_k, swiglu_names=()):
+def report(medians, copy_rate, n_tokens, d_model, d_ff, top_k, swiglu_names=()):
     flops = 3 * 2 * n_tokens * top_k * 2 * d_model * d_ff  # fwd + bwd (x3) of two matmuls per expert
     base = medians["dense"]
-    print(f"\n{n_tokens} tokens: median ms, GFLOP/s of the active work, time / dense")
+    print(f"\n{n_tokens} tokens: median ms, GFLOP/s of the active work, time / dense "
+          f"(machine state: 64 MiB copy at {copy_rate:.1f} GiB/s)")  # fmt: skip
     for name, t in medians.items():
         line = f"  {name:22s} {t * 1e3:9.1f} ms  {flops / t / 1e9:7.1f} GFLOP/s  {t / base:6.2f}x"
         if name in swiglu_names:
@@ -161,14 +183,13 @@ def ratios_over_processes(args):
         for n_tokens in args.tokens:  # token counts alternate, so drifting machine load hits all alike
             cmd = [sys.executable, __file__, "--tokens", str(n_tokens), *common]
             line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split("\n")[-2]
-            _, _, ours_ms, dense_ms = line.split()
-            samples[n_tokens].append((float(ours_ms), float(dense_ms)))
+            _, _, ours_ms, dense_ms, copy_rate = line.split()
+            samples[n_tokens].append(float(ours_ms) / float(dense_ms))
             print(f"  process {i + 1}, {n_tokens} tokens: ours {ours_ms} ms, dense {dense_ms} ms, "
-                  f"{float(ours_ms) / float(dense_ms):.2f}x", flush=True)  # fmt: skip
-    for n_tokens, pairs in samples.items():
-        ratios = sorted(o / d for o, d in pairs)
+                  f"{samples[n_tokens][-1]:.2f}x; 64 MiB copy at {copy_rate} GiB/s", flush=True)  # fmt: skip
+    for n_tokens, ratios in samples.items():
         print(f"{n_tokens} tokens: median ours / dense {statistics.median(ratios):.2f}x "
-              f"(per process: {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+              f"(per process: {', '.join(f'{r:.2f}' for r in sorted(ratios))})")  # fmt: skip
 
 
 def main():
@@ -212,11 +233,12 @@ def main():
     impls = build(d_model, d_ff, n_experts, top_k, not args.only_fast, args.device)
     swiglu = [n for n in impls if n.startswith("hf_mixtral")]
     for n_tokens in args.tokens:
-        medians = time_impls(impls, n_tokens, d_model, args.repeats, args.warmup, args.device)
+        medians, copy_rate = time_impls(impls, n_tokens, d_model, args.repeats, args.warmup, args.device)
         if args.ratio_only:
-            print(f"RATIO {n_tokens} {medians['ours'] * 1e3:.2f} {medians['dense'] * 1e3:.2f}")
+            ours_ms, dense_ms = medians["ours"] * 1e3, medians["dense"] * 1e3
+            print(f"RATIO {n_tokens} {ours_ms:.2f} {dense_ms:.2f} {copy_rate:.1f}")
             return
-        report(medians, n_tokens, d_model, d_ff, top_k, swiglu)
+        report(medians, copy_rate, n_tokens, d_model, d_ff, top_k, swiglu)
     if args.profile:
         profile_ours(impls, max(args.tokens), d_model, args.device)
 
@@ -224,8 +246,8 @@ def main():
     print(f"\ncpu-demo layer: d_model {c.d_model}, d_ff {c.d_ff}, {c.n_experts} experts, top-{c.top_k}")
     small = build(c.d_model, c.d_ff, c.n_experts, c.top_k, False, args.device)
     n_tokens = 16 * c.max_len  # a training batch of 16 sequences
-    medians = time_impls(small, n_tokens, c.d_model, args.repeats, args.warmup, args.device)
-    report(medians, n_tokens, c.d_model, c.d_ff, c.top_k)
+    medians, copy_rate = time_impls(small, n_tokens, c.d_model, args.repeats, args.warmup, args.device)
+    report(medians, copy_rate, n_tokens, c.d_model, c.d_ff, c.top_k)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ def test_bench_moe_ffn_reports_ours_and_dense_for_each_size():
     for section in (part_64, part_128, cpu_demo_part):
         assert re.search(r"ours\s+[\d.]+ ms\s+[\d.]+ GFLOP/s\s+[\d.]+x", section)
         assert re.search(r"dense\s+[\d.]+ ms\s+[\d.]+ GFLOP/s\s+1\.00x", section)
+        assert re.search(r"machine state: 64 MiB copy at [\d.]+ GiB/s", section)
 
 
 def test_bench_moe_ffn_processes_mode_reports_one_ratio_per_process():
     tiny = ["--repeats", "1", "--warmup", "0"]
     out = run_script("bench_moe_ffn.py", "--processes", "2", "--tokens", "64", *tiny)
-    assert len(re.findall(r"process \d, 64 tokens: ours [\d.]+ ms, dense [\d.]+ ms, [\d.]+x", out)) == 2
+    sample = r"process \d, 64 tokens: ours [\d.]+ ms, dense [\d.]+ ms, [\d.]+x; 64 MiB copy at [\d.]+ GiB/s"
+    assert len(re.findall(sample, out)) == 2
     assert re.search(r"64 tokens: median ours / dense [\d.]+x \(per process: [\d.]+, [\d.]+\)", out)
 
 
