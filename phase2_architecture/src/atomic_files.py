@@ -41,10 +41,24 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         raise
 
 
-if __name__ == "__main__":
-    import sys
+def _demo() -> None:
+    """Write a file, then fail half-way through rewriting it: the first version survives whole."""
+    import tempfile as _tempfile
 
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "atomic_write_demo.txt")
-    with atomic_write(target, "w", encoding="utf-8") as f:
-        f.write("written in one piece\n")
-    print(f"wrote {target} ({target.stat().st_size} bytes)")
+    with _tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "state.json"
+        with atomic_write(target, "w", encoding="utf-8") as f:
+            f.write('{"step": 100}')
+        print(f"written:             {target.name} = {target.read_text()}")
+        try:
+            with atomic_write(target, "w", encoding="utf-8") as f:
+                f.write('{"step": 2')  # half of the new version ...
+                raise OSError("No space left on device")  # ... then the disk is full
+        except OSError as err:
+            print(f"second write failed: {err}")
+        print(f"after the failure:   {target.name} = {target.read_text()} (the old version, whole)")
+        print(f"files in the folder: {sorted(p.name for p in Path(folder).iterdir())} (no temp file left)")
+
+
+if __name__ == "__main__":
+    _demo()

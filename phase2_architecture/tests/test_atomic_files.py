@@ -1,6 +1,9 @@
 """atomic_write: the target gets the whole new content or keeps the whole old one, and no temp file stays."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +38,11 @@ def test_only_write_modes_are_accepted(tmp_path):
     with pytest.raises(ValueError, match="mode must be 'wb' or 'w'"):
         with atomic_write(tmp_path / "x", "a"):
             pass
+
+
+def test_the_demo_script_shows_the_old_file_surviving_a_failed_write():
+    script = Path(__file__).resolve().parents[1] / "src" / "atomic_files.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    assert "second write failed: No space left on device" in out
+    assert 'after the failure:   state.json = {"step": 100}' in out
+    assert "files in the folder: ['state.json']" in out
