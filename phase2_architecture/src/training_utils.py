@@ -4,7 +4,7 @@ A model here is anything called as `model(x, y) -> (logits, loss)` (the GPT of `
 data comes from a `get_batch(split) -> (x, y)` function returning LongTensors [B, T] for the
 split "train" or "val". Phase 4 builds its full training loop on these pieces.
 
-    estimate_loss(model, get_batch, eval_iters)         mean loss over a few batches per split
+    estimate_loss(model, get_batch, eval_batches)         mean loss over a few batches per split
     train_model(model, get_batch, steps=..., lr=...)    AdamW + warmup/cosine LR + grad clipping
     save_checkpoint(path, model, optimizer, step, ...)  atomic: a crash never leaves a broken file
     load_checkpoint(path, model, optimizer)             safe: weights_only=True, map_location="cpu"
@@ -29,22 +29,22 @@ GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
 
 @torch.no_grad()
 def estimate_loss(
-    model: nn.Module, get_batch: GetBatch, eval_iters: int, splits: tuple[str, ...] = ("train", "val")
+    model: nn.Module, get_batch: GetBatch, eval_batches: int, splits: tuple[str, ...] = ("train", "val")
 ) -> dict[str, float]:
-    """Average loss over `eval_iters` batches of each split, in eval mode (no dropout).
+    """Average loss over `eval_batches` batches of each split, in eval mode (no dropout).
 
     A single batch's loss is noisy; averaging a few gives a curve you can compare between runs.
     The model's train/eval mode is restored afterwards.
     """
-    if isinstance(eval_iters, bool) or not isinstance(eval_iters, int) or eval_iters < 1:
-        raise ValueError(f"eval_iters must be a positive integer, got {eval_iters!r}.")
+    if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1:
+        raise ValueError(f"eval_batches must be a positive integer, got {eval_batches!r}.")
     was_training = model.training
     model.eval()
     try:
         out = {}
         for split in splits:
-            losses = torch.zeros(eval_iters)
-            for i in range(eval_iters):
+            losses = torch.zeros(eval_batches)
+            for i in range(eval_batches):
                 x, y = get_batch(split)
                 _, loss = model(x, y)
                 losses[i] = loss.item()
@@ -84,7 +84,7 @@ def train_model(
     betas: tuple[float, float] = (0.9, 0.95),
     grad_clip: float | None = 1.0,
     eval_every: int | None = None,
-    eval_iters: int = 10,
+    eval_batches: int = 10,
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
 ) -> list[dict]:
@@ -148,7 +148,7 @@ def train_model(
             "time_s": time.perf_counter() - start,
         }
         if eval_every is not None and (step % eval_every == 0 or step == steps - 1):
-            losses = estimate_loss(model, get_batch, eval_iters)
+            losses = estimate_loss(model, get_batch, eval_batches)
             record["train_loss"], record["val_loss"] = losses["train"], losses["val"]
             bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
         history.append(record)

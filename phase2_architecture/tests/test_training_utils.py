@@ -39,7 +39,7 @@ def test_train_model_learns_and_follows_the_lr_schedule():
     torch.manual_seed(0)
     model = GPT(CONFIG)
     get_batch = make_get_batch()
-    before = estimate_loss(model, get_batch, eval_iters=4)
+    before = estimate_loss(model, get_batch, eval_batches=4)
     history = train_model(
         model,
         get_batch,
@@ -48,7 +48,7 @@ def test_train_model_learns_and_follows_the_lr_schedule():
         min_lr=3e-4,
         warmup_steps=10,
         eval_every=30,
-        eval_iters=4,
+        eval_batches=4,
         progress=False,
     )
     assert len(history) == 60
@@ -94,8 +94,8 @@ def test_make_adamw_decays_only_matrices():
 def test_estimate_loss_restores_training_mode_and_is_deterministic_in_eval():
     model = GPT(GPTConfig(vocab_size=11, block_size=12, n_layer=1, n_head=2, d_model=16, dropout=0.5))
     model.train()
-    a = estimate_loss(model, make_get_batch(seed=1), eval_iters=3)
-    b = estimate_loss(model, make_get_batch(seed=1), eval_iters=3)
+    a = estimate_loss(model, make_get_batch(seed=1), eval_batches=3)
+    b = estimate_loss(model, make_get_batch(seed=1), eval_batches=3)
     assert a == b  # same batches, no dropout in eval
     assert model.training
 

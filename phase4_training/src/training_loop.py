@@ -72,16 +72,16 @@ class TrainingConfig:
     beta2: float = 0.95
     precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     eval_interval: int = 0  # evaluate every this many steps (and at the end); 0 = never
-    eval_iters: int = 10  # batches per split in each evaluation
+    eval_batches: int = 10  # batches per split in each evaluation
     checkpoint_path: str | None = None
-    checkpoint_interval: int = 0  # save every this many steps (and at the end); 0 = only at the end
+    save_interval: int = 0  # save every this many steps (and at the end); 0 = only at the end
 
     def __post_init__(self):
-        for name in ("max_steps", "grad_accum_steps", "eval_iters"):
+        for name in ("max_steps", "grad_accum_steps", "eval_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainingConfig.{name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval"):
+        for name in ("warmup_steps", "eval_interval", "save_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainingConfig.{name} must be an int >= 0, got {value!r}")
@@ -95,8 +95,8 @@ class TrainingConfig:
             raise ValueError(f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.checkpoint_interval and self.checkpoint_path is None:
-            raise ValueError("checkpoint_interval is set but checkpoint_path is None: give a path to save to")
+        if self.save_interval and self.checkpoint_path is None:
+            raise ValueError("save_interval is set but checkpoint_path is None: give a path to save to")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup, then cosine decay to min_lr at max_steps (Phase 3's warmup_cosine_lr)."""
@@ -228,8 +228,8 @@ def _due(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def evaluate(model: nn.Module, get_batch: GetBatch, eval_iters: int, amp_dtype: torch.dtype | None) -> dict:
-    """Phase 2's estimate_loss (eval mode, mean over eval_iters batches per split), under autocast."""
+def evaluate(model: nn.Module, get_batch: GetBatch, eval_batches: int, amp_dtype: torch.dtype | None) -> dict:
+    """Phase 2's estimate_loss (eval mode, mean over eval_batches batches per split), under autocast."""
     device = model_device(model)
 
     def get_batch_on_device(split):
@@ -237,7 +237,7 @@ def evaluate(model: nn.Module, get_batch: GetBatch, eval_iters: int, amp_dtype: 
         return x.to(device), y.to(device)
 
     with autocast_context(device.type, amp_dtype):
-        return estimate_loss(model, get_batch_on_device, eval_iters)
+        return estimate_loss(model, get_batch_on_device, eval_batches)
 
 
 def train(
@@ -275,7 +275,7 @@ def train(
     model.train()
     for step in tqdm(range(start_step, config.max_steps), disable=not progress, desc="training"):
         if _due(step, config.eval_interval):
-            history["eval"].append({"step": step, **evaluate(model, get_batch, config.eval_iters, amp_dtype)})
+            history["eval"].append({"step": step, **evaluate(model, get_batch, config.eval_batches, amp_dtype)})
         lr = config.lr_at(step)
         set_learning_rate(optimizer, lr)
         metrics = train_step(
@@ -289,12 +289,12 @@ def train(
         )
         history["train"].append({"step": step, "lr": lr, **metrics})
         done = step + 1
-        if config.checkpoint_path and (_due(done, config.checkpoint_interval) or done == config.max_steps):
+        if config.checkpoint_path and (_due(done, config.save_interval) or done == config.max_steps):
             save_training_checkpoint(config, model, optimizer, scaler, done, history)
 
     if config.eval_interval and (not history["eval"] or history["eval"][-1]["step"] != config.max_steps):
         history["eval"].append(
-            {"step": config.max_steps, **evaluate(model, get_batch, config.eval_iters, amp_dtype)}
+            {"step": config.max_steps, **evaluate(model, get_batch, config.eval_batches, amp_dtype)}
         )
     return history
 

@@ -96,9 +96,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(story_tokens, tmp_path)
             warmup_steps=2,
             grad_accum_steps=2,
             eval_interval=3,
-            eval_iters=2,
+            eval_batches=2,
             checkpoint_path=str(path),
-            checkpoint_interval=4,
+            save_interval=4,
         )
 
     # 1. uninterrupted; dropout > 0 so the result depends on the random-number state as well
@@ -190,7 +190,7 @@ def test_schedule_and_training_reduce_the_loss(story_tokens):
     vocab, train_ids, val_ids = story_tokens
     torch.manual_seed(0)
     cfg = TrainingConfig(
-        max_steps=40, max_lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=20, eval_iters=4
+        max_steps=40, max_lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=20, eval_batches=4
     )
     history = train(tiny_gpt(vocab), batches_from_global_rng(train_ids, val_ids, batch_size=16), cfg)
     lrs = [r["lr"] for r in history["train"]]
@@ -242,7 +242,7 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="grad_clip"):
         TrainingConfig(max_steps=5, grad_clip=0.0)
     with pytest.raises(ValueError, match="checkpoint_path"):
-        TrainingConfig(max_steps=5, checkpoint_interval=2)
+        TrainingConfig(max_steps=5, save_interval=2)
     with pytest.raises(ValueError, match="min_lr"):
         TrainingConfig(max_steps=5, max_lr=1e-3, min_lr=1e-2)
     config = TrainingConfig(max_steps=5)  # no warmup, min_lr defaults to max_lr / 10
