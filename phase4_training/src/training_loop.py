@@ -115,21 +115,44 @@ class TrainingConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_precision(precision: str, device_type: str) -> torch.dtype | None:
-    """The autocast dtype for `precision` on this device; None means plain fp32 (no autocast)."""
+def native_bf16(device: torch.device | str) -> bool:
+    """True when the CUDA GPU computes in bf16 natively: compute capability 8.0 (Ampere) or newer.
+
+    torch.cuda.is_bf16_supported() answers True on older cards too (Turing, 7.5) because bf16 can be
+    emulated there, slowly; a Quadro T1000 must train in fp16 with a GradScaler instead.
+    """
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for `precision` on this device; None means plain fp32 (no autocast).
+
+    auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 + GradScaler on older
+    GPUs, fp32 on CPUs. fp16 and bf16 can be asked for anywhere: CPU autocast supports both, and
+    torch.amp.GradScaler("cpu") scales fp16 losses there too (slow, but it tests the same code path).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return None
+    device = torch.device(device)
     if precision == "auto":
-        if device_type != "cuda":
-            return None  # CPUs (and MPS) train in fp32 unless bf16 is asked for
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device_type != "cuda":
-        raise ValueError(
-            "precision='fp16' (with a GradScaler) needs a CUDA GPU; use 'bf16' or 'fp32' on a CPU"
-        )
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+        if device.type != "cuda":
+            return None  # CPUs (and MPS) train in fp32 unless bf16/fp16 is asked for
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def explain_precision(precision: str, device: torch.device | str) -> str:
+    """Why resolve_precision chose what it chose, for the run header."""
+    device = torch.device(device)
+    if precision != "auto":
+        return f"--precision {precision}"
+    if device.type != "cuda":
+        return "auto: fp32 on a CPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if native_bf16(device):
+        return f"auto: compute capability {major}.{minor} has native bf16"
+    return f"auto: compute capability {major}.{minor} < 8.0 has no native bf16, so fp16 with a GradScaler"
 
 
 def autocast_context(device_type: str, amp_dtype: torch.dtype | None):
@@ -255,7 +278,7 @@ def train(
     resume=True continues from `config.checkpoint_path` (model, optimizer, scaler, step, RNGs, history).
     """
     device = model_device(model)
-    amp_dtype = resolve_precision(config.precision, device.type)
+    amp_dtype = resolve_precision(config.precision, device)
     optimizer = make_adamw(model, config.max_lr, config.weight_decay, (config.beta1, config.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     history: dict[str, list[dict]] = {"train": [], "eval": []}
@@ -275,7 +298,8 @@ def train(
     model.train()
     for step in tqdm(range(start_step, config.max_steps), disable=not progress, desc="training"):
         if _due(step, config.eval_interval):
-            history["eval"].append({"step": step, **evaluate(model, get_batch, config.eval_batches, amp_dtype)})
+            losses = evaluate(model, get_batch, config.eval_batches, amp_dtype)
+            history["eval"].append({"step": step, **losses})
         lr = config.lr_at(step)
         set_learning_rate(optimizer, lr)
         metrics = train_step(

@@ -61,14 +61,14 @@ def seed_style_loop(moe: SparseMoEFFN):
     return forward
 
 
-def hf_mixtral(d_model, d_ff, n_experts, top_k, implementation):
+def hf_mixtral(d_model, d_ff, n_expert, top_k, implementation):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     cfg = MixtralConfig(
         hidden_size=d_model,
         intermediate_size=d_ff,
-        num_local_experts=n_experts,
+        num_local_experts=n_expert,
         num_experts_per_tok=top_k,
         router_jitter_noise=0.0,
     )
@@ -79,21 +79,21 @@ def hf_mixtral(d_model, d_ff, n_experts, top_k, implementation):
     return block, lambda x: block(x[None])[0]
 
 
-def build(d_model, d_ff, n_experts, top_k, with_others, device):
+def build(d_model, d_ff, n_expert, top_k, with_others, device):
     cfg = Config(
-        vocab_size=8, d_model=d_model, n_heads=1, n_layers=1, n_experts=n_experts, top_k=top_k, d_ff=d_ff,
-        max_len=8,
+        vocab_size=8, d_model=d_model, n_head=1, n_layer=1, n_expert=n_expert, top_k=top_k, d_ff=d_ff,
+        block_size=8,
     )  # fmt: skip
     moe = SparseMoEFFN(cfg).to(device)
     dense = nn.Sequential(nn.Linear(d_model, top_k * d_ff), nn.GELU(), nn.Linear(top_k * d_ff, d_model)).to(
         device
     )
-    impls = {"ours": (moe, moe), "dense": (dense, dense)}
+    impls = {"ours": (moe, lambda x: moe(x)[0]), "dense": (dense, dense)}  # the FFN output alone
     if with_others:
         impls["seed_loop"] = (moe, seed_style_loop(moe))
         for name in ("eager", "grouped_mm"):
             try:
-                block, fn = hf_mixtral(d_model, d_ff, n_experts, top_k, name)
+                block, fn = hf_mixtral(d_model, d_ff, n_expert, top_k, name)
                 block.to(device)
                 x = torch.randn(64, d_model, device=device, requires_grad=True)
                 fn(x).sum().backward()  # does it run here?
@@ -227,10 +227,10 @@ def main():
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, float32")
 
-    d_model, d_ff, n_experts, top_k = 512, 1024, 16, 2
-    print(f"MoE FFN: d_model {d_model}, d_ff {d_ff}, {n_experts} experts, top-{top_k}; "
+    d_model, d_ff, n_expert, top_k = 512, 1024, 16, 2
+    print(f"MoE FFN: d_model {d_model}, d_ff {d_ff}, {n_expert} experts, top-{top_k}; "
           f"dense: {d_model} -> {top_k * d_ff} -> {d_model}")  # fmt: skip
-    impls = build(d_model, d_ff, n_experts, top_k, not args.only_fast, args.device)
+    impls = build(d_model, d_ff, n_expert, top_k, not args.only_fast, args.device)
     swiglu = [n for n in impls if n.startswith("hf_mixtral")]
     for n_tokens in args.tokens:
         medians, copy_rate = time_impls(impls, n_tokens, d_model, args.repeats, args.warmup, args.device)
@@ -243,9 +243,9 @@ def main():
         profile_ours(impls, max(args.tokens), d_model, args.device)
 
     c = Config.from_preset("cpu-demo")
-    print(f"\ncpu-demo layer: d_model {c.d_model}, d_ff {c.d_ff}, {c.n_experts} experts, top-{c.top_k}")
-    small = build(c.d_model, c.d_ff, c.n_experts, c.top_k, False, args.device)
-    n_tokens = 16 * c.max_len  # a training batch of 16 sequences
+    print(f"\ncpu-demo layer: d_model {c.d_model}, d_ff {c.d_ff}, {c.n_expert} experts, top-{c.top_k}")
+    small = build(c.d_model, c.d_ff, c.n_expert, c.top_k, False, args.device)
+    n_tokens = 16 * c.block_size  # a training batch of 16 sequences
     medians, copy_rate = time_impls(small, n_tokens, c.d_model, args.repeats, args.warmup, args.device)
     report(medians, copy_rate, n_tokens, c.d_model, c.d_ff, c.top_k)
 

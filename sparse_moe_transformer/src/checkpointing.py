@@ -23,15 +23,22 @@ container, so `torch.load(weights_only=True)` reads it without running any pickl
     train_args        the training settings (batch size, lr, ...) as a dict
     tokenizer         the tokenizer's to_state() dict: `generate` needs nothing but the checkpoint
     best_val_loss     the lowest validation loss seen (float or None)
+    checksum          BLAKE2b of every other entry (tensor bytes, shapes, dtypes and plain values):
+                      a bit flipped inside the tensor data is caught on load, with the file named
 
 Writing goes through Phase 2's `save_checkpoint`: a temporary file in the same folder, flushed and
 fsync'ed, then `os.replace`d over the target. A crash (or Ctrl-C, or a full disk) in the middle of a
 save leaves the previous checkpoint intact. `best.pt` is produced the same way (copy to a temp file,
-fsync, rename).
+fsync, rename). A save that fails for lack of disk space says so and names what was kept.
+
+The run folder is locked while a trainer writes into it (`RunFolderLock`), and temporary files that a
+killed save left behind are removed when the next run starts there (`remove_stale_temp_files`).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -61,10 +68,44 @@ def save_moe_checkpoint(
             "save the unwrapped model (model.module for DDP, model._orig_mod for torch.compile): "
             "its state_dict keys must not depend on the wrapper"
         )
-    save_checkpoint(
-        path, model, optimizer, step, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, **extra
-    )
+    entries = dict(format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, **extra)
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+               "step": int(step), **entries}  # fmt: skip
+    try:
+        save_checkpoint(path, model, optimizer, step, checksum=payload_checksum(payload), **entries)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        kept = f"the previous {Path(path).name} is kept" if Path(path).exists() else "nothing was saved"
+        message = f"the disk is full while saving {path}: {kept}; free some space, then --resume"
+        raise OSError(errno.ENOSPC, message) from err
     return Path(path)
+
+
+def payload_checksum(entries: dict) -> str:
+    """BLAKE2b over a checkpoint's entries (the `checksum` and `path` entries excluded), in key order:
+    each tensor's dtype, shape and bytes, and the repr of every plain value."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if key not in ("checksum", "path"):
+                    digest.update(f"K{key!r}".encode())
+                    feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    feed(entries)
+    return digest.hexdigest()
 
 
 def save_run_checkpoints(
@@ -118,11 +159,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = resolve_checkpoint(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, random bytes, a pickle with forbidden objects, ...
+    except Exception as err:  # empty or truncated file, random bytes, a pickle with forbidden objects, ...
+        reason = (str(err).strip().splitlines() or ["no details"])[0][:200]
+        empty = " (it is empty)" if path.stat().st_size == 0 else ""
         raise ValueError(
-            f"cannot read checkpoint {path}: the file is corrupt or truncated, or was not written by this "
-            f"project ({type(err).__name__}: {str(err).splitlines()[0][:200]}); use {BEST_NAME} or "
-            f"{LATEST_NAME} of a finished run, or train again"
+            f"cannot read checkpoint {path}{empty}: the file is corrupt or truncated, or was not written by "
+            f"this project ({type(err).__name__}: {reason}); use {BEST_NAME} or {LATEST_NAME} of a finished "
+            "run, or train again"
         ) from err
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
@@ -137,6 +180,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     for key in ("model", "config", "step"):
         if key not in checkpoint:
             raise ValueError(f"{path} has no {key!r} entry: the checkpoint is incomplete")
+    if "checksum" in checkpoint and payload_checksum(checkpoint) != checkpoint["checksum"]:
+        raise ValueError(
+            f"{path} is damaged: its contents do not match the checksum written with it (bytes changed "
+            f"on disk after the save); use the other checkpoint of the run ({BEST_NAME}/{LATEST_NAME}) "
+            "or train again"
+        )
     checkpoint["path"] = str(path)
     return checkpoint
 
@@ -175,3 +224,56 @@ def load_model_state(model: nn.Module, checkpoint: dict) -> None:
             f"checkpoint {checkpoint.get('path', '')} does not match this model "
             f"({' '.join(first[:3])[:400]}): it was written for a different config"
         ) from err
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder while one trainer writes into it (fcntl.flock on .lock).
+
+    A second trainer pointed at the same --out-dir fails at once with a clear error instead of
+    interleaving checkpoints; the lock is released when the process ends, even after kill -9."""
+
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True):
+        self.path = Path(out_dir) / ".lock"
+        self.enabled = enabled
+        self.file = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here; run one trainer per folder
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(
+                f"another trainer ({holder}) is writing into {self.path.parent}: wait for it to finish, "
+                "or choose another --out-dir"
+            ) from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the flock
+        return False
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the `.tmp-*` files that atomic_write leaves when its process is killed mid-save.
+
+    Call it only while holding the folder's RunFolderLock: then no save of ours is in progress."""
+    removed = []
+    for path in Path(folder).glob(".tmp-*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -765,10 +765,11 @@ def add_data_arguments(parser) -> None:
         help="number of synthetic training stories (validation: 5%% of it, at least 100)",
     )
     g.add_argument(
-        "--tokenizer", default="bpe", choices=TOKENIZER_CHOICES, help="gpt2 (tiktoken) or bpe (trained)"
-    )
+        "--tokenizer", default=None, choices=TOKENIZER_CHOICES,
+        help="gpt2 (tiktoken) or bpe (trained; the default; a resumed run keeps its checkpoint's)",
+    )  # fmt: skip
     g.add_argument(
-        "--vocab-size", type=int, default=4096, help="vocabulary size of the trained bpe tokenizer"
+        "--vocab-size", type=int, default=None, help="ids of the trained bpe tokenizer (default 4096)"
     )
     g.add_argument("--cache-dir", default=None, help=f"token cache folder (default: {default_cache_dir()})")
 
@@ -803,7 +804,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         source = data_source_from_namespace(args)
         start = time.perf_counter()
-        data = prepare_data(source, args.tokenizer, vocab_size=args.vocab_size, cache_dir=args.cache_dir)
+        data = prepare_data(
+            source, args.tokenizer or "bpe", vocab_size=args.vocab_size or 4096, cache_dir=args.cache_dir
+        )
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         parser.exit(2, f"error: {err}\n")
     seconds = time.perf_counter() - start

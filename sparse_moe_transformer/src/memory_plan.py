@@ -90,9 +90,9 @@ def activation_bytes_per_token(config, act_bytes: int, seq_len: int, math_attent
     C, F, E, k, H, V = (
         config.d_model,
         config.d_ff,
-        config.n_experts,
+        config.n_expert,
         config.top_k,
-        config.n_heads,
+        config.n_head,
         config.vocab_size,
     )
     a = act_bytes
@@ -138,14 +138,14 @@ def plan_memory(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_params", n_params)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if seq_len > config.max_len:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_len {config.max_len}")
+    if seq_len > config.block_size:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}")
     act = PRECISION_BYTES[precision]
     tokens = batch_size * seq_len
     on_gpu = precision != "fp32" if on_gpu is None else on_gpu
     math_attention = not on_gpu and config.dropout > 0  # CPU SDPA with dropout: the math kernel
     per_token = activation_bytes_per_token(config, act, seq_len, math_attention)
-    L = config.n_layers
+    L = config.n_layer
     if activation_checkpointing:
         kept = L * 4 * config.d_model + per_token["layer"]  # layer inputs + one rebuilt layer
     else:
@@ -153,7 +153,7 @@ def plan_memory(
     activations = int(tokens * (kept + per_token["embeddings"] + per_token["head"]))
     transient = int(tokens * (8 * config.vocab_size + per_token["layer"]))
     if n_matmul_params is None:
-        C, V, E = config.d_model, config.vocab_size, config.n_experts
+        C, V, E = config.d_model, config.vocab_size, config.n_expert
         n_matmul_params = L * (4 * C * C + C * E) + C * V  # attention, gate, head weights
     copies = 0 if act == 4 else 2 * n_matmul_params
     return MemoryPlan(

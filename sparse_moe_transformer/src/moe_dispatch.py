@@ -63,11 +63,11 @@ class Routing:
     dropped: int
 
 
-def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int | None:
+def expert_capacity(n_tokens: int, top_k: int, n_expert: int, capacity_factor: float | None) -> int | None:
     """Pairs each expert may take: ceil(capacity_factor * N * top_k / E); None means dropless."""
     if capacity_factor is None:
         return None
-    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_expert))
 
 
 def route_tokens(gate_logits: torch.Tensor, top_k: int, capacity: int | None = None) -> Routing:
@@ -174,7 +174,7 @@ class _SortedExpertFFN(torch.autograd.Function):
 
 
 def per_expert_sum(
-    rows: torch.Tensor, expert_index: torch.Tensor, n_experts: int, one_hot_matmul: bool | None = None
+    rows: torch.Tensor, expert_index: torch.Tensor, n_expert: int, one_hot_matmul: bool | None = None
 ) -> torch.Tensor:
     """Column sums of each expert's rows: rows [M, D], expert_index [M] -> [E, D] (bias gradients).
 
@@ -186,8 +186,8 @@ def per_expert_sum(
     if one_hot_matmul is None:
         one_hot_matmul = rows.device.type != "cpu"
     if one_hot_matmul:
-        return F.one_hot(expert_index, n_experts).to(rows.dtype).t() @ rows  # [E, M] @ [M, D]
-    return rows.new_zeros(n_experts, rows.shape[1]).index_add_(0, expert_index, rows)
+        return F.one_hot(expert_index, n_expert).to(rows.dtype).t() @ rows  # [E, M] @ [M, D]
+    return rows.new_zeros(n_expert, rows.shape[1]).index_add_(0, expert_index, rows)
 
 
 def _combine(

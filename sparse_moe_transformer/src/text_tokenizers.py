@@ -278,6 +278,9 @@ class HFByteLevelBPETokenizer(TextTokenizer):
         return cls(Tokenizer.from_str(state["tokenizer_json"]))
 
 
+MAX_BPE_VOCAB = 1 << 20  # far above any vocabulary here; a larger request aborts the Rust trainer
+
+
 def train_bpe_tokenizer(
     texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2
 ) -> HFByteLevelBPETokenizer:
@@ -294,10 +297,23 @@ def train_bpe_tokenizer(
             f"bpe vocab_size must be an int >= 257 (256 byte tokens + {EOT}), got {vocab_size!r}: "
             "pass e.g. --vocab-size 4096"
         )
+    if vocab_size > MAX_BPE_VOCAB:
+        raise ValueError(
+            f"bpe vocab_size {vocab_size} is more than this trainer supports ({MAX_BPE_VOCAB:,}); "
+            "GPT-2 has 50,257 ids: pass e.g. --vocab-size 4096"
+        )
     if isinstance(texts, str):
         raise TypeError(
             "train_bpe_tokenizer expects an iterable of documents, got a single str: wrap it in a list"
         )
+    if isinstance(texts, Sequence):
+        # every merge joins two adjacent symbols of the text, so a corpus of n bytes gives < n merges
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        if vocab_size > 257 + n_bytes:
+            raise ValueError(
+                f"bpe vocab_size {vocab_size:,} exceeds what {n_bytes:,} bytes of training text can give "
+                f"(at most {257 + n_bytes:,} ids): lower --vocab-size or give more text"
+            )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -1,39 +1,36 @@
-"""Sparse Mixture-of-Experts transformer: the model, its training loop and its CLI in one readable file.
+"""Sparse Mixture-of-Experts transformer: the model and its training loop, in reading order.
 
-Model
+Model (the first half)
 
-    Config                      presets `t1000` (the reference model, ~158.8M params, ~19M active
-                                per token outside the embeddings), `cpu-demo` (the offline demo),
-                                `cpu-small` (nanoGPT's CPU model as 8 experts), plus `tiny` for tests;
-                                analytic parameter / active-parameter / FLOP counts
-    SparseMoEFFN                gate -> top-k -> softmax over the selected logits -> experts, with the
-                                fast sorted dispatch of moe_dispatch.py; Switch aux loss, router z-loss
-                                and routing statistics
-    CausalSelfAttention         F.scaled_dot_product_attention, causal, with an optional KV cache
+    Config, PRESETS             t1000 (the reference model: 158.77M parameters, 18.97M active per
+                                token outside the embeddings and head), cpu-demo (the offline demo),
+                                cpu-small (nanoGPT's CPU model as 8 experts), tiny (tests); analytic
+                                parameter, active-parameter and FLOP counts
+    load_balancing_loss,        the Switch balancing loss from expert counts and router probabilities,
+    router_z_loss, moe_losses   the ST-MoE z-loss, and the training objective lm + aux + z, all
+                                computed from what the model returns (nothing is kept on a module)
+    SparseMoEFFN                gate -> top-k -> softmax over the chosen logits -> experts, with the
+                                sorted dispatch of moe_dispatch.py; returns (out, gate logits, routing)
+    CausalSelfAttention         F.scaled_dot_product_attention, causal, with Phase 5's KVCache
     SparseMoETransformerLayer   pre-norm: x + attn(ln1(x)); x + moe(ln2(x))
-    SparseMoETransformer        embeddings, layers, final norm, untied head; forward / generate /
-                                stream_generate (sampling from phase5_production.src.sampling)
+    SparseMoETransformer        embeddings, layers, final norm, untied head; forward(idx, targets)
+                                -> MoEOutput; generate / stream_generate (Phase 5's sampling)
 
-Training (the second half of the file)
-    TrainSettings, TRAINING_PRESETS  batch, accumulation, schedule, intervals (per preset, overridable)
-    make_optimizer              AdamW without weight decay on norms, biases and embeddings
-    train_step                  gradient accumulation, fp16 GradScaler / bf16 autocast, NaN guard,
-                                clipping, AdamW; GlobalLoadBalance makes the aux loss global under DDP
-    evaluate / sample_text      validation loss + perplexity over real tokens; a short sample
-    train_main                  data (data_pipeline.py), checkpoints (checkpointing.py), memory plan
-                                (memory_plan.py), tqdm + metrics.jsonl + plots (training_plots.py),
-                                resume, Ctrl-C, DDP under torchrun
-    eval_main, generate_main, benchmark_main, plan_main, plot_main, main: the other --mode's
+Training (the second half)
 
-Run `python sparse_moe_transformer/src/train.py --help` for every mode and flag; the offline demo is
-    python sparse_moe_transformer/src/train.py --mode train --preset cpu-demo --dataset synthetic \
-        --tokenizer bpe
+    TrainSettings, TRAINING_PRESETS   batch, accumulation, schedule, intervals per preset
+    make_optimizer              AdamW; weight decay on the parameters the model lists as decayed
+    setup_runtime               device, precision (bf16 only where the GPU has it natively), DDP
+    train_step                  gradient accumulation, autocast + fp16 GradScaler, NaN guard, clip
+    evaluate, sample_text       validation loss over real tokens; a short sample
+    train_main                  resolve the run, build the state, the loop, save
+
+The other modes (eval, generate, benchmark, plan, plot) and the command line live in cli.py:
+    python sparse_moe_transformer/src/train.py --help
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -41,9 +38,9 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,33 +48,40 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
+from phase1_foundation.src.validation import check_int, check_number
 from phase3_components.src.lr_schedules import set_learning_rate, warmup_cosine_lr
 from phase4_training.src.training_loop import (
+    PRECISIONS,
     autocast_context,
     capture_rng_state,
+    explain_precision,
     resolve_precision,
     restore_rng_state,
 )
+from phase5_production.src.kv_cache import KVCache, shifted_causal_mask
 from phase5_production.src.sampling import sample_next_token
 from sparse_moe_transformer.src.checkpointing import (
+    BEST_NAME,
     LATEST_NAME,
+    RunFolderLock,
     check_same_config,
     load_model_state,
     read_checkpoint,
+    remove_stale_temp_files,
     save_run_checkpoints,
 )
 from sparse_moe_transformer.src.cpu_memory import keep_freed_memory
 from sparse_moe_transformer.src.data_pipeline import (
     BlockBatchSampler,
-    add_data_arguments,
     blocks_to_batch,
     data_source_from_namespace,
     iter_eval_batches,
     prepare_data,
 )
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
-from sparse_moe_transformer.src.moe_dispatch import expert_capacity, expert_ffn, route_tokens
+from sparse_moe_transformer.src.moe_dispatch import Routing, expert_capacity, expert_ffn, route_tokens
 from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
 from sparse_moe_transformer.src.training_plots import METRICS_FILE, make_plots
 
@@ -86,16 +90,16 @@ from sparse_moe_transformer.src.training_plots import METRICS_FILE, make_plots
 
 @dataclass(frozen=True)
 class Config:
-    """Model hyper-parameters. Build one with `Config.from_preset(name, **overrides)` or directly."""
+    """Model hyper-parameters, named as in the Phase 2 GPT. `Config.from_preset(name, **overrides)`."""
 
     vocab_size: int = 4096
+    block_size: int = 128  # the longest context (learned positions 0 .. block_size-1)
+    n_layer: int = 4
+    n_head: int = 6
     d_model: int = 192
-    n_heads: int = 6
-    n_layers: int = 4
-    n_experts: int = 8
-    top_k: int = 2
+    n_expert: int = 8
+    top_k: int = 2  # experts per token
     d_ff: int = 384  # hidden size of each expert
-    max_len: int = 128
     dropout: float = 0.0  # on embeddings, attention output and expert output (the residual branches)
     attn_dropout: float | None = None  # on the attention probabilities; None = the same as dropout
     # None = dropless (default). Else each expert takes ceil(cf*N*k/E) pairs and drops the rest;
@@ -106,40 +110,28 @@ class Config:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "n_experts", "top_k", "d_ff", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"Config.{name} must be a positive integer, got {value!r}.")
-        if self.d_model % self.n_heads:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "n_expert", "top_k", "d_ff"):
+            check_int(f"Config.{name}", getattr(self, name), minimum=1)
+        if self.d_model % self.n_head:
             raise ValueError(
-                f"Config.n_heads must divide d_model: d_model={self.d_model} is not a multiple of "
-                f"n_heads={self.n_heads}."
+                f"Config.n_head must divide d_model: d_model={self.d_model} is not a multiple of "
+                f"n_head={self.n_head}."
             )
-        if self.top_k > self.n_experts:
+        if self.top_k > self.n_expert:
             raise ValueError(
-                f"Config.top_k must be <= n_experts, got top_k={self.top_k} > n_experts={self.n_experts}."
+                f"Config.top_k must be <= n_expert, got top_k={self.top_k} > n_expert={self.n_expert}."
             )
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"Config.dropout must be in [0, 1), got {self.dropout!r}.")
-        ad = self.attn_dropout
-        if ad is not None and (not isinstance(ad, (int, float)) or isinstance(ad, bool) or not 0 <= ad < 1):
-            raise ValueError(f"Config.attn_dropout must be None (= dropout) or in [0, 1), got {ad!r}.")
-        cf = self.capacity_factor
-        if cf is not None and (not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0):
-            raise ValueError(f"Config.capacity_factor must be None (dropless) or a number > 0, got {cf!r}.")
+        check_number("Config.dropout", self.dropout, low=0, below=1)
+        if self.attn_dropout is not None:
+            check_number("Config.attn_dropout (None = dropout)", self.attn_dropout, low=0, below=1)
+        if self.capacity_factor is not None:
+            check_number("Config.capacity_factor (None = dropless)", self.capacity_factor, above=0)
         for name in ("aux_loss_coef", "z_loss_coef", "init_std"):
-            value = getattr(self, name)
-            if (
-                not isinstance(value, (int, float))
-                or isinstance(value, bool)
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ValueError(f"Config.{name} must be a finite number >= 0, got {value!r}.")
+            check_number(f"Config.{name}", getattr(self, name), low=0)
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_head
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> Config:
@@ -153,44 +145,57 @@ class Config:
         return replace(PRESETS[name], **overrides)
 
     @classmethod
-    def saved_fields(cls, saved: dict) -> dict:
-        """A checkpoint's config dict, completed with the defaults of fields added after it was written.
+    def from_saved(cls, saved: dict) -> Config:
+        """The Config of a checkpoint, written by this version or an earlier one.
 
-        A new field must default to the behaviour from before it existed (attn_dropout=None means
-        "the same as dropout", as before the split), so an older checkpoint resumes unchanged.
-        """
-        defaults = {f.name: f.default for f in fields(cls)}
-        return {**defaults, **saved}
+        Fields renamed since (n_layers -> n_layer, ...) take their new names; fields added since
+        take their defaults, which reproduce the behaviour from before they existed (attn_dropout
+        None = "the same as dropout"); a field this version does not know is an error."""
+        values = {CONFIG_RENAMES.get(key, key): value for key, value in saved.items()}
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"the checkpoint's config has field(s) {unknown} that this version of the model does not "
+                "know: it was written by a newer or foreign version; use the matching llm-foundation"
+            )
+        return cls(**values)
 
+
+CONFIG_RENAMES = {
+    "n_layers": "n_layer",
+    "n_heads": "n_head",
+    "n_experts": "n_expert",
+    "max_len": "block_size",
+}
 
 PRESETS: dict[str, Config] = {
     # The reference model: GPT-2 vocabulary, 6 layers of 16 experts (top-2), learned positions.
     "t1000": Config(
-        vocab_size=50257, d_model=512, n_heads=8, n_layers=6, n_experts=16, top_k=2, d_ff=1024,
-        max_len=256, dropout=0.1,
+        vocab_size=50257, block_size=256, n_layer=6, n_head=8, d_model=512, n_expert=16, top_k=2,
+        d_ff=1024, dropout=0.1,
     ),
     # Trains on a 2-core CPU: small BPE vocabulary, 4 layers of 8 experts.
     "cpu-demo": Config(
-        vocab_size=4096, d_model=192, n_heads=6, n_layers=4, n_experts=8, top_k=2, d_ff=384,
-        max_len=128, dropout=0.0,
+        vocab_size=4096, block_size=128, n_layer=4, n_head=6, d_model=192, n_expert=8, top_k=2,
+        d_ff=384, dropout=0.0,
     ),
     # nanoGPT's small CPU model (4 layers, 4 heads, d 128, block 256: 0.8M active parameters per
     # token outside the embeddings) with its FFN split into 8 experts of 256, top-2. Dropout on
     # the residual branches only (attention dropout would leave SDPA's fused CPU kernel).
     "cpu-small": Config(
-        vocab_size=4096, d_model=128, n_heads=4, n_layers=4, n_experts=8, top_k=2, d_ff=256,
-        max_len=256, dropout=0.1, attn_dropout=0.0,
+        vocab_size=4096, block_size=256, n_layer=4, n_head=4, d_model=128, n_expert=8, top_k=2,
+        d_ff=256, dropout=0.1, attn_dropout=0.0,
     ),
     # For unit tests: a few milliseconds per forward.
     "tiny": Config(
-        vocab_size=97, d_model=32, n_heads=4, n_layers=2, n_experts=4, top_k=2, d_ff=48, max_len=32,
+        vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=32, n_expert=4, top_k=2, d_ff=48,
         dropout=0.0,
     ),
 }  # fmt: skip
 
 
 def _layer_param_counts(c: Config) -> dict[str, int]:
-    C, E, Fh = c.d_model, c.n_experts, c.d_ff
+    C, E, Fh = c.d_model, c.n_expert, c.d_ff
     return {
         "attention": 4 * (C * C + C),  # q, k, v, out projections with biases
         "norms": 2 * 2 * C,  # ln1, ln2 (weight + bias)
@@ -202,13 +207,13 @@ def _layer_param_counts(c: Config) -> dict[str, int]:
 def count_parameters(c: Config) -> int:
     """Total parameters: embeddings + layers (all experts) + final norm + untied head."""
     p = _layer_param_counts(c)
-    layer = p["attention"] + p["norms"] + p["gate"] + c.n_experts * p["one_expert"]
-    embeddings = c.vocab_size * c.d_model + c.max_len * c.d_model
-    return embeddings + c.n_layers * layer + 2 * c.d_model + c.d_model * c.vocab_size
+    layer = p["attention"] + p["norms"] + p["gate"] + c.n_expert * p["one_expert"]
+    embeddings = c.vocab_size * c.d_model + c.block_size * c.d_model
+    return embeddings + c.n_layer * layer + 2 * c.d_model + c.d_model * c.vocab_size
 
 
 def count_active_parameters(c: Config, include_embeddings: bool = False) -> int:
-    """Parameters used by one token: only top_k of the n_experts run.
+    """Parameters used by one token: only top_k of the n_expert experts run.
 
     By default the embedding tables and the output head are left out (the usual "active
     parameters" figure); include_embeddings=True counts the token's embedding row, its position
@@ -216,7 +221,7 @@ def count_active_parameters(c: Config, include_embeddings: bool = False) -> int:
     """
     p = _layer_param_counts(c)
     layer = p["attention"] + p["norms"] + p["gate"] + c.top_k * p["one_expert"]
-    active = c.n_layers * layer + 2 * c.d_model
+    active = c.n_layer * layer + 2 * c.d_model
     if include_embeddings:
         active += 2 * c.d_model + c.d_model * c.vocab_size
     return active
@@ -230,67 +235,90 @@ def forward_flops_per_token(c: Config, seq_len: int | None = None, include_atten
     torch.utils.flop_counter does, not halved for causality). Plus the head 2*C*V.
     Element-wise work (norms, GELU, softmax) is not counted.
     """
-    T = c.max_len if seq_len is None else seq_len
+    T = c.block_size if seq_len is None else seq_len
     C = c.d_model
-    layer = 8 * C * C + 2 * C * c.n_experts + c.top_k * 4 * C * c.d_ff
+    layer = 8 * C * C + 2 * C * c.n_expert + c.top_k * 4 * C * c.d_ff
     if include_attention:
         layer += 4 * T * C
-    return c.n_layers * layer + 2 * C * c.vocab_size
+    return c.n_layer * layer + 2 * C * c.vocab_size
 
 
 def parameter_summary(c: Config) -> str:
+    """One line for logs and docs: total and active parameters, idle expert share, FLOPs per token."""
     total, active = count_parameters(c), count_active_parameters(c)
     return (
         f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token outside embeddings/head "
-        f"({c.top_k}/{c.n_experts} experts, {100 * (1 - c.top_k / c.n_experts):.1f}% of expert weights "
+        f"({c.top_k}/{c.n_expert} experts, {100 * (1 - c.top_k / c.n_expert):.1f}% of expert weights "
         "idle), "
-        f"{forward_flops_per_token(c) / 1e6:.1f} MFLOP/token forward at T={c.max_len}"
+        f"{forward_flops_per_token(c) / 1e6:.1f} MFLOP/token forward at T={c.block_size}"
     )
 
 
-# ----------------------------------------------------------------------------- SparseMoEFFN
+# ----------------------------------------------------------------------------- MoE losses
 
 
-@dataclass
-class RoutingStats:
-    """What one MoE layer's router did on the last forward (detached tensors, no host sync)."""
+def load_balancing_loss(router_probs: torch.Tensor, expert_counts: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4):  E * sum_i f_i * P_i.
 
-    tokens_per_expert: torch.Tensor  # [E] (token, slot) pairs routed to each expert, before drops
-    load_cv: torch.Tensor  # coefficient of variation std/mean of tokens_per_expert (0 = perfect balance)
-    router_entropy: torch.Tensor  # mean over tokens of the entropy of the full router softmax (nats)
-    dropped: int  # pairs dropped by the capacity limit
-
-
-def load_balancing_loss(router_probs: torch.Tensor, topk_index: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch-Transformer auxiliary loss  E * sum_i f_i * P_i.
-
-    f_i = fraction of the N*top_k (token, slot) assignments that chose expert i (not differentiable),
-    P_i = mean over tokens of the router probability softmax(gate_logits)[:, i].
-    sum_i f_i = sum_i P_i = 1, so at perfect balance (f_i = P_i = 1/E) the loss equals 1.
+    router_probs [N, E]: softmax of the gate logits; expert_counts [E]: the (token, slot) pairs
+    routed to each expert. f_i = counts_i / sum(counts) is not differentiable, P_i = mean over
+    tokens of router_probs[:, i] is. sum f = sum P = 1, so at perfect balance the loss is 1.
+    Under DDP, pass the counts summed over ranks: f is then the global batch's (see train_step).
     """
-    counts = torch.bincount(topk_index.reshape(-1), minlength=n_experts)  # [E]
-    f = counts.to(router_probs.dtype) / topk_index.numel()  # [E]
+    f = expert_counts.to(router_probs.dtype) / expert_counts.sum()  # [E]
     P = router_probs.mean(0)  # [E]
-    return n_experts * torch.sum(f * P)
+    return router_probs.shape[-1] * torch.sum(f * P)
 
 
 def router_z_loss(gate_logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(gate_logits)^2 (keeps logits small)."""
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): mean of logsumexp(gate_logits)^2.
+
+    It keeps the gate logits small, which keeps the router's softmax (and bf16/fp16 math) stable."""
     return torch.logsumexp(gate_logits, dim=-1).square().mean()
+
+
+@dataclass
+class MoELosses:
+    lm: torch.Tensor  # cross-entropy of the next token
+    aux: torch.Tensor  # load-balancing loss, mean over layers (unscaled)
+    z: torch.Tensor  # router z-loss, mean over layers (unscaled)
+    total: torch.Tensor  # lm + aux_loss_coef * aux + z_loss_coef * z: what training minimises
+
+
+def moe_losses(
+    out: MoEOutput, config: Config, reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> MoELosses:
+    """The training objective from a forward pass with targets. `reduce_counts` (e.g. an all_reduce
+    over DDP ranks) turns this rank's expert counts into the global batch's before the balance loss."""
+    if out.loss is None:
+        raise ValueError("moe_losses needs the LM loss: call the model with targets")
+    aux, z = [], []
+    for gate_logits, routing in zip(out.router_logits, out.routing):
+        logits = gate_logits.float()  # [N, E]
+        counts = routing.routed_counts.float()  # [E]
+        if reduce_counts is not None:
+            counts = reduce_counts(counts)
+        aux.append(load_balancing_loss(torch.softmax(logits, dim=-1), counts))
+        z.append(router_z_loss(logits))
+    aux, z = torch.stack(aux).mean(), torch.stack(z).mean()
+    return MoELosses(out.loss, aux, z, out.loss + config.aux_loss_coef * aux + config.z_loss_coef * z)
+
+
+# ----------------------------------------------------------------------------- SparseMoEFFN
 
 
 class SparseMoEFFN(nn.Module):
     """y = sum over the top_k experts e chosen for x of  g_e(x) * (GELU(x W1_e + b1_e) W2_e + b2_e).
 
     Gate logits z = x W_g + b_g [N, E]; the top_k logits are softmaxed among themselves into the
-    routing weights g. Only top_k of n_experts expert FFNs run per token. After each forward,
-    `aux_loss`, `z_loss` and `stats` hold this layer's losses and routing statistics.
+    routing weights g. Only top_k of n_expert expert FFNs run per token (moe_dispatch.py).
+    forward returns (y, gate logits, routing): the losses are computed from them by the caller.
     """
 
     def __init__(self, config: Config):
         super().__init__()
-        C, E, Fh = config.d_model, config.n_experts, config.d_ff
-        self.n_experts, self.top_k, self.capacity_factor = E, config.top_k, config.capacity_factor
+        C, E, Fh = config.d_model, config.n_expert, config.d_ff
+        self.n_expert, self.top_k, self.capacity_factor = E, config.top_k, config.capacity_factor
         self.gate = nn.Linear(C, E)
         self.w1 = nn.Parameter(torch.empty(E, C, Fh))  # [E, C, F]
         self.b1 = nn.Parameter(torch.zeros(E, Fh))  # [E, F]
@@ -298,52 +326,24 @@ class SparseMoEFFN(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(E, C))  # [E, C]
         nn.init.normal_(self.w1, std=config.init_std)
         nn.init.normal_(self.w2, std=config.init_std)
-        self.aux_loss: torch.Tensor | None = None
-        self.z_loss: torch.Tensor | None = None
-        self.stats: RoutingStats | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, C]
         gate_logits = self.gate(x)  # [N, E]
-        capacity = expert_capacity(x.shape[0], self.top_k, self.n_experts, self.capacity_factor)
+        capacity = expert_capacity(x.shape[0], self.top_k, self.n_expert, self.capacity_factor)
         routing = route_tokens(gate_logits, self.top_k, capacity)
         out = expert_ffn(x, self.w1, self.b1, self.w2, self.b2, routing)  # [N, C]
-
-        log_probs = torch.log_softmax(gate_logits, dim=-1)  # [N, E]
-        probs = log_probs.exp()
-        self.aux_loss = load_balancing_loss(probs, routing.topk_index, self.n_experts)
-        self.z_loss = router_z_loss(gate_logits)
-        with torch.no_grad():
-            load = routing.routed_counts.float()  # [E]
-            self.stats = RoutingStats(
-                tokens_per_expert=routing.routed_counts,
-                load_cv=load.std(correction=0) / load.mean().clamp_min(1e-9),
-                router_entropy=-(probs * log_probs).sum(-1).mean(),
-                dropped=routing.dropped,
-            )
-        self.last_routing = routing
-        return out.reshape(shape)
+        return out.reshape(shape), gate_logits, routing
 
 
 # ----------------------------------------------------------------------------- attention and layer
 
 
-class KVCache:
-    """Preallocated keys and values of every layer: [B, H, max_len, Dh] each, filled up to `length`."""
-
-    def __init__(self, config: Config, batch_size: int, device=None, dtype=torch.float32):
-        shape = (config.n_layers, batch_size, config.n_heads, config.max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-        self.max_len = config.max_len
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.n_heads = config.n_heads
+        self.n_head = config.n_head
         # Dropout on the attention probabilities. On the CPU, SDPA has no fused kernel with dropout
         # and falls back to the unfused math path (about 30% slower training at d_model 128).
         self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
@@ -351,25 +351,21 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0
+    ) -> torch.Tensor:
+        """x [B, T, C] at positions start..start+T-1; with a cache, `start` tokens of `layer` are cached."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x [B, T, C]
         q, k, v = (
-            t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v)
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
         )  # [B,H,T,Dh]
         mask, is_causal = None, T > 1
+        if start > 0:  # new queries see every cached key and, among themselves, the past
+            mask = shifted_causal_mask(T, start, device=x.device)  # [T, start + T]
+            is_causal = False
         if cache is not None:
-            start = cache.length
-            cache.k[layer, :, :, start : start + T] = k
-            cache.v[layer, :, :, start : start + T] = v
-            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]  # [B, H, start+T, Dh]
-            if start > 0:  # new queries attend to all cached keys and causally among themselves
-                is_causal = False
-                if T > 1:  # query i (absolute start+i) may see keys j <= start+i
-                    mask = (
-                        torch.arange(start + T, device=x.device)
-                        <= start + torch.arange(T, device=x.device)[:, None]
-                    )
+            k, v = cache.append(layer, k, v)  # [B, H, start + T, Dh]
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
@@ -377,7 +373,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class SparseMoETransformerLayer(nn.Module):
-    """Pre-norm block: x = x + attn(ln1(x)); x = x + dropout(moe(ln2(x)))."""
+    """Pre-norm block: x = x + attn(ln1(x)); x = x + dropout(moe(ln2(x))).
+
+    With `activation_checkpointing` set, training keeps only the layer's input and recomputes the
+    rest in the backward pass (torch.utils.checkpoint, non-reentrant; it restores the RNG state,
+    so dropout masks repeat exactly): less memory for about a third more compute.
+    """
 
     def __init__(self, config: Config):
         super().__init__()
@@ -386,10 +387,18 @@ class SparseMoETransformerLayer(nn.Module):
         self.ln2 = nn.LayerNorm(config.d_model)
         self.moe = SparseMoEFFN(config)
         self.ffn_drop = nn.Dropout(config.dropout)
+        self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer)  # [B, T, C]
-        return x + self.ffn_drop(self.moe(self.ln2(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        """x [B, T, C] -> (x [B, T, C], gate logits [B*T, E], routing)."""
+        if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
+            return recompute_in_backward(self._forward, x, use_reentrant=False)
+        return self._forward(x, cache, layer, start)
+
+    def _forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        x = x + self.attn(self.ln1(x), cache, layer, start)  # [B, T, C]
+        moe_out, gate_logits, routing = self.moe(self.ln2(x))
+        return x + self.ffn_drop(moe_out), gate_logits, routing
 
 
 # ----------------------------------------------------------------------------- model
@@ -398,16 +407,9 @@ class SparseMoETransformerLayer(nn.Module):
 @dataclass
 class MoEOutput:
     logits: torch.Tensor  # [B, T, V]
-    loss: torch.Tensor | None  # LM cross-entropy (labels -100 ignored), None without labels
-    aux_loss: torch.Tensor  # load-balancing loss, averaged over layers (unscaled)
-    z_loss: torch.Tensor  # router z-loss, averaged over layers (unscaled)
-    routing_stats: list[RoutingStats] = field(default_factory=list)  # one per layer
-
-    def total_loss(self, config: Config) -> torch.Tensor:
-        """loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss (what training minimises)."""
-        if self.loss is None:
-            raise ValueError("total_loss needs labels: call the model with labels=...")
-        return self.loss + config.aux_loss_coef * self.aux_loss + config.z_loss_coef * self.z_loss
+    loss: torch.Tensor | None  # LM cross-entropy (targets -100 ignored); None without targets
+    router_logits: list[torch.Tensor]  # per layer, [B*T, E]: the input of the MoE losses
+    routing: list[Routing]  # per layer: which experts each token used (routing.routed_counts [E])
 
 
 class SparseMoETransformer(nn.Module):
@@ -417,16 +419,16 @@ class SparseMoETransformer(nn.Module):
             raise TypeError(f"SparseMoETransformer needs a Config, got {type(config).__name__}.")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.max_len, config.d_model)  # learned positions
+        self.pos_emb = nn.Embedding(config.block_size, config.d_model)  # learned positions
         self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(SparseMoETransformerLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(SparseMoETransformerLayer(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # untied
         self.apply(self._init_weights)
         # GPT-2's scaled init: the two projections that write into the residual stream in each of
         # the L layers (attention output, expert output) start at std / sqrt(2L), so the residual
         # stream's variance at init does not grow with depth.
-        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+        residual_std = config.init_std / math.sqrt(2 * config.n_layer)
         for layer in self.layers:
             nn.init.normal_(layer.attn.out_proj.weight, std=residual_std)
             nn.init.normal_(layer.moe.w2, std=residual_std)
@@ -440,18 +442,31 @@ class SparseMoETransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
 
-    def _check_input_ids(self, input_ids: torch.Tensor, start: int = 0) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
-            raise TypeError("input_ids must be a LongTensor of shape [batch, seq_len].")
-        B, T = input_ids.shape
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """The weight matrices AdamW decays: attention, gate, experts, head. Norms, biases and the
+        embedding tables are left out (decaying them pulls gains, offsets and token vectors to 0)."""
+        decayed = [self.lm_head.weight]
+        for layer in self.layers:
+            decayed += [layer.attn.qkv.weight, layer.attn.out_proj.weight, layer.moe.gate.weight]
+            decayed += [layer.moe.w1, layer.moe.w2]
+        return decayed
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        for layer in self.layers:
+            layer.activation_checkpointing = enabled
+
+    def _check_idx(self, idx: torch.Tensor, start: int = 0) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            raise TypeError("idx must be a LongTensor of shape [batch, seq_len].")
+        B, T = idx.shape
         if T == 0:
-            raise ValueError("input_ids is empty: give at least one token per sequence.")
-        if start + T > self.config.max_len:
+            raise ValueError("idx is empty: give at least one token per sequence.")
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence length {start + T} exceeds max_len={self.config.max_len}; "
-                f"crop the input to the last {self.config.max_len} tokens or use a larger Config.max_len."
+                f"sequence length {start + T} exceeds block_size={self.config.block_size}; crop the "
+                f"input to the last {self.config.block_size} tokens or use a larger Config.block_size."
             )
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(
                 f"token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]; "
@@ -459,43 +474,36 @@ class SparseMoETransformer(nn.Module):
             )
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> MoEOutput:
-        """input_ids [B, T] -> MoEOutput. labels [B, T] (already shifted: labels[t] is the target
-        of position t, -100 = ignore). With a cache, positions continue from cache.length."""
+        """idx [B, T] -> MoEOutput. targets [B, T] (already shifted: targets[t] is the token after
+        position t, -100 = ignore). With a cache, positions continue from cache.length."""
         start = 0 if cache is None else cache.length
-        self._check_input_ids(input_ids, start)
-        T = input_ids.shape[1]
-        pos = torch.arange(start, start + T, device=input_ids.device)  # [T]
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, C]
+        self._check_idx(idx, start)
+        T = idx.shape[1]
+        pos = torch.arange(start, start + T, device=idx.device)  # [T]
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B, T, C]
+        router_logits, routing = [], []
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i)
-        if cache is not None:
-            cache.length += T
+            x, gate_logits, layer_routing = layer(x, cache, i, start)
+            router_logits.append(gate_logits)
+            routing.append(layer_routing)
         logits = self.lm_head(self.ln_f(x))  # [B, T, V]
         loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
+        if targets is not None:
+            if targets.shape != idx.shape:
                 raise ValueError(
-                    f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                    f"got {tuple(labels.shape)}."
+                    f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}."
                 )
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        moes = [layer.moe for layer in self.layers]
-        return MoEOutput(
-            logits=logits,
-            loss=loss,
-            aux_loss=torch.stack([m.aux_loss for m in moes]).mean(),
-            z_loss=torch.stack([m.z_loss for m in moes]).mean(),
-            routing_stats=[m.stats for m in moes],
-        )
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return MoEOutput(logits, loss, router_logits, routing)
 
     # ------------------------------------------------------------------------- generation
 
     @torch.no_grad()
     def stream_generate(
         self,
-        input_ids: torch.Tensor,
+        idx: torch.Tensor,
         max_new_tokens: int,
         *,
         temperature: float = 1.0,
@@ -508,37 +516,29 @@ class SparseMoETransformer(nn.Module):
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, LongTensor [B], one step at a time.
 
-        Sampling is phase5_production's sample_next_token (temperature 0 = greedy); the repetition
-        penalty sees the prompt and the tokens generated so far. Rows that produced eos_token_id
-        keep producing it; generation stops once every row has. With use_cache the prompt is
-        prefilled once and each step feeds one token; without it every step recomputes the whole
-        prefix (same tokens, slower). prompt + max_new_tokens must fit in max_len.
+        Sampling is Phase 5's sample_next_token (temperature 0 = greedy); the repetition penalty
+        sees the prompt and the tokens generated so far. Rows that produced eos_token_id keep
+        producing it; generation stops once every row has. With use_cache the prompt is prefilled
+        once into Phase 5's KVCache and each step feeds one token; without it every step recomputes
+        the whole prefix (same tokens, slower). prompt + max_new_tokens must fit in block_size.
         """
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
-        self._check_input_ids(input_ids)
-        B, T0 = input_ids.shape
-        if T0 + max_new_tokens > self.config.max_len:
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
+        self._check_idx(idx)
+        B, T0 = idx.shape
+        if T0 + max_new_tokens > self.config.block_size:
             raise ValueError(
-                f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds "
-                f"max_len={self.config.max_len}; "
-                "shorten the prompt or ask for fewer tokens."
+                f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds block_size="
+                f"{self.config.block_size}; shorten the prompt or ask for fewer tokens."
             )
         if eos_token_id is not None and not 0 <= eos_token_id < self.config.vocab_size:
             raise ValueError(f"eos_token_id must be in [0, {self.config.vocab_size}), got {eos_token_id!r}.")
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)
         was_training = self.training
         self.eval()
         try:
-            ids = input_ids
-            cache = None
-            if use_cache:
-                dtype = self.tok_emb.weight.dtype
-                cache = KVCache(self.config, B, device=input_ids.device, dtype=dtype)
-            logits = self(ids, cache=cache).logits[:, -1]  # prefill -> [B, V]
-            finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+            cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
+            logits = self(idx, cache=cache).logits[:, -1]  # prefill -> [B, V]
+            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
                 next_token = sample_next_token(
                     logits,
@@ -546,48 +546,67 @@ class SparseMoETransformer(nn.Module):
                     top_k=top_k,
                     top_p=top_p,
                     repetition_penalty=repetition_penalty,
-                    previous_ids=ids,
+                    previous_ids=idx,
                     generator=generator,
                 )  # [B]
                 if eos_token_id is not None:
                     next_token = next_token.masked_fill(finished, eos_token_id)
                     finished |= next_token == eos_token_id
                 yield next_token
-                ids = torch.cat([ids, next_token[:, None]], dim=1)  # [B, T + 1]
+                idx = torch.cat([idx, next_token[:, None]], dim=1)  # [B, T + 1]
                 if step == max_new_tokens - 1 or bool(finished.all()):
                     break
                 if cache is not None:
                     logits = self(next_token[:, None], cache=cache).logits[:, -1]
                 else:
-                    logits = self(ids).logits[:, -1]
+                    logits = self(idx).logits[:, -1]
         finally:
             self.train(was_training)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """input_ids [B, T] -> [B, T + n] with n <= max_new_tokens new tokens (fewer if every row hit EOS).
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """idx [B, T] -> [B, T + n] with n <= max_new_tokens new tokens (fewer if every row hit EOS).
 
         Keyword arguments as in stream_generate: temperature, top_k, top_p, repetition_penalty,
         eos_token_id, seed, use_cache.
         """
-        new = list(self.stream_generate(input_ids, max_new_tokens, **kwargs))
+        new = list(self.stream_generate(idx, max_new_tokens, **kwargs))
         if not new:
-            return input_ids.clone()
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+            return idx.clone()
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+
+def load_trained_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """A checkpoint (file or run folder; best.pt preferred) -> (model in eval mode, tokenizer, checkpoint).
+
+    The file is read onto the CPU first (a 4 GB GPU never holds two copies of the weights)."""
+    checkpoint = read_checkpoint(path)
+    config = Config.from_saved(checkpoint["config"])
+    model = SparseMoETransformer(config)
+    load_model_state(model, checkpoint)
+    if "tokenizer" not in checkpoint:
+        raise ValueError(f"{checkpoint['path']} holds no tokenizer: it was not written by --mode train")
+    tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"{checkpoint['path']}: tokenizer ({tokenizer.vocab_size} ids) and model "
+            f"(vocab_size {config.vocab_size}) disagree; the checkpoint is damaged"
+        )
+    return model.to(device).eval(), tokenizer, checkpoint
 
 
 # =============================================================================================
-# Training: settings, optimizer, one optimizer step, evaluation
+# Training
 # =============================================================================================
 #
 # `python sparse_moe_transformer/src/train.py --mode train ...` runs `train_main` below:
 #
 #   data        tokenize once into a memory-mapped cache (data_pipeline.prepare_data), packed with EOT
 #   model       Config (preset + --set overrides, vocab_size from the tokenizer) -> SparseMoETransformer
-#   optimizer   AdamW; weight decay on matrices only (not on norms, biases, embeddings)
-#   schedule    linear warmup + cosine decay (phase 3's warmup_cosine_lr), a pure function of the step
-#   one step    grad_accum micro-batches: loss = lm + aux_coef * aux + z_coef * z, / grad_accum,
-#               backward (through the fp16 GradScaler on GPUs without bf16), clip, AdamW step
+#   optimizer   AdamW; weight decay on the model's decayed_parameters() only
+#   schedule    linear warmup + cosine decay (Phase 3's warmup_cosine_lr), a pure function of the step
+#   one step    grad_accum_steps micro-batches: loss = lm + aux_coef * aux + z_coef * z, / grad_accum_steps,
+#               backward (through the fp16 GradScaler where fp16 is used), clip, AdamW step
 #   every N     log (tqdm bar + metrics.jsonl), evaluate (val loss, perplexity, a short sample),
 #               checkpoint (latest.pt, best.pt), plots at the end
 #   resume      latest.pt holds model, optimizer, schedule, scaler, step, sampler position, RNGs,
@@ -595,47 +614,23 @@ class SparseMoETransformer(nn.Module):
 #   DDP         under torchrun each rank trains on its slice of every global batch; gradients are
 #               averaged by DistributedDataParallel; only rank 0 logs and saves.
 
-# Training defaults per preset (model presets live in Config). Every value can be overridden by its
-# flag (--batch-size, --lr, ...). t1000: 5,000 steps x 4 x 8 x 256 = 41M tokens on a 4 GB GPU.
+# Training defaults per preset (model presets live in PRESETS). Every value can be overridden by its
+# flag (--batch-size, --max-lr, ...). t1000: 5,000 steps x 4 x 8 x 256 = 41M tokens on a 4 GB GPU.
 TRAINING_PRESETS = {
     "t1000": dict(
-        batch_size=4,
-        grad_accum=8,
-        max_steps=5000,
-        lr=6e-4,
-        min_lr=6e-5,
-        warmup_steps=200,
-        eval_interval=250,
-        eval_batches=50,
-        log_interval=10,
-        save_interval=250,
+        batch_size=4, grad_accum_steps=8, max_steps=5000, max_lr=6e-4, min_lr=6e-5, warmup_steps=200,
+        eval_interval=250, eval_batches=50, log_interval=10, save_interval=250,
     ),
     "cpu-demo": dict(
-        batch_size=16,
-        grad_accum=1,
-        max_steps=250,
-        lr=3e-3,
-        min_lr=3e-4,
-        warmup_steps=20,
-        eval_interval=50,
-        eval_batches=10,
-        log_interval=10,
-        save_interval=50,
+        batch_size=16, grad_accum_steps=1, max_steps=250, max_lr=3e-3, min_lr=3e-4, warmup_steps=20,
+        eval_interval=50, eval_batches=10, log_interval=10, save_interval=50,
     ),
     "cpu-small": dict(  # nanoGPT's CPU recipe: batch 16 x 256, lr 1e-3 -> 1e-4
-        batch_size=16,
-        grad_accum=1,
-        max_steps=1400,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=100,
-        eval_interval=250,
-        eval_batches=50,
-        log_interval=10,
-        save_interval=250,
+        batch_size=16, grad_accum_steps=1, max_steps=1400, max_lr=1e-3, min_lr=1e-4, warmup_steps=100,
+        eval_interval=250, eval_batches=50, log_interval=10, save_interval=250,
     ),
-}
-TRAINING_FALLBACK = TRAINING_PRESETS["cpu-demo"]
+}  # fmt: skip
+TRAINING_PRESETS["tiny"] = TRAINING_PRESETS["cpu-demo"]
 
 
 @dataclass
@@ -643,10 +638,10 @@ class TrainSettings:
     """Everything about a training run that is not the model (stored in every checkpoint)."""
 
     batch_size: int  # sequences per micro-batch per rank
-    grad_accum: int  # micro-batches per optimizer step
-    block_size: int  # tokens per sequence (<= config.max_len)
+    grad_accum_steps: int  # micro-batches per optimizer step
+    seq_len: int  # tokens per training sequence (<= config.block_size)
     max_steps: int  # optimizer steps; the cosine schedule ends here
-    lr: float  # peak learning rate
+    max_lr: float  # peak learning rate
     min_lr: float  # end of the cosine
     warmup_steps: int
     weight_decay: float = 0.1
@@ -665,70 +660,52 @@ class TrainSettings:
     world_size: int = 1  # ranks the run was launched with (global batch = batch * accum * world)
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "block_size", "max_steps"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in (
-            "warmup_steps",
-            "eval_interval",
-            "eval_batches",
-            "log_interval",
-            "save_interval",
-            "sample_tokens",
-        ):
-            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("batch_size", "grad_accum_steps", "seq_len", "max_steps", "log_interval"):
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_interval", "eval_batches", "save_interval", "sample_tokens"):
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum=0)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) exceeds --max-steps ({self.max_steps})")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(
-                f"need --lr > 0 and 0 <= --min-lr <= --lr, got lr={self.lr}, min_lr={self.min_lr}"
-            )
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("--weight-decay and --grad-clip must be >= 0")
-        if self.precision not in PRECISION_CHOICES:
-            raise ValueError(
-                f"unknown --precision {self.precision!r}: choose one of {', '.join(PRECISION_CHOICES)}"
-            )
+        check_number("--max-lr", self.max_lr, above=0)
+        check_number("--min-lr", self.min_lr, low=0, high=self.max_lr)
+        check_number("--weight-decay", self.weight_decay, low=0)
+        check_number("--grad-clip (0 = off)", self.grad_clip, low=0)
+        for name in ("beta1", "beta2"):
+            check_number(f"TrainSettings.{name}", getattr(self, name), low=0, below=1)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown --precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.block_size * self.world_size
+        return self.batch_size * self.grad_accum_steps * self.seq_len * self.world_size
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> dict:
+        """A checkpoint's train_args under today's names (lr -> max_lr, grad_accum -> grad_accum_steps,
+        block_size -> seq_len)."""
+        return {SETTINGS_RENAMES.get(key, key): value for key, value in saved.items()}
 
 
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"--{name.replace('_', '-')} must be an int >= {minimum}, got {value!r}")
+SETTINGS_RENAMES = {"lr": "max_lr", "grad_accum": "grad_accum_steps", "block_size": "seq_len"}
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
     """The learning rate of optimizer step `step` (0-based): warmup, then cosine to min_lr."""
     return warmup_cosine_lr(
-        step, max_lr=s.lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps, total_steps=s.max_steps
+        step, max_lr=s.max_lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps, total_steps=s.max_steps
     )
 
 
-def make_optimizer(model: nn.Module, s: TrainSettings, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with two groups: decay for weight matrices (attention, gate, experts, head),
-    none for norms, biases and embeddings (decaying them pulls gains/offsets/token vectors to 0)."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_norm = isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
-            is_bias = name.startswith("b") and (name == "bias" or name[1:].isdigit())  # bias, b1, b2
-            if is_norm or is_bias or isinstance(module, nn.Embedding):
-                no_decay.append(p)
-            else:
-                decay.append(p)
+def make_optimizer(model: SparseMoETransformer, s: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the model's decayed_parameters() and none on the rest."""
+    decayed = {id(p) for p in model.decayed_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": decay, "weight_decay": s.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": s.weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
     fused = device.type == "cuda"  # one kernel for all parameters on GPUs; foreach on the CPU
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=fused, foreach=not fused)
+    return torch.optim.AdamW(groups, lr=s.max_lr, betas=(s.beta1, s.beta2), fused=fused, foreach=not fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,6 +722,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    precision_reason: str = ""  # why this precision (printed in the run header)
 
     @property
     def is_main(self) -> bool:
@@ -753,6 +731,10 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
     def autocast(self):
         return autocast_context(self.device.type, self.amp_dtype)
@@ -781,20 +763,14 @@ def setup_runtime(device_name: str, precision: str) -> Runtime:
             torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
-    amp_dtype = resolve_precision(precision, device.type)
+    amp_dtype = resolve_precision(precision, device)
     if device.type == "cpu":
         keep_freed_memory()  # reuse big per-step buffers instead of page-faulting them in (cpu_memory.py)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where present
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, amp_dtype, rank, world_size, local_rank)
-
-
-def all_reduce_mean(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    if rt.distributed:
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
-        t = t / rt.world_size
-    return t
+    reason = explain_precision(precision, device)
+    return Runtime(device, amp_dtype, rank, world_size, local_rank, reason)
 
 
 def seed_everything(seed: int) -> None:
@@ -803,135 +779,67 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-# ---------------------------------------------------------------------------------------------
-# One optimizer step
-# ---------------------------------------------------------------------------------------------
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-def model_losses(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, balance: GlobalLoadBalance | None = None
-):
-    """Forward pass -> (lm_loss, aux_loss, z_loss, total_loss, output).
-
-    total = lm + aux_loss_coef * aux + z_loss_coef * z (the coefficients of the Config). Under DDP
-    the aux loss is computed with the expert fractions of the whole global batch (`balance`)."""
-    out = model(x, labels=y)
-    cfg = unwrap(model).config
-    aux = out.aux_loss if balance is None else balance.aux_loss()
-    total = out.loss + cfg.aux_loss_coef * aux + cfg.z_loss_coef * out.z_loss
-    return out.loss, aux, out.z_loss, total, out
-
-
-class GlobalLoadBalance:
-    """The Switch load-balancing loss over the global batch of a DDP step.
-
-    Each layer's loss is E * sum_i f_i * P_i with f_i the fraction of (token, slot) pairs routed to
-    expert i and P_i the mean router probability. f is a count (no gradient), so summing the counts
-    over ranks (all_reduce) gives the global f exactly; P is a mean over equally many tokens per rank,
-    so DDP's gradient averaging of E * sum_i f_i * P_i(rank) yields the gradient of the global loss.
-    Computed per rank on its own tokens alone, the loss would be a different (noisier) objective
-    than one process with the whole batch. The gate outputs are captured with forward hooks.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.moes = [layer.moe for layer in unwrap(model).layers]
-        self.gate_logits: dict[int, torch.Tensor] = {}
-        self.handles = [moe.gate.register_forward_hook(self._capture(i)) for i, moe in enumerate(self.moes)]
-
-    def _capture(self, i: int):
-        def hook(module, inputs, output):
-            self.gate_logits[i] = output  # [N, E]
-
-        return hook
-
-    def aux_loss(self) -> torch.Tensor:
-        losses = []
-        for i, moe in enumerate(self.moes):
-            counts = moe.last_routing.routed_counts.float()  # [E] pairs this rank routed to each expert
-            torch_dist.all_reduce(counts)  # [E] the whole global batch's
-            f = counts / counts.sum()  # [E]
-            P = torch.softmax(self.gate_logits[i].float(), dim=-1).mean(0)  # [E], differentiable
-            losses.append(moe.n_experts * torch.sum(f * P))
-        return torch.stack(losses).mean()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> SparseMoETransformer:
     """The plain SparseMoETransformer inside DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
 
 
-def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """Recompute each layer's activations during the backward pass instead of keeping them.
-
-    Only every layer's input stays in memory; torch.utils.checkpoint (non-reentrant) reruns the
-    layer in the backward pass with the same dropout masks (it restores the RNG state)."""
-    for layer in unwrap(model).layers:
-        if enabled and "_plain_forward" not in layer.__dict__:
-            plain = layer.forward
-            layer._plain_forward = plain
-
-            def checkpointed(*args, _plain=plain, **kwargs):
-                if torch.is_grad_enabled():
-                    return torch.utils.checkpoint.checkpoint(_plain, *args, use_reentrant=False, **kwargs)
-                return _plain(*args, **kwargs)
-
-            layer.forward = checkpointed
-        elif not enabled and "_plain_forward" in layer.__dict__:
-            del layer.__dict__["_plain_forward"]
-            del layer.__dict__["forward"]  # the class's forward again
+# ---------------------------------------------------------------------------------------------
+# One optimizer step, evaluation, a sample
+# ---------------------------------------------------------------------------------------------
 
 
-def train_step(model, optimizer, scaler, batches, s: TrainSettings, rt: Runtime, balance=None) -> dict:
-    """One optimizer step over `batches` (grad_accum micro-batches of (x, y) [B, T]).
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN or infinite."""
 
-    The loss of each micro-batch is divided by grad_accum, so the summed gradients are those of
-    the mean loss over the whole step. Returns the mean losses of the global batch [lm, aux, z,
-    total] (averaged over ranks), this rank's expert token counts [L, E], and the gradient norm
-    before clipping. A non-finite loss raises TrainingDiverged before the weights change. Under
-    DDP, gradients are all-reduced only on the last micro-batch (no_sync on the others).
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def train_step(model, optimizer, scaler, batches, s: TrainSettings, rt: Runtime) -> dict:
+    """One optimizer step over `batches` (grad_accum_steps micro-batches of (x, y) [B, T]).
+
+    The loss of each micro-batch is divided by the number of micro-batches, so the summed
+    gradients are those of the mean loss over the whole step. Under DDP the balance loss uses the
+    expert counts of the global batch (summed over ranks), and gradients are all-reduced only on
+    the last micro-batch (no_sync on the others). A non-finite loss or gradient norm raises
+    TrainingDiverged before the weights change (fp16: the GradScaler skips such steps itself).
+    Returns the mean losses of the global batch [lm, aux, z, total], this rank's expert counts
+    [L, E], and the gradient norm before clipping.
     """
+    config = unwrap(model).config
+    reduce_counts = sum_over_ranks if rt.distributed else None
     stats = torch.zeros(4, device=rt.device)  # lm, aux, z, total (sums over micro-batches)
-    expert_counts = None
+    expert_counts = torch.zeros(config.n_layer, config.n_expert, device=rt.device)
     for i, (x, y) in enumerate(batches):
         last = i == len(batches) - 1
-        sync = nullcontext() if (last or not rt.distributed) else model.no_sync()
-        with sync:
+        with nullcontext() if (last or not rt.distributed) else model.no_sync():
             with rt.autocast():
-                lm, aux, z, total, out = model_losses(model, x, y, balance)
-            scaler.scale(total / len(batches)).backward()
-        stats += torch.stack([lm.detach(), aux.detach(), z.detach(), total.detach()]).float()
-        counts = routing_counts(out)
-        expert_counts = counts if expert_counts is None else expert_counts + counts
+                out = model(x, y)
+                losses = moe_losses(out, config, reduce_counts)
+            scaler.scale(losses.total / len(batches)).backward()
+        stats += torch.stack([losses.lm, losses.aux, losses.z, losses.total]).detach().float()
+        expert_counts += torch.stack([r.routed_counts for r in out.routing]).float()
     stats /= len(batches)
-    stats = all_reduce_mean(stats, rt)  # the global batch's mean losses, the same on every rank
+    if rt.distributed:  # the global batch's mean losses, the same on every rank
+        stats = sum_over_ranks(stats) / rt.world_size
     if not torch.isfinite(stats).all():  # checked before the update: the weights stay good
         lm, aux, z, total = stats.tolist()
-        raise TrainingDiverged(
-            f"the loss is not finite (lm {lm}, aux {aux}, z {z}): stopping without updating the weights. "
-            "Lower --lr, keep --grad-clip on, or use --precision fp32/bf16 instead of fp16"
-        )
+        raise TrainingDiverged(f"the loss is not finite (lm {lm}, aux {aux}, z {z})")
     scaler.unscale_(optimizer)  # fp16: the true gradients again before clipping
     max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm)
-    scaler.step(optimizer)  # skipped when an fp16 gradient overflowed (the scaler then lowers its scale)
+    if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"the gradient norm is {float(grad_norm)}")
+    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scaler then lowers its scale)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return {"losses": stats, "grad_norm": grad_norm, "expert_counts": expert_counts}
-
-
-def routing_counts(out) -> torch.Tensor:
-    """Tokens routed to each expert in this forward pass: [n_layers, n_experts] (float)."""
-    return torch.stack([stats.tokens_per_expert.float() for stats in out.routing_stats])
 
 
 @torch.no_grad()
@@ -949,7 +857,7 @@ def evaluate(
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # [sum of loss * tokens, tokens]
     for x, y in iter_eval_batches(
         tokens,
-        s.block_size,
+        s.seq_len,
         s.batch_size,
         max_batches=max_batches,
         rank=rt.rank,
@@ -957,7 +865,7 @@ def evaluate(
         device=rt.device,
     ):
         with rt.autocast():
-            out = unwrap(model)(x, labels=y)
+            out = unwrap(model)(x, y)
         sums += torch.stack([out.loss.double() * y.numel(), torch.tensor(y.numel(), device=rt.device)])
     if rt.distributed:
         torch_dist.all_reduce(sums)
@@ -966,80 +874,493 @@ def evaluate(
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(sums[1].item())}
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids of a prompt; the empty prompt starts from the end-of-text token."""
+    return tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+
+
 @torch.no_grad()
-def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device, seed: int = 0, **sampling) -> str:
-    """A short sample for the progress log. Uses its own seeded generator, so the training run's
-    random streams (dropout, data) are untouched and resume stays exact."""
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device, seed: int = 0) -> str:
+    """A short sample for the progress log (temperature 0.8, top-50). Uses its own seeded generator,
+    so the training run's random streams (dropout, data) are untouched and resume stays exact."""
     raw = unwrap(model)
-    was_training = raw.training
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    new = [
-        int(t[0])
-        for t in raw.stream_generate(
-            ids,
-            max_new_tokens=min(max_new_tokens, raw.config.max_len - ids.shape[1]),
-            temperature=sampling.get("temperature", 0.8),
-            top_k=sampling.get("top_k", 50),
-            eos_token_id=tokenizer.eot_id,
-            seed=seed,
-        )
-    ]
-    raw.train(was_training)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)
+    max_new_tokens = min(max_new_tokens, raw.config.block_size - ids.shape[1])
+    stream = raw.stream_generate(
+        ids, max_new_tokens, temperature=0.8, top_k=50, eos_token_id=tokenizer.eot_id, seed=seed
+    )
+    new = [int(t[0]) for t in stream]
     return prompt + tokenizer.decode([t for t in new if t != tokenizer.eot_id])
 
 
 # =============================================================================================
-# Configs from the command line
+# --mode train: resolve the run, build the state, save, and the loop
 # =============================================================================================
 
 
-def parse_overrides(items: list[str] | None) -> dict:
-    """['n_layers=4', 'dropout=0.0'] -> {'n_layers': 4, 'dropout': 0.0}, typed by the Config fields."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    out = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        key, text = key.strip(), text.strip()
-        if not sep or not key:
-            raise ValueError(f"--set expects FIELD=VALUE (e.g. --set n_layers=4), got {item!r}")
-        if key not in fields:
-            raise ValueError(
-                f"unknown config field {key!r} in --set {item}: the fields are {', '.join(sorted(fields))}"
-            )
-        out[key] = _parse_value(key, text, fields[key])
-    return out
+@dataclass
+class Run:
+    """Everything decided before the first step: a run that would fail later fails here instead."""
+
+    out_dir: Path
+    preset: str
+    config: Config
+    settings: TrainSettings
+    runtime: Runtime
+    data: object  # data_pipeline.PreparedData
+    tokenizer: object  # text_tokenizers.TextTokenizer
+    sample_prompt: str
+    stop_at: int
+    resume_checkpoint: dict | None
+    changed_on_resume: list[str]
 
 
-def _parse_value(key: str, text: str, field):
-    """Convert the text of one --set value to the type of its Config field."""
-    default = field.default if field.default is not dataclasses.MISSING else None
-    type_name = (
-        field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    )
-    if text.lower() in ("none", "null") and ("None" in type_name or default is None):
-        return None
-    try:
-        if isinstance(default, bool) or type_name.startswith("bool"):
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if isinstance(default, int) or type_name.startswith("int"):
-            return int(text)
-        if isinstance(default, float) or type_name.startswith("float"):
-            return float(text)
-    except ValueError:
-        kind = {"bool": "true or false", "int": "an int", "float": "a float"}.get(
-            type_name.split(" ")[0], type_name
+RESUME_KEYS = ("model", "optimizer", "sampler", "rng", "train_args", "tokenizer", "config", "step", "tokens")
+
+
+def resolve_run(args) -> Run:
+    """Settings (flags > checkpoint on resume > preset defaults), model config, device, data, checks."""
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file: pass a folder for the run's checkpoints")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out-dir and --overwrite deletes it: choose one")
+    if not args.resume and (out_dir / LATEST_NAME).exists() and not args.overwrite:
+        raise ValueError(
+            f"{out_dir / LATEST_NAME} exists: continue it with --resume, choose another --out-dir, "
+            "or pass --overwrite to start again from scratch (its checkpoints are then deleted)"
         )
-        raise ValueError(f"--set {key}={text}: {key} must be {kind}") from None
-    return text
+    ckpt = read_checkpoint(out_dir / LATEST_NAME) if args.resume else None
+    if ckpt is not None:
+        missing = [key for key in RESUME_KEYS if key not in ckpt]
+        if missing:
+            raise ValueError(
+                f"{ckpt['path']} cannot be resumed: it has no {', '.join(missing)} entr"
+                f"{'y' if len(missing) == 1 else 'ies'} (it is damaged or was not written by --mode train); "
+                "train into a new --out-dir"
+            )
+
+    # -- settings: explicit flags > the checkpoint's (on resume) > the preset's defaults ----------
+    preset = args.preset or (ckpt.get("preset") if ckpt else None) or "cpu-demo"
+    values = dict(TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"]))
+    saved = TrainSettings.from_saved(ckpt["train_args"]) if ckpt else {}
+    values.update(saved)
+    changed = []
+    for f in fields(TrainSettings):
+        flag = getattr(args, f.name, None)
+        if flag is not None:
+            if f.name in saved and saved[f.name] != flag and f.name != "world_size":
+                changed.append(f"{f.name} {saved[f.name]!r} -> {flag!r}")
+            values[f.name] = flag
+    values["seed"] = args.seed = values.get("seed", 0)  # also the synthetic-story and hold-out seed
+    rt = setup_runtime(args.device, values.get("precision", "auto"))
+    values["world_size"] = rt.world_size
+
+    # -- model config, checked before any data work -------------------------------------------
+    overrides = args.overrides  # --set FIELD=VALUE, parsed by cli.py
+    saved_config = asdict(Config.from_saved(ckpt["config"])) if ckpt else None
+    vocab_guess = saved_config["vocab_size"] if saved_config else Config.from_preset(preset).vocab_size
+    config = resolve_model_config(args.preset, overrides, saved_config, vocab_guess)  # validates the fields
+    values.setdefault("seq_len", config.block_size)
+    if values["seq_len"] > config.block_size:
+        raise ValueError(f"--seq-len {values['seq_len']} exceeds the model's block_size {config.block_size}")
+    s = TrainSettings(**{k: v for k, v in values.items() if k in {f.name for f in fields(TrainSettings)}})
+    stop_at = min(s.max_steps, args.stop_at_step if args.stop_at_step is not None else s.max_steps)
+
+    # -- data: rank 0 tokenizes (and trains the bpe tokenizer) once; the others read the cache ----
+    if ckpt is not None:
+        saved_tokenizer = ckpt["tokenizer"].get("name")
+        if args.tokenizer is not None and args.tokenizer != saved_tokenizer:
+            raise ValueError(
+                f"--tokenizer {args.tokenizer} differs from the checkpoint's tokenizer ({saved_tokenizer}): "
+                "a resumed run keeps its tokenizer; drop --tokenizer or train into a new --out-dir"
+            )
+        if args.vocab_size is not None and args.vocab_size != saved_config["vocab_size"]:
+            raise ValueError(
+                f"--vocab-size {args.vocab_size} differs from the checkpoint's "
+                f"({saved_config['vocab_size']}): "
+                "a resumed run keeps its tokenizer; drop --vocab-size or train into a new --out-dir"
+            )
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt else (args.tokenizer or "bpe")
+    if rt.distributed and not rt.is_main:
+        torch_dist.barrier()
+    data = prepare_data(
+        data_source_from_namespace(args),
+        tokenizer,
+        vocab_size=args.vocab_size or 4096,
+        cache_dir=args.cache_dir,
+        progress=rt.is_main,
+    )
+    if rt.distributed and rt.is_main:
+        torch_dist.barrier()
+    config = resolve_model_config(args.preset, overrides, saved_config, data.tokenizer.vocab_size)
+    if ckpt is not None:
+        check_same_config(saved_config, asdict(config), ckpt["path"])
+
+    # -- what would otherwise fail after the last step ---------------------------------------------
+    if len(data.valid_tokens) < s.seq_len + 1:
+        raise ValueError(
+            f"the validation split has {len(data.valid_tokens)} tokens, fewer than one sequence of "
+            f"--seq-len {s.seq_len} + 1: give more validation text or a smaller --seq-len"
+        )
+    n_prompt = len(prompt_ids(data.tokenizer, args.sample_prompt))
+    if s.sample_tokens and n_prompt >= config.block_size:
+        raise ValueError(
+            f"--sample-prompt is {n_prompt} tokens, the model's context is {config.block_size}: "
+            "shorten it or pass --sample-tokens 0"
+        )
+    return Run(
+        out_dir, preset, config, s, rt, data, data.tokenizer, args.sample_prompt, stop_at, ckpt, changed
+    )
+
+
+@dataclass
+class TrainState:
+    model: SparseMoETransformer  # the plain model (what is saved)
+    train_model: nn.Module  # the same, wrapped by torch.compile / DDP when asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BlockBatchSampler
+    step: int = 0
+    tokens: int = 0
+    best_val: float | None = None
+    train_time: float = 0.0  # seconds spent in optimizer steps (evaluation, sampling, saving excluded)
+
+
+def build_state(run: Run) -> TrainState:
+    """Model, optimizer, scaler and sampler: fresh, or exactly as the resumed checkpoint left them."""
+    s, rt, ckpt = run.settings, run.runtime, run.resume_checkpoint
+    seed_everything(s.seed)  # the same initial weights on every rank
+    model = SparseMoETransformer(run.config).to(rt.device)
+    model.set_activation_checkpointing(s.activation_checkpointing)
+    optimizer = make_optimizer(model, s, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    sampler = BlockBatchSampler(
+        len(run.data.train_tokens), s.seq_len, s.batch_size, s.seed, rt.rank, rt.world_size
+    )
+    seed_everything(s.seed + rt.rank)  # dropout streams differ between ranks
+    state = TrainState(model, model, optimizer, scaler, sampler)
+    if ckpt is not None:
+        load_model_state(model, ckpt)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        restore_rng_state(ckpt["rng"][rt.rank % len(ckpt["rng"])])
+        state.step, state.tokens = int(ckpt["step"]), int(ckpt["tokens"])
+        state.best_val = ckpt.get("best_val_loss")
+        state.train_time = float(ckpt.get("train_time_s", 0.0))
+    if s.compile:
+        state.train_model = torch.compile(model)
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        devices = [rt.local_rank] if rt.device.type == "cuda" else None
+        state.train_model = DDP(state.train_model, device_ids=devices)
+    model.train()
+    return state
+
+
+def save(run: Run, state: TrainState, is_best: bool) -> None:
+    """latest.pt (and best.pt when is_best), atomically, on rank 0; every rank's RNG state goes in.
+
+    Weights that are not finite are never saved: the previous checkpoint stays the good one."""
+    rt = run.runtime
+    rng = [capture_rng_state()]
+    if rt.distributed:
+        rng = [None] * rt.world_size
+        torch_dist.all_gather_object(rng, capture_rng_state())
+    if not rt.is_main:
+        return
+    if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+        raise TrainingDiverged("the weights are not finite; they were not saved")
+    s = run.settings
+    save_run_checkpoints(
+        run.out_dir,
+        state.model,
+        state.optimizer,
+        state.step,
+        is_best=is_best,
+        tokens=state.tokens,
+        preset=run.preset,
+        scaler=state.scaler.state_dict(),
+        sampler=state.sampler.state_dict(),
+        rng=rng,
+        scheduler={
+            "kind": "warmup_cosine",
+            "max_lr": s.max_lr,
+            "min_lr": s.min_lr,
+            "warmup_steps": s.warmup_steps,
+            "total_steps": s.max_steps,
+            "step": state.step,
+        },
+        config=asdict(run.config),
+        train_args=asdict(s),
+        tokenizer=run.tokenizer.to_state(),
+        best_val_loss=state.best_val,
+        train_time_s=state.train_time,
+    )
+
+
+def start_run_folder(run: Run, overwrite: bool) -> None:
+    """Create the run folder; --overwrite deletes the previous run's checkpoints and metrics; write
+    tokenizer.json and config.json; remove temp files that a killed save left behind."""
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temp_files(run.out_dir)
+    if removed:
+        print(f"cleanup   removed {len(removed)} temporary file(s) left by an interrupted save")
+    if overwrite:
+        old = [run.out_dir / n for n in (LATEST_NAME, BEST_NAME, METRICS_FILE)]
+        old = [path for path in old if path.exists()]
+        for path in old:
+            path.unlink()
+        if old:
+            print(f"overwrite deleted the previous run's {', '.join(p.name for p in old)}")
+    run.tokenizer.save(run.out_dir / "tokenizer.json")
+    summary = {"preset": run.preset, "model": asdict(run.config), "training": asdict(run.settings)}
+    (run.out_dir / "config.json").write_text(json.dumps(summary, indent=2))
+
+
+def print_header(run: Run, state: TrainState) -> None:
+    c, s, rt, data = run.config, run.settings, run.runtime, run.data
+    print(
+        f"data      {data.info['source']}: {len(data.train_tokens):,} train / {len(data.valid_tokens):,} "
+        f"valid tokens ({'cache reused' if data.reused else 'tokenized'}: {data.cache_path})"
+    )
+    print(f"tokenizer {run.tokenizer.name}, {run.tokenizer.vocab_size} ids")
+    print(
+        f"model     {run.preset}: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads, "
+        f"{c.n_expert} experts (top-{c.top_k}, hidden {c.d_ff}), block_size {c.block_size}, "
+        f"dropout {c.dropout}"
+        + ("" if c.attn_dropout is None else f" (attention {c.attn_dropout})")
+        + f"\n          {parameter_summary(c)}"
+    )
+    print(
+        f"device    {rt.device} x {rt.world_size} rank(s), precision {rt.precision} ({rt.precision_reason})"
+        f"{', activation checkpointing' if s.activation_checkpointing else ''}"
+        f"{', torch.compile' if s.compile else ''}"
+    )
+    print(
+        f"batch     {s.batch_size} x {s.grad_accum_steps} accum x {rt.world_size} rank(s) x {s.seq_len} "
+        f"tokens = {s.tokens_per_step:,} tokens/step, {s.max_steps} steps"
+    )
+    plan = plan_memory(
+        c,
+        s.batch_size,
+        s.seq_len,
+        n_params=count_parameters(c),
+        precision=rt.precision,
+        activation_checkpointing=s.activation_checkpointing,
+    )
+    print(format_memory_plan(plan))
+    if run.resume_checkpoint is not None:
+        print(
+            f"resumed   from {run.resume_checkpoint['path']} at step {state.step} ({state.tokens:,} tokens)"
+        )
+        if run.changed_on_resume:
+            print(f"changed   on resume, from this step on: {', '.join(run.changed_on_resume)}")
+
+
+class MetricsWindow:
+    """Sums of the losses, expert counts, time and tokens since the last metrics.jsonl record."""
+
+    def __init__(self, run: Run):
+        c = run.config
+        self.device, self.shape = run.runtime.device, (c.n_layer, c.n_expert)
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses = torch.zeros(4, device=self.device)
+        self.counts = torch.zeros(self.shape, device=self.device)
+        self.steps, self.time, self.tokens = 0, 0.0, 0
+
+    def add(self, result: dict, seconds: float, tokens: int) -> None:
+        self.losses += result["losses"]
+        self.counts += result["expert_counts"]
+        self.steps, self.time, self.tokens = self.steps + 1, self.time + seconds, self.tokens + tokens
+
+    def record(self, state: TrainState, lr: float, grad_norm, rt: Runtime) -> dict:
+        """The window's mean losses and every rank's expert load per layer; then start a new window."""
+        lm, aux, z, total = (self.losses / self.steps).tolist()
+        if rt.distributed:  # every rank's routing decisions, not only rank 0's
+            torch_dist.all_reduce(self.counts)
+        load = self.counts / self.counts.sum(dim=1, keepdim=True).clamp_min(1)  # [L, E]
+        record = {
+            "kind": "train",
+            "step": state.step,
+            "tokens": state.tokens,
+            "lr": lr,
+            "loss": lm,
+            "aux_loss": aux,
+            "z_loss": z,
+            "total_loss": total,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": self.tokens / max(self.time, 1e-9),
+            "train_time_s": state.train_time,
+            "expert_load": load.tolist(),
+        }
+        self.reset()
+        return record
+
+
+def evaluate_and_sample(run: Run, state: TrainState) -> dict:
+    """Validation loss (the best so far is remembered) and, on rank 0, a short sample."""
+    s, rt = run.settings, run.runtime
+    result = evaluate(state.model, run.data.valid_tokens, s, rt, max_batches=s.eval_batches or None)
+    result["is_best"] = state.best_val is None or result["val_loss"] < state.best_val
+    if result["is_best"]:
+        state.best_val = result["val_loss"]
+    result["sample"] = ""
+    if rt.is_main and s.sample_tokens:
+        result["sample"] = sample_text(
+            state.model, run.tokenizer, run.sample_prompt, s.sample_tokens, rt.device, s.seed
+        )
+    return result
+
+
+def train_main(args) -> dict:
+    """Train (or resume) a model; returns a summary dict (also printed)."""
+    from tqdm.auto import tqdm
+
+    run = resolve_run(args)
+    s, rt = run.settings, run.runtime
+    log = print if rt.is_main else (lambda *a, **k: None)
+    with RunFolderLock(run.out_dir, enabled=rt.is_main):
+        state = build_state(run)
+        if rt.is_main:
+            start_run_folder(run, overwrite=args.overwrite)
+            print_header(run, state)
+        metrics_file = open(run.out_dir / METRICS_FILE, "a", encoding="utf-8") if rt.is_main else None
+
+        def write(record: dict) -> None:
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+
+        def evaluate_and_log() -> dict:
+            result = evaluate_and_sample(run, state)
+            write(
+                {
+                    "kind": "eval",
+                    "step": state.step,
+                    "tokens": state.tokens,
+                    "train_time_s": state.train_time,
+                    **{k: v for k, v in result.items() if k != "is_best"},
+                }
+            )
+            bar.write(
+                f"step {state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
+                + (" | best" if result["is_best"] else "")
+                + (f"\n    {result['sample']!r}" if result["sample"] else "")
+            )
+            return result
+
+        bar = tqdm(
+            total=s.max_steps,
+            initial=state.step,
+            desc="training",
+            unit="step",
+            disable=not rt.is_main,
+            dynamic_ncols=True,
+        )
+        window, last_eval, status = MetricsWindow(run), None, "finished"
+        try:
+            with StopRequest() as stop:
+                # evaluate the untrained model once, so the validation curve starts at step 0
+                if state.step == 0 and run.resume_checkpoint is None and s.eval_interval:
+                    last_eval = evaluate_and_log()
+                while state.step < run.stop_at:
+                    # forward, backward and update over grad_accum_steps micro-batches at this step's lr
+                    t0 = time.perf_counter()
+                    lr = lr_at(state.step, s)
+                    set_learning_rate(state.optimizer, lr)
+                    batches = [
+                        blocks_to_batch(run.data.train_tokens, next(state.sampler), s.seq_len, rt.device)
+                        for _ in range(s.grad_accum_steps)
+                    ]
+                    result = train_step(state.train_model, state.optimizer, state.scaler, batches, s, rt)
+                    dt = time.perf_counter() - t0
+                    state.step, state.tokens = state.step + 1, state.tokens + s.tokens_per_step
+                    state.train_time += dt
+                    bar.update(1)
+                    # log the window's mean losses, expert load and throughput every log_interval steps
+                    window.add(result, dt, s.tokens_per_step)
+                    if state.step % s.log_interval == 0 or state.step == s.max_steps:
+                        record = window.record(state, lr, result["grad_norm"], rt)
+                        write(record)
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.3f}",
+                            lr=f"{lr:.2e}",
+                            tok_s=f"{record['tokens_per_s']:,.0f}",
+                            aux=f"{record['aux_loss']:.3f}",
+                        )
+                    # evaluate (and save) every eval_interval steps; save every save_interval steps
+                    if state.step < s.max_steps and s.eval_interval and state.step % s.eval_interval == 0:
+                        last_eval = evaluate_and_log()
+                        save(run, state, is_best=last_eval["is_best"])
+                    elif s.save_interval and state.step % s.save_interval == 0:
+                        save(run, state, is_best=False)
+                    # Ctrl-C / SIGTERM on any rank: save after this step and stop
+                    if stop_requested(stop.requested, rt):
+                        save(run, state, is_best=False)
+                        status = "interrupted"
+                        break
+                if status == "finished" and state.step >= s.max_steps:
+                    # the end: save first, so a failing evaluation or sample loses nothing, then evaluate
+                    save(run, state, is_best=False)
+                    last_eval = evaluate_and_log()
+                    if last_eval["is_best"]:
+                        save(run, state, is_best=True)
+                elif status == "finished":
+                    status = "stopped"  # --stop-at-step
+                    save(run, state, is_best=False)
+        except TrainingDiverged as err:
+            latest = run.out_dir / LATEST_NAME
+            where = (
+                f"the last good checkpoint is {latest} (resume from it with --resume)"
+                if latest.exists()
+                else "no checkpoint was saved before it"
+            )
+            raise TrainingDiverged(
+                f"step {state.step + 1}: {err}: stopped without saving the damaged weights; {where}. "
+                "Lower --max-lr, keep --grad-clip on, or use --precision fp32/bf16 instead of fp16"
+            ) from None
+        finally:
+            bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+    summary = {
+        "status": status,
+        "step": state.step,
+        "tokens": state.tokens,
+        "best_val_loss": state.best_val,
+        "val_loss": last_eval["val_loss"] if last_eval else None,
+        "out_dir": str(run.out_dir),
+    }
+    if status == "interrupted":
+        log(
+            f"interrupted at step {state.step}: checkpoint saved to {run.out_dir / LATEST_NAME}; "
+            "continue with the same command plus --resume"
+        )
+    elif status == "stopped":
+        log(f"stopped at step {state.step} (--stop-at-step): continue with --resume")
+    if rt.is_main and (s.eval_interval or status == "finished"):
+        try:
+            make_plots(run.out_dir)
+        except ValueError as err:
+            log(f"no plots: {err}")
+    best = f", best val loss {state.best_val:.4f}" if state.best_val is not None else ""
+    log(f"done: step {state.step}{best}, checkpoints in {run.out_dir}")
+    if rt.distributed:
+        # Leave together: a rank that tears down its gloo connections while another is still
+        # working (rank 0 drawing plots) can make the other abort with "connection closed".
+        torch_dist.barrier()
+    return summary
 
 
 def resolve_model_config(preset: str | None, overrides: dict, saved: dict | None, vocab_size: int) -> Config:
-    """The model config: the checkpoint's when resuming (a different --preset/--set is an error),
-    else the preset with the overrides; vocab_size always comes from the tokenizer."""
+    """The model config: the checkpoint's when resuming (a different --preset/--set is an error,
+    raised by check_same_config), else the preset with the overrides; vocab_size comes from the tokenizer."""
     if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
         raise ValueError(
             f"--set vocab_size={overrides['vocab_size']} disagrees with the tokenizer ({vocab_size} ids): "
@@ -1048,17 +1369,7 @@ def resolve_model_config(preset: str | None, overrides: dict, saved: dict | None
     overrides = {**overrides, "vocab_size": vocab_size}
     if saved is not None and preset is None:
         return Config(**{**saved, **overrides})
-    config = Config.from_preset(preset or "cpu-demo", **overrides)
-    return config
-
-
-def training_setting_defaults(preset: str | None) -> dict:
-    return dict(TRAINING_PRESETS.get(preset or "cpu-demo", TRAINING_FALLBACK))
-
-
-# =============================================================================================
-# --mode train
-# =============================================================================================
+    return Config.from_preset(preset or "cpu-demo", **overrides)
 
 
 class StopRequest:
@@ -1094,330 +1405,6 @@ class StopRequest:
         return False
 
 
-def train_main(args) -> dict:
-    """Train (or resume) a model; returns a summary dict (also printed)."""
-    out_dir = Path(args.out_dir)
-    resume_ckpt = read_checkpoint(out_dir / LATEST_NAME) if args.resume else None
-    if args.resume is False and (out_dir / LATEST_NAME).exists() and not args.overwrite:
-        raise ValueError(
-            f"{out_dir / LATEST_NAME} exists: continue it with --resume, choose another --out-dir, "
-            "or pass --overwrite to start again from scratch"
-        )
-
-    # -- settings: explicit flags > the checkpoint's (on resume) > the preset's defaults --------
-    preset = args.preset or (resume_ckpt.get("preset") if resume_ckpt else None) or "cpu-demo"
-    values = training_setting_defaults(preset)
-    if resume_ckpt is not None:
-        values.update(resume_ckpt["train_args"])
-    for f in dataclasses.fields(TrainSettings):
-        if getattr(args, f.name, None) is not None:
-            values[f.name] = getattr(args, f.name)
-    values.setdefault("block_size", None)
-    args.seed = values.setdefault("seed", 0)  # also the synthetic-story and hold-out seed
-    precision = values.get("precision", "auto")
-    rt = setup_runtime(args.device, precision)
-    values["world_size"] = rt.world_size
-
-    # -- model config and settings, checked before any data work -----------------------------------
-    overrides = parse_overrides(args.set)
-    saved_config = Config.saved_fields(resume_ckpt["config"]) if resume_ckpt else None
-    vocab_guess = saved_config["vocab_size"] if saved_config else Config.from_preset(preset).vocab_size
-    config = resolve_model_config(args.preset, overrides, saved_config, vocab_guess)  # validates the fields
-    if values["block_size"] is None:
-        values["block_size"] = config.max_len
-    if values["block_size"] > config.max_len:
-        raise ValueError(f"--block-size {values['block_size']} exceeds the model's max_len {config.max_len}")
-    s = TrainSettings(
-        **{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(TrainSettings)}}
-    )
-
-    # -- data: rank 0 tokenizes (and trains the bpe tokenizer) once; the others read the cache -----
-    source = data_source_from_namespace(args)
-    tokenizer = tokenizer_from_state(resume_ckpt["tokenizer"]) if resume_ckpt else args.tokenizer
-    if rt.distributed and not rt.is_main:
-        torch_dist.barrier()
-    data = prepare_data(
-        source, tokenizer, vocab_size=args.vocab_size, cache_dir=args.cache_dir, progress=rt.is_main
-    )
-    if rt.distributed and rt.is_main:
-        torch_dist.barrier()
-    tokenizer = data.tokenizer
-    config = resolve_model_config(args.preset, overrides, saved_config, tokenizer.vocab_size)
-    if resume_ckpt is not None:
-        check_same_config(saved_config, asdict(config), resume_ckpt["path"])
-
-    # -- model, optimizer, scaler, sampler -------------------------------------------------------
-    seed_everything(s.seed)  # the same initial weights on every rank
-    model = SparseMoETransformer(config).to(rt.device)
-    optimizer = make_optimizer(model, s, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    sampler = BlockBatchSampler(
-        len(data.train_tokens), s.block_size, s.batch_size, s.seed, rt.rank, rt.world_size
-    )
-    seed_everything(s.seed + rt.rank)  # dropout streams differ between ranks
-    step, tokens_seen, best_val = 0, 0, None
-    train_time = 0.0  # seconds spent in optimizer steps (evaluation, sampling and saving excluded)
-    if resume_ckpt is not None:
-        load_model_state(model, resume_ckpt)
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if resume_ckpt.get("scaler"):
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        sampler.load_state_dict(resume_ckpt["sampler"])
-        rng_states = resume_ckpt["rng"]
-        restore_rng_state(rng_states[rt.rank % len(rng_states)])
-        step, tokens_seen = int(resume_ckpt["step"]), int(resume_ckpt["tokens"])
-        best_val = resume_ckpt.get("best_val_loss")
-        train_time = float(resume_ckpt.get("train_time_s", 0.0))
-
-    log = print if rt.is_main else (lambda *a, **k: None)
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out_dir / "tokenizer.json")
-        (out_dir / "config.json").write_text(
-            json.dumps({"preset": preset, "model": asdict(config), "training": asdict(s)}, indent=2)
-        )
-        if args.overwrite and not args.resume and (out_dir / METRICS_FILE).exists():
-            (out_dir / METRICS_FILE).unlink()
-    log(
-        f"data      {data.info['source']}: {len(data.train_tokens):,} train / {len(data.valid_tokens):,} "
-        f"valid tokens ({'cache reused' if data.reused else 'tokenized'}: {data.cache_path})"
-    )
-    log(f"tokenizer {tokenizer.name}, {tokenizer.vocab_size} ids")
-    log(
-        f"model     {preset}: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, "
-        f"{config.n_experts} experts (top-{config.top_k}, hidden {config.d_ff}), max_len {config.max_len}, "
-        f"dropout {config.dropout}"
-        + ("" if config.attn_dropout is None else f" (attention {config.attn_dropout})")
-        + f"\n          {parameter_summary(config)}"
-    )
-    log(
-        f"device    {rt.device} x {rt.world_size} rank(s), precision "
-        f"{'fp32' if rt.amp_dtype is None else str(rt.amp_dtype).replace('torch.', '')}"
-        f"{', activation checkpointing' if s.activation_checkpointing else ''}"
-        f"{', torch.compile' if s.compile else ''}"
-    )
-    log(
-        f"batch     {s.batch_size} x {s.grad_accum} accum x {rt.world_size} rank(s) x {s.block_size} "
-        f"tokens = {s.tokens_per_step:,} tokens/step, {s.max_steps} steps"
-    )
-    plan = plan_memory(
-        config,
-        s.batch_size,
-        s.block_size,
-        n_params=count_parameters(config),
-        precision=_precision_name(rt),
-        activation_checkpointing=s.activation_checkpointing,
-    )
-    log(format_memory_plan(plan))
-    if resume_ckpt is not None:
-        log(f"resumed   from {resume_ckpt['path']} at step {step} ({tokens_seen:,} tokens)")
-
-    # -- wrappers: activation checkpointing, torch.compile, DDP ------------------------------------
-    set_activation_checkpointing(model, s.activation_checkpointing)
-    train_model = torch.compile(model) if s.compile else model
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(train_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    balance = GlobalLoadBalance(model) if rt.distributed else None
-    model.train()
-
-    def save(is_best: bool) -> None:
-        rng = capture_rng_state()
-        rng_all = [None] * rt.world_size
-        if rt.distributed:
-            torch_dist.all_gather_object(rng_all, rng)
-        else:
-            rng_all = [rng]
-        if not rt.is_main:
-            return
-        save_run_checkpoints(
-            out_dir,
-            model,
-            optimizer,
-            step,
-            is_best=is_best,
-            tokens=tokens_seen,
-            preset=preset,
-            scheduler={
-                "kind": "warmup_cosine",
-                "max_lr": s.lr,
-                "min_lr": s.min_lr,
-                "warmup_steps": s.warmup_steps,
-                "total_steps": s.max_steps,
-                "step": step,
-            },
-            scaler=scaler.state_dict(),
-            sampler=sampler.state_dict(),
-            rng=rng_all,
-            config=asdict(config),
-            train_args=asdict(s),
-            tokenizer=tokenizer.to_state(),
-            best_val_loss=best_val,
-            train_time_s=train_time,
-        )
-
-    metrics_file = open(out_dir / METRICS_FILE, "a", encoding="utf-8") if rt.is_main else None
-
-    def write_metrics(record: dict) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    def run_eval() -> dict:
-        nonlocal best_val
-        result = evaluate(model, data.valid_tokens, s, rt, max_batches=s.eval_batches or None)
-        is_best = best_val is None or result["val_loss"] < best_val
-        best_val = result["val_loss"] if is_best else best_val
-        sample = ""
-        if rt.is_main and s.sample_tokens:
-            sample = sample_text(
-                model, tokenizer, args.sample_prompt, s.sample_tokens, rt.device, seed=s.seed
-            )
-        record = {"kind": "eval", "step": step, "tokens": tokens_seen, "train_time_s": train_time}
-        write_metrics({**record, **result, "sample": sample})
-        if rt.is_main:
-            bar.write(
-                f"step {step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
-                + (" | best" if is_best else "")
-                + (f"\n    {sample!r}" if sample else "")
-            )
-        return {"is_best": is_best, **result}
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=s.max_steps,
-        initial=step,
-        desc="training",
-        unit="step",
-        disable=not rt.is_main,
-        dynamic_ncols=True,
-    )
-    window = {
-        "losses": torch.zeros(4, device=rt.device),
-        "counts": None,
-        "steps": 0,
-        "time": 0.0,
-        "tokens": 0,
-    }
-    last_eval = None
-    stop_at = args.stop_at_step if args.stop_at_step is not None else s.max_steps
-    status = "finished"
-    try:
-        with StopRequest() as stop:
-            if step == 0 and resume_ckpt is None and s.eval_interval:
-                last_eval = run_eval()
-            while step < min(stop_at, s.max_steps):
-                t0 = time.perf_counter()
-                lr = lr_at(step, s)
-                set_learning_rate(optimizer, lr)
-                batches = [
-                    blocks_to_batch(data.train_tokens, next(sampler), s.block_size, rt.device)
-                    for _ in range(s.grad_accum)
-                ]
-                result = train_step(train_model, optimizer, scaler, batches, s, rt, balance)
-                step += 1
-                tokens_seen += s.tokens_per_step
-                dt = time.perf_counter() - t0
-                window["losses"] += result["losses"]
-                counts = result["expert_counts"]
-                window["counts"] = counts if window["counts"] is None else window["counts"] + counts
-                window["steps"] += 1
-                window["time"] += dt
-                window["tokens"] += s.tokens_per_step
-                train_time += dt
-                if step % s.log_interval == 0 or step == s.max_steps:
-                    lm, aux, z, total = (window["losses"] / window["steps"]).tolist()
-                    if rt.distributed:  # every rank's routing decisions, not only rank 0's
-                        torch_dist.all_reduce(window["counts"])
-                    load = window["counts"] / window["counts"].sum(dim=1, keepdim=True).clamp_min(1)  # [L, E]
-                    tok_s = window["tokens"] / max(window["time"], 1e-9)
-                    write_metrics(
-                        {
-                            "kind": "train",
-                            "step": step,
-                            "tokens": tokens_seen,
-                            "lr": lr,
-                            "loss": lm,
-                            "aux_loss": aux,
-                            "z_loss": z,
-                            "total_loss": total,
-                            "grad_norm": float(result["grad_norm"]),
-                            "tokens_per_s": tok_s,
-                            "train_time_s": train_time,
-                            "expert_load": load.tolist(),
-                        }
-                    )
-                    bar.set_postfix(loss=f"{lm:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", aux=f"{aux:.3f}")
-                    window = {
-                        "losses": torch.zeros(4, device=rt.device),
-                        "counts": None,
-                        "steps": 0,
-                        "time": 0.0,
-                        "tokens": 0,
-                    }
-                bar.update(1)
-                evaluated = s.eval_interval and step % s.eval_interval == 0
-                if evaluated:
-                    last_eval = run_eval()
-                stop_now = stop_requested(stop.requested, rt)
-                if evaluated or stop_now or (s.save_interval and step % s.save_interval == 0):
-                    save(is_best=bool(evaluated and last_eval["is_best"]))
-                if stop_now:
-                    status = "interrupted"
-                    break
-            if status == "finished" and step >= s.max_steps:
-                if last_eval is None or not (s.eval_interval and step % s.eval_interval == 0):
-                    last_eval = run_eval()
-                    save(is_best=last_eval["is_best"])
-            elif status == "finished":
-                status = "stopped"
-                save(is_best=False)
-    except TrainingDiverged as err:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        raise TrainingDiverged(
-            f"step {step + 1}: {err}. The last good checkpoint is "
-            f"{out_dir / LATEST_NAME} (resume from it with --resume)"
-        ) from None
-    bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
-    summary = {
-        "status": status,
-        "step": step,
-        "tokens": tokens_seen,
-        "best_val_loss": best_val,
-        "val_loss": last_eval["val_loss"] if last_eval else None,
-        "out_dir": str(out_dir),
-    }
-    if rt.is_main:
-        if status == "interrupted":
-            log(
-                f"interrupted at step {step}: checkpoint saved to {out_dir / LATEST_NAME}; "
-                f"continue with the same command plus --resume"
-            )
-        elif status == "stopped":
-            log(f"stopped at step {step} (--stop-at-step): continue with --resume")
-        if s.eval_interval or status == "finished":
-            try:
-                make_plots(out_dir)
-            except ValueError as err:
-                log(f"no plots: {err}")
-        log(
-            f"done: step {step}, best val loss {best_val:.4f}, checkpoints in {out_dir}"
-            if best_val is not None
-            else f"done: step {step}, checkpoints in {out_dir}"
-        )
-    if rt.distributed:
-        # Leave together: a rank that tears down its gloo connections while another is still
-        # working (rank 0 drawing plots) can make the other abort with "connection closed".
-        torch_dist.barrier()
-    return summary
-
-
 def stop_requested(local: bool, rt: Runtime) -> bool:
     """True on every rank when any rank received Ctrl-C (so they all stop at the same step)."""
     if not rt.distributed:
@@ -1427,419 +1414,9 @@ def stop_requested(local: bool, rt: Runtime) -> bool:
     return bool(flag.item())
 
 
-def _precision_name(rt: Runtime) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.amp_dtype]
-
-
-# =============================================================================================
-# --mode eval / generate / benchmark / plan / plot
-# =============================================================================================
-
-
-def load_trained_model(path: str, device: torch.device):
-    """A checkpoint (file or run folder; best.pt preferred) -> (model in eval mode, tokenizer, checkpoint)."""
-    checkpoint = read_checkpoint(path)
-    config = Config(**checkpoint["config"])
-    model = SparseMoETransformer(config)
-    load_model_state(model, checkpoint)
-    if "tokenizer" not in checkpoint:
-        raise ValueError(f"{checkpoint['path']} holds no tokenizer: it was not written by --mode train")
-    tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(
-            f"{checkpoint['path']}: tokenizer ({tokenizer.vocab_size} ids) and model "
-            f"(vocab_size {config.vocab_size}) disagree; the checkpoint is damaged"
-        )
-    return model.to(device).eval(), tokenizer, checkpoint
-
-
-def eval_main(args) -> dict:
-    """Validation loss and perplexity of a checkpoint on a dataset's validation split."""
-    rt = setup_runtime(args.device, args.precision or "auto")
-    model, tokenizer, checkpoint = load_trained_model(_checkpoint_arg(args), rt.device)
-    data = prepare_data(data_source_from_namespace(args), tokenizer, cache_dir=args.cache_dir)
-    train_args = checkpoint.get("train_args", {})
-    s = TrainSettings(
-        **{
-            **TRAINING_FALLBACK,
-            **train_args,
-            "world_size": 1,
-            "batch_size": args.batch_size or train_args.get("batch_size", 8),
-            "block_size": args.block_size or train_args.get("block_size", model.config.max_len),
-        }
-    )
-    result = evaluate(model, data.valid_tokens, s, rt, max_batches=args.eval_batches or None)
-    print(f"checkpoint {checkpoint['path']} (step {checkpoint['step']})")
-    print(f"data       {data.info['source']}, validation split")
-    print(f"val loss   {result['val_loss']:.4f} nats/token over {result['val_tokens']:,} real tokens")
-    print(f"perplexity {result['val_ppl']:.3f}")
-    return result
-
-
-def generate_main(args) -> list[str]:
-    """Stream samples from a checkpoint to the terminal."""
-    rt = setup_runtime(args.device, "fp32")
-    model, tokenizer, _ = load_trained_model(_checkpoint_arg(args), rt.device)
-    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eot_id]
-    if len(prompt_ids) + args.max_new_tokens > model.config.max_len:
-        raise ValueError(
-            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
-            f"max_len {model.config.max_len}: shorten the prompt or lower --max-new-tokens"
-        )
-    texts = []
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1}/{args.num_samples} ---", flush=True)
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=rt.device)
-        stream = model.stream_generate(
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            eos_token_id=tokenizer.eot_id,
-            seed=args.seed + i,
-        )
-        text = print_stream(args.prompt or "", stream, tokenizer)
-        texts.append(text)
-    return texts
-
-
-def print_stream(prompt: str, stream, tokenizer) -> str:
-    """Print the prompt, then each new piece of text as its tokens arrive.
-
-    Byte-level tokens can end inside a multi-byte character (decoded as U+FFFD); such a tail is held
-    back until the next token completes it."""
-    print(prompt, end="", flush=True)
-    ids, shown = [], ""
-    for token in stream:
-        token = int(token[0])  # [B] -> this (single) row
-        if token == tokenizer.eot_id:
-            break
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        print(text[len(shown) :], end="", flush=True)
-        shown = text
-    text = tokenizer.decode(ids)
-    print(text[len(shown) :], flush=True)
-    return prompt + text
-
-
-def _checkpoint_arg(args) -> str:
-    if args.checkpoint:
-        return args.checkpoint
-    return str(Path(args.out_dir))  # the run folder: best.pt, else latest.pt
-
-
-def benchmark_main(args) -> dict:
-    """Parameters, FLOPs/token, training tokens/s, generation latency per token (KV cache), peak memory."""
-    import platform
-    import resource
-
-    rt = setup_runtime(args.device, args.precision or "auto")
-    if args.checkpoint:
-        model, _, checkpoint = load_trained_model(args.checkpoint, rt.device)
-        config, preset = model.config, checkpoint.get("preset", "checkpoint")
-        train_args = checkpoint.get("train_args", {})
-    else:
-        preset = args.preset or "cpu-demo"
-        config = Config.from_preset(preset, **parse_overrides(args.set))
-        seed_everything(args.seed)
-        model = SparseMoETransformer(config).to(rt.device)
-        train_args = training_setting_defaults(preset)
-    batch = args.batch_size or train_args.get("batch_size", 8)
-    block = args.block_size or train_args.get("block_size") or config.max_len
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
-
-    # -- training throughput: full optimizer steps (forward, backward, AdamW) on random token ids --
-    s = TrainSettings(
-        **{
-            **TRAINING_FALLBACK,
-            "batch_size": batch,
-            "grad_accum": 1,
-            "block_size": block,
-            "max_steps": 10**9,
-            "lr": 1e-4,
-            "min_lr": 1e-4,
-            "warmup_steps": 0,
-        }
-    )
-    set_activation_checkpointing(model, args.activation_checkpointing)
-    step_model = torch.compile(model) if args.compile else model
-    optimizer = make_optimizer(model, s, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
-    step_times = []
-    for i in range(args.bench_warmup + args.bench_steps):
-        x = torch.randint(0, config.vocab_size, (batch, block + 1), generator=gen).to(rt.device)
-        _sync(rt.device)
-        t0 = time.perf_counter()
-        train_step(step_model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], s, rt)
-        _sync(rt.device)
-        if i >= args.bench_warmup:
-            step_times.append(time.perf_counter() - t0)
-    step_s = float(np.median(step_times))
-    set_activation_checkpointing(model, False)
-
-    # -- generation: per-token latency with the KV cache (greedy, batch 1) --------------------------
-    model.eval()
-    prompt_len = min(16, config.max_len // 4)
-    new_tokens = min(args.max_new_tokens, config.max_len - prompt_len)
-    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=gen).to(rt.device)
-    stamps = []
-    for _ in range(2):  # the first pass warms up; the second is measured
-        stamps = [time.perf_counter()]
-        for _tok in model.stream_generate(prompt, new_tokens, temperature=0.0):
-            _sync(rt.device)
-            stamps.append(time.perf_counter())
-    gaps = np.diff(stamps)  # gaps[0] = prefill + first token; the rest = one cached decoding step each
-    if rt.device.type == "cuda":
-        peak_bytes, peak_kind = torch.cuda.max_memory_allocated(rt.device), "CUDA max_memory_allocated"
-    else:
-        peak_bytes, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
-
-    result = {
-        "preset": preset,
-        "device": str(rt.device) if rt.device.type == "cpu" else torch.cuda.get_device_name(rt.device),
-        "cpu_threads": torch.get_num_threads(),
-        "precision": _precision_name(rt),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "total_params": count_parameters(config),
-        "active_params_per_token": count_active_parameters(config),
-        "forward_flops_per_token": forward_flops_per_token(config, block),
-        "train_batch": [batch, block],
-        "train_step_s": step_s,
-        "train_tokens_per_s": batch * block / step_s,
-        "prefill_and_first_token_ms": 1e3 * float(gaps[0]),
-        "decode_ms_per_token_median": 1e3 * float(np.median(gaps[1:])) if len(gaps) > 1 else None,
-        "decode_tokens": int(len(gaps) - 1),
-        "peak_memory_mb": peak_bytes / 2**20,
-        "peak_memory_kind": peak_kind,
-        "method": (
-            f"training: median of {args.bench_steps} optimizer steps (forward + backward + clip + AdamW) "
-            f"after {args.bench_warmup} warm-up steps, batch {batch} x {block} random token ids; "
-            f"generation: greedy, batch 1, {prompt_len}-token prompt, {new_tokens} new tokens with the KV "
-            "cache, median time between streamed tokens after a warm-up pass; FLOPs: analytic forward "
-            f"FLOPs per token (2 per multiply-add, attention at context {block}); peak memory: "
-            f"{peak_kind} of the whole run"
-        ),
-    }
-    rows = [
-        ("total parameters", f"{result['total_params'] / 1e6:,.2f} M"),
-        ("active parameters / token", f"{result['active_params_per_token'] / 1e6:,.2f} M"),
-        ("forward FLOPs / token", f"{result['forward_flops_per_token'] / 1e9:,.4f} GFLOPs"),
-        ("training tokens / s", f"{result['train_tokens_per_s']:,.0f}  (batch {batch} x {block})"),
-        ("prefill + first token", f"{result['prefill_and_first_token_ms']:.2f} ms"),
-        (
-            "decode latency / token",
-            f"{result['decode_ms_per_token_median']:.2f} ms (KV cache, median)"
-            if result["decode_ms_per_token_median"] is not None
-            else "n/a",
-        ),
-        ("peak memory", f"{result['peak_memory_mb']:,.0f} MB ({peak_kind})"),
-        ("device", f"{result['device']}, {result['precision']}, {result['cpu_threads']} CPU threads"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print(f"Sparse MoE benchmark: {preset}")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
-    print(f"  method: {result['method']}")
-    out = Path(args.bench_json) if args.bench_json else Path(args.out_dir) / "benchmark.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
-    return result
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def plan_main(args) -> dict:
-    """Print the memory plan of a config, batch and precision (no model is built)."""
-    preset = args.preset or "cpu-demo"
-    overrides = parse_overrides(args.set)
-    config = Config.from_preset(preset, **overrides)
-    defaults = training_setting_defaults(preset)
-    batch = args.batch_size or defaults["batch_size"]
-    block = args.block_size or config.max_len
-    precision = args.precision or "auto"
-    if precision == "auto":
-        precision = "fp16" if args.plan_device == "cuda" else "fp32"
-    plan = plan_memory(
-        config,
-        batch,
-        block,
-        n_params=count_parameters(config),
-        precision=precision,
-        activation_checkpointing=bool(args.activation_checkpointing),
-    )
-    print(
-        f"preset {preset}, batch {batch} x {block} tokens, {precision}"
-        f"{', activation checkpointing' if args.activation_checkpointing else ''}"
-    )
-    print(format_memory_plan(plan, budget_gb=args.gpu_memory_gb))
-    return plan.as_dict()
-
-
-def plot_main(args) -> list[Path]:
-    paths = make_plots(args.out_dir)
-    for p in paths:
-        print(f"wrote {p}")
-    return paths
-
-
-# =============================================================================================
-# Command line
-# =============================================================================================
-
-MODES = ("train", "eval", "generate", "benchmark", "plan", "plot")
-
-EXAMPLES = """\
-examples:
-  # offline demo on a fresh machine (synthetic stories, trained BPE, a few minutes on 2 CPU cores)
-  python sparse_moe_transformer/src/train.py --mode train --preset cpu-demo --dataset synthetic \\
-      --tokenizer bpe
-  # TinyStories with the GPT-2 vocabulary on a 4 GB GPU
-  python sparse_moe_transformer/src/train.py --mode train --preset t1000 --dataset tinystories \\
-      --tokenizer gpt2
-  python sparse_moe_transformer/src/train.py --mode train --out-dir runs/cpu-demo --resume   # continue
-  python sparse_moe_transformer/src/train.py --mode generate --checkpoint runs/cpu-demo --prompt "Once upon"
-  python sparse_moe_transformer/src/train.py --mode eval --checkpoint runs/cpu-demo --dataset synthetic
-  python sparse_moe_transformer/src/train.py --mode benchmark --preset cpu-demo
-  python sparse_moe_transformer/src/train.py --mode plan --preset t1000 --batch-size 4
-  python sparse_moe_transformer/src/train.py --mode plot --out-dir runs/cpu-demo
-  torchrun --nproc_per_node 2 sparse_moe_transformer/src/train.py --mode train --preset t1000 ...
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py",
-        description="Sparse Mixture-of-Experts transformer: train, evaluate, sample, benchmark, plan memory.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--mode", choices=MODES, default="train", help="what to do (default: train)")
-    p.add_argument(
-        "--out-dir", default=None, help="run folder: checkpoints, metrics.jsonl, plots (default: runs/PRESET)"
-    )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=None, help="seed of weights, data and dropout (default 0)")
-
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="model preset and its training defaults (default: cpu-demo, or the checkpoint's)",
-    )
-    g.add_argument(
-        "--set",
-        action="append",
-        metavar="FIELD=VALUE",
-        help="override a Config field, e.g. --set n_layers=4 --set dropout=0 (repeatable)",
-    )
-
-    add_data_arguments(p)
-
-    g = p.add_argument_group("training (defaults come from the preset)")
-    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    g.add_argument("--block-size", type=int, help="tokens per sequence (default: the model's max_len)")
-    g.add_argument("--max-steps", type=int, help="optimizer steps (the cosine schedule ends here)")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
-    g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, help="AdamW decay of weight matrices (default 0.1)")
-    g.add_argument("--grad-clip", type=float, help="max global gradient norm, 0 = off (default 1.0)")
-    g.add_argument(
-        "--precision",
-        choices=PRECISION_CHOICES,
-        help="auto: bf16 on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPUs",
-    )
-    g.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        default=None,
-        help="recompute each layer in the backward pass: less memory, ~30%% more compute",
-    )
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--eval-interval", type=int, help="steps between evaluations (0 = only at the end)")
-    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (0 = all)")
-    g.add_argument("--log-interval", type=int, help="steps between metrics.jsonl records")
-    g.add_argument("--save-interval", type=int, help="steps between latest.pt saves (also at each eval)")
-    g.add_argument("--sample-tokens", type=int, help="tokens of the sample shown at each evaluation")
-    g.add_argument("--sample-prompt", default="Once upon a time", help="prompt of those samples")
-    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/latest.pt exactly")
-    g.add_argument("--overwrite", action="store_true", help="start again even if OUT_DIR has a checkpoint")
-    g.add_argument(
-        "--stop-at-step",
-        type=int,
-        default=None,
-        help="save and exit after this step, keeping the --max-steps schedule (split long runs)",
-    )
-
-    g = p.add_argument_group("generate / eval / benchmark")
-    g.add_argument("--checkpoint", help="a .pt file or a run folder (best.pt preferred); default: OUT_DIR")
-    g.add_argument("--prompt", default="Once upon a time", help="text to continue ('' = start from EOT)")
-    g.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep mass p")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
-    g.add_argument("--num-samples", type=int, default=1, help="samples to generate")
-    g.add_argument("--bench-steps", type=int, default=10, help="benchmark: timed training steps")
-    g.add_argument("--bench-warmup", type=int, default=3, help="benchmark: untimed warm-up steps")
-    g.add_argument("--bench-json", default=None, help="benchmark: JSON path (default OUT_DIR/benchmark.json)")
-    g.add_argument(
-        "--plan-device",
-        choices=("cuda", "cpu"),
-        default="cuda",
-        help="plan: the device precision 'auto' resolves for (default cuda: fp16)",
-    )
-    g.add_argument("--gpu-memory-gb", type=float, default=4.0, help="plan: the memory budget to check")
-    return p
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.out_dir is None:
-        args.out_dir = str(Path("runs") / (args.preset or "cpu-demo"))
-    if args.seed is None and args.mode != "train":
-        args.seed = 0
-    for name in ("batch_size", "grad_accum", "block_size", "max_steps", "max_new_tokens", "num_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    modes = {
-        "train": train_main,
-        "eval": eval_main,
-        "generate": generate_main,
-        "benchmark": benchmark_main,
-        "plan": plan_main,
-        "plot": plot_main,
-    }
-    try:
-        return modes[args.mode](args)
-    except TrainingDiverged as err:
-        print(f"error: training diverged at {err}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        if torch_dist.is_available() and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-
-
 if __name__ == "__main__":
+    # The command line (every --mode) is in cli.py. Run it through the package modules, so that cli.py
+    # and this file share one set of classes instead of this script's __main__ copies.
+    from sparse_moe_transformer.src.cli import main
+
     main()

@@ -13,7 +13,7 @@ The training loop appends one JSON object per line to `<out-dir>/metrics.jsonl`:
     learning_rate.png the learning-rate schedule (linear warmup, cosine decay)
     expert_load.png   one heatmap per MoE layer: x = step, y = expert, colour = share of the
                       layer's routed (token, slot) pairs that went to that expert. A balanced
-                      router is a flat colour at 1/n_experts; a collapsed one shows a few bright rows.
+                      router is a flat colour at 1/n_expert; a collapsed one shows a few bright rows.
 
 Resumed runs append to the same file. A record logged after the checkpoint a run resumed from
 is superseded by the resumed run's record for the same step: `read_metrics` keeps, for each kind,
@@ -151,12 +151,12 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
 
     # --- expert load heatmaps --------------------------------------------------------------------
     steps, loads = expert_load_matrix(train)  # [N], [L, E, N]
-    n_layers = max(1, loads.shape[0])
-    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 1.6 * n_layers), sharex=True, squeeze=False)
+    n_layer = max(1, loads.shape[0])
+    fig, axes = plt.subplots(n_layer, 1, figsize=(8, 1.2 + 1.6 * n_layer), sharex=True, squeeze=False)
     if loads.size:
-        n_experts = loads.shape[1]
-        vmax = max(2.0 / n_experts, float(loads.max()))
-        extent = (steps[0], steps[-1] if len(steps) > 1 else steps[0] + 1, n_experts - 0.5, -0.5)
+        n_expert = loads.shape[1]
+        vmax = max(2.0 / n_expert, float(loads.max()))
+        extent = (steps[0], steps[-1] if len(steps) > 1 else steps[0] + 1, n_expert - 0.5, -0.5)
         for layer, ax in enumerate(axes[:, 0]):
             image = ax.imshow(
                 loads[layer],
@@ -169,7 +169,7 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
             )
             ax.set_ylabel(f"layer {layer}\nexpert")
         fig.colorbar(
-            image, ax=axes[:, 0].tolist(), label=f"share of routed tokens (balanced = 1/{n_experts})"
+            image, ax=axes[:, 0].tolist(), label=f"share of routed tokens (balanced = 1/{n_expert})"
         )
         axes[0, 0].set_title("Expert load per layer over training")
     else:

@@ -105,9 +105,9 @@ def test_mismatched_model_and_config_give_clear_errors(tmp_path):
     ckpt = read_checkpoint(tmp_path / LATEST_NAME)
     with pytest.raises(ValueError, match="does not match this model"):
         load_model_state(_model(0, width=16), ckpt)
-    with pytest.raises(ValueError, match=r"n_layers: checkpoint 2, now 4"):
-        check_same_config({"n_layers": 2, "d_model": 8}, {"n_layers": 4, "d_model": 8}, "run/latest.pt")
-    check_same_config({"n_layers": 2}, {"n_layers": 2}, "run/latest.pt")  # equal: no error
+    with pytest.raises(ValueError, match=r"n_layer: checkpoint 2, now 4"):
+        check_same_config({"n_layer": 2, "d_model": 8}, {"n_layer": 4, "d_model": 8}, "run/latest.pt")
+    check_same_config({"n_layer": 2}, {"n_layer": 2}, "run/latest.pt")  # equal: no error
 
 
 def test_wrapped_models_are_refused(tmp_path):

@@ -18,13 +18,13 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     applied = keep_freed_memory() if sys.argv[1] == "tuned" else None
     torch.manual_seed(0)
-    cfg = Config(vocab_size=16, d_model=512, n_heads=8, n_layers=1, n_experts=16, top_k=2, d_ff=1024)
+    cfg = Config(vocab_size=16, d_model=512, n_head=8, n_layer=1, n_expert=16, top_k=2, d_ff=1024)
     moe = SparseMoEFFN(cfg)
     x = torch.randn(64, 512)
     steps = []
     for _ in range(10):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        moe(x).square().mean().backward()
+        moe(x)[0].square().mean().backward()
         for p in moe.parameters():
             p.grad = None
         steps.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)

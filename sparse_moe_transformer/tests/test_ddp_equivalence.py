@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import sparse_moe_transformer.src.train as cli
+import sparse_moe_transformer.src.train as train
+from sparse_moe_transformer.src import cli
 from sparse_moe_transformer.src.checkpointing import LATEST_NAME, read_checkpoint
 
-TRAIN_SCRIPT = Path(cli.__file__)
+TRAIN_SCRIPT = Path(train.__file__)
 TINY = ["--preset", "cpu-demo", "--set", "dropout=0.0"]  # no dropout: ranks draw different masks
-for _field in ("n_layers=2", "d_model=32", "n_heads=2", "n_experts=4", "top_k=2", "d_ff=64", "max_len=32"):
+for _field in ("n_layer=2", "d_model=32", "n_head=2", "n_expert=4", "top_k=2", "d_ff=64", "block_size=32"):
     TINY += ["--set", _field]
 DATA = ["--dataset", "synthetic", "--synthetic-stories", "300", "--tokenizer", "bpe", "--vocab-size", "512"]
 
@@ -40,7 +41,7 @@ def _argv(out_dir, cache_dir, batch_size):
         6,
         "--warmup-steps",
         2,
-        "--lr",
+        "--max-lr",
         1e-2,
         "--eval-interval",
         3,

@@ -20,7 +20,7 @@ def _measured_saved_bytes(model, x, y) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x, labels=y)
+        out = model(x, targets=y)
     logits = out.logits.untyped_storage()
     seen[logits.data_ptr()] = logits.nbytes()
     return sum(seen.values())
@@ -31,13 +31,13 @@ def test_activation_prediction_matches_saved_tensors(dropout):
     config = cli.Config.from_preset(
         "cpu-demo",
         vocab_size=512,
-        n_layers=2,
+        n_layer=2,
         d_model=64,
-        n_heads=4,
-        n_experts=8,
+        n_head=4,
+        n_expert=8,
         top_k=2,
         d_ff=128,
-        max_len=64,
+        block_size=64,
         dropout=dropout,
     )
     torch.manual_seed(0)
@@ -72,5 +72,5 @@ def test_bad_arguments():
         plan_memory(config, 1, 8, n_params=10, precision="int4")
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         plan_memory(config, 0, 8, n_params=10)
-    with pytest.raises(ValueError, match="exceeds the model's max_len"):
-        plan_memory(config, 1, config.max_len + 1, n_params=10)
+    with pytest.raises(ValueError, match="exceeds the model's block_size"):
+        plan_memory(config, 1, config.block_size + 1, n_params=10)

@@ -19,16 +19,16 @@ def module_param_count(config):
     return sum(p.numel() for p in model.parameters())
 
 
-def test_t1000_has_158_6M_parameters_and_about_20M_active():
+def test_t1000_has_158_77M_parameters_and_18_97M_active():
     c = Config.from_preset("t1000")
-    assert (c.vocab_size, c.d_model, c.n_heads, c.n_layers, c.n_experts, c.top_k, c.d_ff, c.max_len) == (
+    assert (c.vocab_size, c.d_model, c.n_head, c.n_layer, c.n_expert, c.top_k, c.d_ff, c.block_size) == (
         50257, 512, 8, 6, 16, 2, 1024, 256,
     )  # fmt: skip
     total = count_parameters(c)
     assert total == module_param_count(c)
-    assert abs(total - 158.6e6) / 158.6e6 < 0.003
+    assert total == 158_771_296  # the figure every document quotes (test_docs_figures.py)
     active = count_active_parameters(c)  # outside the embeddings and the head
-    assert 18.5e6 < active < 20.5e6
+    assert active == 18_967_648
     assert active / (total - 2 * 50257 * 512 - 256 * 512) < 0.2
 
 
@@ -38,13 +38,13 @@ def test_analytic_counts_match_the_module(preset):
     assert count_parameters(c) == module_param_count(c)
     # active = total minus the idle experts' weights, minus embeddings and head
     one_expert = 2 * c.d_model * c.d_ff + c.d_ff + c.d_model
-    embeddings_and_head = 2 * c.vocab_size * c.d_model + c.max_len * c.d_model
-    idle = c.n_layers * (c.n_experts - c.top_k) * one_expert
+    embeddings_and_head = 2 * c.vocab_size * c.d_model + c.block_size * c.d_model
+    idle = c.n_layer * (c.n_expert - c.top_k) * one_expert
     assert count_active_parameters(c) == count_parameters(c) - idle - embeddings_and_head
 
 
 def test_analytic_flops_agree_with_torch_flop_counter():
-    c = Config.from_preset("tiny", d_model=64, d_ff=128, n_experts=8, vocab_size=300)
+    c = Config.from_preset("tiny", d_model=64, d_ff=128, n_expert=8, vocab_size=300)
     model = SparseMoETransformer(c).eval()
     B, T = 2, 32
     ids = torch.randint(0, c.vocab_size, (B, T))
@@ -56,18 +56,18 @@ def test_analytic_flops_agree_with_torch_flop_counter():
     assert abs(counted - predicted) / predicted < 0.03
     # The attention term is 4*T*C per token per layer: QK^T and AV for the full T x T matrix.
     assert forward_flops_per_token(c, T) - forward_flops_per_token(c, T, include_attention=False) == (
-        c.n_layers * 4 * T * c.d_model
+        c.n_layer * 4 * T * c.d_model
     )
 
 
 @pytest.mark.parametrize(
     "overrides,field",
     [
-        ({"d_model": 100, "n_heads": 8}, "n_heads"),
-        ({"top_k": 9, "n_experts": 8}, "top_k"),
+        ({"d_model": 100, "n_head": 8}, "n_head"),
+        ({"top_k": 9, "n_expert": 8}, "top_k"),
         ({"d_ff": 0}, "d_ff"),
         ({"vocab_size": -5}, "vocab_size"),
-        ({"n_layers": 2.0}, "n_layers"),
+        ({"n_layer": 2.0}, "n_layer"),
         ({"dropout": 1.0}, "dropout"),
         ({"attn_dropout": -0.1}, "attn_dropout"),
         ({"attn_dropout": True}, "attn_dropout"),
@@ -84,8 +84,8 @@ def test_bad_config_raises_one_error_naming_the_field(overrides, field):
 def test_unknown_preset_and_unknown_field():
     with pytest.raises(ValueError, match="Unknown preset 'gpt5'.*cpu-demo"):
         Config.from_preset("gpt5")
-    with pytest.raises(ValueError, match="n_expert"):
-        Config.from_preset("tiny", n_expert=4)
+    with pytest.raises(ValueError, match="n_experts"):
+        Config.from_preset("tiny", n_experts=4)  # the old name: the field is n_expert
     assert Config.from_preset("tiny", dropout=0.2).dropout == 0.2
 
 
@@ -95,14 +95,14 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.tensor([[1, 97]]))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
         model(torch.tensor([[-1, 3]]))
-    with pytest.raises(ValueError, match="exceeds max_len=32"):
+    with pytest.raises(ValueError, match="exceeds block_size=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(TypeError, match="LongTensor"):
         model(torch.zeros(1, 4))
     with pytest.raises(TypeError, match="LongTensor"):
         model(torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="labels must have the shape"):
-        model(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets must have the shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="Config"):
         SparseMoETransformer({"d_model": 4})
 
@@ -111,9 +111,17 @@ def test_cpu_small_matches_nanogpts_cpu_model_in_active_size():
     # nanoGPT's CPU baseline: 4 layers, 4 heads, d 128, FFN 128 -> 512 -> 128 (0.79M parameters in
     # the layers). cpu-small splits that FFN into 8 experts of 256, 2 active: the same active size.
     c = Config.from_preset("cpu-small")
-    dense = Config.from_preset("cpu-small", n_experts=1, top_k=1, d_ff=512)
-    assert (c.d_model, c.n_heads, c.n_layers, c.max_len) == (128, 4, 4, 256)
+    dense = Config.from_preset("cpu-small", n_expert=1, top_k=1, d_ff=512)
+    assert (c.d_model, c.n_head, c.n_layer, c.block_size) == (128, 4, 4, 256)
     active, dense_active = count_active_parameters(c), count_active_parameters(dense)
     assert abs(active - dense_active) / dense_active < 0.02
     assert count_parameters(c) > 1.8 * count_parameters(dense)  # 4x the FFN parameters in total
     assert c.dropout == 0.1 and c.attn_dropout == 0.0
+
+
+def test_a_config_saved_under_the_old_field_names_loads_and_unknown_fields_are_refused():
+    old = {"vocab_size": 97, "d_model": 32, "n_heads": 4, "n_layers": 2, "n_experts": 4, "top_k": 2,
+           "d_ff": 48, "max_len": 32, "dropout": 0.0}  # fmt: skip
+    assert Config.from_saved(old) == Config.from_preset("tiny")  # renamed fields; attn_dropout defaulted
+    with pytest.raises(ValueError, match=r"\['mystery'\].*newer or foreign"):
+        Config.from_saved({**old, "mystery": 1})

@@ -71,7 +71,7 @@ def test_finished_rows_keep_emitting_eos(model):
 
 
 def test_generation_errors(model):
-    with pytest.raises(ValueError, match="exceeds max_len=32"):
+    with pytest.raises(ValueError, match="exceeds block_size=32"):
         model.generate(torch.zeros(1, 30, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), -1)

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import sparse_moe_transformer.src.train as cli
+import sparse_moe_transformer.src.train as train
+from sparse_moe_transformer.src import cli
 from sparse_moe_transformer.src.checkpointing import LATEST_NAME, read_checkpoint
 
-TRAIN_SCRIPT = Path(cli.__file__)
+TRAIN_SCRIPT = Path(train.__file__)
 TINY = ["--preset", "cpu-demo"]
-for _field in ("n_layers=2", "d_model=32", "n_heads=2", "n_experts=4", "top_k=2", "d_ff=64", "max_len=32"):
+for _field in ("n_layer=2", "d_model=32", "n_head=2", "n_expert=4", "top_k=2", "d_ff=64", "block_size=32"):
     TINY += ["--set", _field]
 DATA = ["--dataset", "synthetic", "--synthetic-stories", "300", "--tokenizer", "bpe", "--vocab-size", "512"]
 
@@ -46,7 +47,7 @@ def _argv(out_dir, cache_dir, *extra):
         10,
         "--warmup-steps",
         2,
-        "--lr",
+        "--max-lr",
         5e-3,
         "--eval-interval",
         0,
@@ -85,7 +86,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir, monkeypatc
     # Control: the same resume without restoring the RNG states drifts (dropout masks differ), so
     # the comparison above really checks the restored state.
     cli.main(_argv(tmp_path / "norng", cache_dir, "--stop-at-step", 4))
-    monkeypatch.setattr(cli, "restore_rng_state", lambda state: None)
+    monkeypatch.setattr(train, "restore_rng_state", lambda state: None)
     torch.manual_seed(1234)
     cli.main(_argv(tmp_path / "norng", cache_dir, "--resume"))
     drift = _train_losses(tmp_path / "norng")
@@ -93,7 +94,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir, monkeypatc
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, monkeypatch, capsys):
-    real_forward = cli.SparseMoETransformer.forward
+    real_forward = train.SparseMoETransformer.forward
     calls = {"n": 0}
 
     def forward_that_breaks(self, *args, **kwargs):
@@ -104,7 +105,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, 
                 out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(cli.SparseMoETransformer, "forward", forward_that_breaks)
+    monkeypatch.setattr(train.SparseMoETransformer, "forward", forward_that_breaks)
     with pytest.raises(SystemExit) as info:
         cli.main(_argv(tmp_path / "nan", cache_dir, "--save-interval", 2))
     assert info.value.code == 3
@@ -113,12 +114,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, 
     ckpt = read_checkpoint(tmp_path / "nan" / LATEST_NAME)
     assert ckpt["step"] == 4  # saved at step 4; step 6 never updated the weights
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
-    monkeypatch.setattr(cli.SparseMoETransformer, "forward", real_forward)
+    monkeypatch.setattr(train.SparseMoETransformer, "forward", real_forward)
     summary = cli.main(_argv(tmp_path / "nan", cache_dir, "--resume"))  # and the run continues from it
     assert summary["status"] == "finished" and summary["step"] == 10
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, cache_dir):
     out_dir = tmp_path / "sigint"
     argv = _argv(out_dir, cache_dir, "--max-steps", 100000, "--save-interval", 0)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -141,20 +142,30 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output
+    assert proc.returncode == 130, output  # saved, but not finished: the conventional Ctrl-C exit code
     assert "interrupted at step" in output and "Traceback" not in output
     ckpt = read_checkpoint(out_dir / LATEST_NAME)
     assert ckpt["step"] == max(_train_losses(out_dir))  # saved after the last completed step
     assert ckpt["sampler"]["index"] == ckpt["step"]  # with the data position of that step
 
 
-def test_a_checkpoint_from_before_a_config_field_existed_still_resumes(tmp_path, cache_dir):
-    """attn_dropout was added after the first checkpoints were written; its default (None: the same as
-    dropout) is the old behaviour, so such a checkpoint resumes instead of failing the config check."""
+def test_a_checkpoint_written_by_the_previous_version_still_resumes(tmp_path, cache_dir):
+    """The previous version wrote no checksum, named the fields n_layers/n_heads/n_experts/max_len and
+    lr/grad_accum/block_size, and (before that) had no attn_dropout, whose default (None: the same as
+    dropout) is the old behaviour: such a checkpoint resumes under today's names."""
     cli.main(_argv(tmp_path, cache_dir, "--stop-at-step", 4))
     path = tmp_path / LATEST_NAME
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    del checkpoint["config"]["attn_dropout"]  # as written before the field existed
+    del checkpoint["checksum"], checkpoint["config"]["attn_dropout"]
+    old_config = {
+        "n_layer": "n_layers",
+        "n_head": "n_heads",
+        "n_expert": "n_experts",
+        "block_size": "max_len",
+    }
+    old_settings = {"max_lr": "lr", "grad_accum_steps": "grad_accum", "seq_len": "block_size"}
+    for entry, names in (("config", old_config), ("train_args", old_settings)):
+        checkpoint[entry] = {names.get(k, k): v for k, v in checkpoint[entry].items()}
     torch.save(checkpoint, path)
     summary = cli.main(_argv(tmp_path, cache_dir, "--resume"))
     assert summary["status"] == "finished"

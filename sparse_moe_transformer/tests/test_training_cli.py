@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from sparse_moe_transformer.src import train as cli
+from sparse_moe_transformer.src import cli, train
 from sparse_moe_transformer.src.checkpointing import BEST_NAME, LATEST_NAME, read_checkpoint
 from sparse_moe_transformer.src.training_plots import PLOT_FILES
 
 # A model small enough for a few dozen CPU steps in seconds.
 TINY = ["--preset", "cpu-demo"]
-for _field in ("n_layers=2", "d_model=32", "n_heads=2", "n_experts=4", "top_k=2", "d_ff=64", "max_len=32"):
+for _field in ("n_layer=2", "d_model=32", "n_head=2", "n_expert=4", "top_k=2", "d_ff=64", "block_size=32"):
     TINY += ["--set", _field]
 DATA = ["--dataset", "synthetic", "--synthetic-stories", "300", "--tokenizer", "bpe", "--vocab-size", "512"]
 
@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     out_dir = root / "run"
     argv = ["--mode", "train", *TINY, *DATA, "--cache-dir", root / "cache", "--out-dir", out_dir]
-    argv += ["--batch-size", 8, "--max-steps", 40, "--lr", 1e-2, "--min-lr", 1e-3, "--warmup-steps", 4]
+    argv += ["--batch-size", 8, "--max-steps", 40, "--max-lr", 1e-2, "--min-lr", 1e-3, "--warmup-steps", 4]
     argv += ["--eval-interval", 20, "--eval-batches", 4, "--log-interval", 5, "--sample-tokens", 8]
     summary = run_cli(argv)
     return {"root": root, "out_dir": out_dir, "summary": summary}
@@ -148,7 +148,7 @@ def test_benchmark_reports_and_saves_json(trained, capsys):
     )
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(result))
-    model, _, _ = cli.load_trained_model(str(trained["out_dir"]), torch.device("cpu"))
+    model, _, _ = train.load_trained_model(str(trained["out_dir"]), torch.device("cpu"))
     assert saved["total_params"] == sum(p.numel() for p in model.parameters())
     assert 0 < saved["active_params_per_token"] < saved["total_params"]
     for key in (
@@ -181,11 +181,11 @@ def test_plan_mode_checks_the_budget(capsys):
         (["--dataset", "tinystories"], "cannot reach the Hugging Face hub"),  # offline (conftest)
         (["--data-files", "MISSING.txt"], "data file not found"),
         (["--set", "n_layerz=3"], "unknown config field 'n_layerz'"),
-        (["--set", "n_layers=three"], "n_layers must be an int"),
-        (["--set", "n_layers"], "--set expects FIELD=VALUE"),
-        (["--set", "n_heads=3"], "n_heads"),
+        (["--set", "n_layer=three"], "n_layer must be an int"),
+        (["--set", "n_layer"], "--set expects FIELD=VALUE"),
+        (["--set", "n_head=3"], "n_head"),
         (["--set", "top_k=9"], "top_k"),
-        (["--lr", "-1"], "--lr > 0"),
+        (["--max-lr", "-1"], "--max-lr must be a finite number > 0"),
     ],
 )
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, extra, message):
@@ -217,8 +217,8 @@ def test_empty_data_file_and_unknown_tokenizer(tmp_path, capsys):
 def test_checkpoint_errors(trained, tmp_path, capsys):
     base = ["--mode", "train", *TINY, *DATA, "--cache-dir", trained["root"] / "cache", "--max-steps", 50]
     # resuming with a different model config
-    err = cli_error([*base, "--out-dir", trained["out_dir"], "--resume", "--set", "n_layers=3"], capsys)
-    assert "different model config" in err and "n_layers: checkpoint 2, now 3" in err
+    err = cli_error([*base, "--out-dir", trained["out_dir"], "--resume", "--set", "n_layer=3"], capsys)
+    assert "different model config" in err and "n_layer: checkpoint 2, now 3" in err
     # resuming where nothing was trained
     err = cli_error([*base, "--out-dir", tmp_path / "nothing", "--resume"], capsys)
     assert "checkpoint not found" in err
@@ -233,33 +233,33 @@ def test_checkpoint_errors(trained, tmp_path, capsys):
 
 
 def _tiny_config(dropout=0.0):
-    return cli.Config.from_preset(
+    return train.Config.from_preset(
         "cpu-demo",
         vocab_size=64,
-        n_layers=2,
+        n_layer=2,
         d_model=32,
-        n_heads=2,
-        n_experts=4,
+        n_head=2,
+        n_expert=4,
         top_k=2,
         d_ff=64,
-        max_len=16,
+        block_size=16,
         dropout=dropout,
     )
 
 
 def test_adamw_groups_skip_norms_biases_and_embeddings():
-    model = cli.SparseMoETransformer(_tiny_config())
-    settings = cli.TrainSettings(
+    model = train.SparseMoETransformer(_tiny_config())
+    settings = train.TrainSettings(
         batch_size=1,
-        grad_accum=1,
-        block_size=8,
+        grad_accum_steps=1,
+        seq_len=8,
         max_steps=1,
-        lr=1e-3,
+        max_lr=1e-3,
         min_lr=0.0,
         warmup_steps=0,
         weight_decay=0.1,
     )
-    optimizer = cli.make_optimizer(model, settings, torch.device("cpu"))
+    optimizer = train.make_optimizer(model, settings, torch.device("cpu"))
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
     assert len(all_params) == len(list(model.parameters()))  # every parameter exactly once
@@ -277,16 +277,16 @@ def test_adamw_groups_skip_norms_biases_and_embeddings():
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
-    model = cli.SparseMoETransformer(_tiny_config(dropout=0.1)).train()
+    model = train.SparseMoETransformer(_tiny_config(dropout=0.1)).train()
     x = torch.randint(0, 64, (3, 16))
     grads = []
     for enabled in (False, True):
-        cli.set_activation_checkpointing(model, enabled)
+        model.set_activation_checkpointing(enabled)
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout masks: checkpointing replays the RNG state
-        out = model(x, labels=torch.roll(x, -1, 1))
-        (out.loss + out.aux_loss).backward()
+        out = model(x, targets=torch.roll(x, -1, 1))
+        train.moe_losses(out, model.config).total.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    cli.set_activation_checkpointing(model, False)
+    model.set_activation_checkpointing(False)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)

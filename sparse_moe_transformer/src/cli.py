@@ -1,0 +1,527 @@
+"""The command line of the Sparse MoE transformer: every --mode, and the flags.
+
+    train       train.py's train_main (the training loop lives beside the model)
+    eval        validation loss and perplexity of a checkpoint
+    generate    stream samples from a checkpoint
+    benchmark   parameters, FLOPs per token, training tokens/s, decode latency, peak memory
+    plan        the memory plan of a preset, batch and precision (no model is built)
+    plot        redraw a run's plots from metrics.jsonl
+
+Run it as `python sparse_moe_transformer/src/train.py --mode MODE ...` (or this file): `--help`
+lists every flag. Errors a user can fix print one line and exit with code 2; a diverged run exits
+with 3; a run stopped by Ctrl-C or SIGTERM saves a checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from phase1_foundation.src.validation import check_int, check_number
+from phase4_training.src.training_loop import PRECISIONS
+from sparse_moe_transformer.src.data_pipeline import (
+    add_data_arguments,
+    data_source_from_namespace,
+    prepare_data,
+)
+from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
+from sparse_moe_transformer.src.train import (
+    PRESETS,
+    TRAINING_PRESETS,
+    Config,
+    SparseMoETransformer,
+    TrainingDiverged,
+    TrainSettings,
+    count_active_parameters,
+    count_parameters,
+    evaluate,
+    forward_flops_per_token,
+    load_trained_model,
+    make_optimizer,
+    prompt_ids,
+    seed_everything,
+    setup_runtime,
+    train_main,
+    train_step,
+)
+from sparse_moe_transformer.src.training_plots import make_plots
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """['n_layer=4', 'dropout=0.0'] -> {'n_layer': 4, 'dropout': 0.0}, typed by the Config fields."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE (e.g. --set n_layer=4), got {item!r}")
+        if key not in fields:
+            raise ValueError(
+                f"unknown config field {key!r} in --set {item}: the fields are {', '.join(sorted(fields))}"
+            )
+        out[key] = _parse_value(key, text, fields[key])
+    return out
+
+
+def _parse_value(key: str, text: str, field):
+    """Convert the text of one --set value to the type of its Config field."""
+    default = field.default if field.default is not dataclasses.MISSING else None
+    type_name = (
+        field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    )
+    if text.lower() in ("none", "null") and ("None" in type_name or default is None):
+        return None
+    try:
+        if isinstance(default, bool) or type_name.startswith("bool"):
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, int) or type_name.startswith("int"):
+            return int(text)
+        if isinstance(default, float) or type_name.startswith("float"):
+            return float(text)
+    except ValueError:
+        kind = {"bool": "true or false", "int": "an int", "float": "a float"}.get(
+            type_name.split(" ")[0], type_name
+        )
+        raise ValueError(f"--set {key}={text}: {key} must be {kind}") from None
+    return text
+
+
+def eval_main(args) -> dict:
+    """Validation loss and perplexity of a checkpoint on a dataset's validation split."""
+    rt = setup_runtime(args.device, args.precision or "auto")
+    model, tokenizer, checkpoint = load_trained_model(_checkpoint_arg(args), rt.device)
+    data = prepare_data(data_source_from_namespace(args), tokenizer, cache_dir=args.cache_dir)
+    s = settings_for(checkpoint.get("preset"), checkpoint.get("train_args", {}), model.config, args)
+    result = evaluate(model, data.valid_tokens, s, rt, max_batches=args.eval_batches or None)
+    print(f"checkpoint {checkpoint['path']} (step {checkpoint['step']})")
+    print(f"data       {data.info['source']}, validation split")
+    print(f"val loss   {result['val_loss']:.4f} nats/token over {result['val_tokens']:,} real tokens")
+    print(f"perplexity {result['val_ppl']:.3f}")
+    return result
+
+
+def generate_main(args) -> list[str]:
+    """Stream samples from a checkpoint to the terminal."""
+    rt = setup_runtime(args.device, "fp32")
+    model, tokenizer, _ = load_trained_model(_checkpoint_arg(args), rt.device)
+    ids = prompt_ids(tokenizer, args.prompt)
+    if len(ids) + args.max_new_tokens > model.config.block_size:
+        raise ValueError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"block_size {model.config.block_size}: shorten the prompt or lower --max-new-tokens"
+        )
+    texts = []
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}/{args.num_samples} ---", flush=True)
+        stream = model.stream_generate(
+            torch.tensor([ids], dtype=torch.long, device=rt.device),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            eos_token_id=tokenizer.eot_id,
+            seed=args.seed + i,
+        )
+        text = print_stream(args.prompt or "", stream, tokenizer)
+        texts.append(text)
+    return texts
+
+
+def print_stream(prompt: str, stream, tokenizer) -> str:
+    """Print the prompt, then each new piece of text as its tokens arrive.
+
+    Byte-level tokens can end inside a multi-byte character (decoded as U+FFFD); such a tail is held
+    back until the next token completes it."""
+    print(prompt, end="", flush=True)
+    ids, shown = [], ""
+    for token in stream:
+        token = int(token[0])  # [B] -> this (single) row
+        if token == tokenizer.eot_id:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+    text = tokenizer.decode(ids)
+    print(text[len(shown) :], flush=True)
+    return prompt + text
+
+
+def _checkpoint_arg(args) -> str:
+    if args.checkpoint:
+        return args.checkpoint
+    return str(Path(args.out_dir))  # the run folder: best.pt, else latest.pt
+
+
+def settings_for(preset: str | None, saved: dict, config: Config, args, **fixed) -> TrainSettings:
+    """TrainSettings for eval / benchmark: the preset's defaults, a checkpoint's saved values, then
+    --batch-size / --seq-len, then `fixed`; one process."""
+    values = {**TRAINING_PRESETS.get(preset or "cpu-demo", TRAINING_PRESETS["cpu-demo"])}
+    values.update(TrainSettings.from_saved(saved))
+    values.setdefault("seq_len", config.block_size)
+    values.update(
+        {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v is not None}
+    )
+    values.update(world_size=1, **fixed)
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in values.items() if k in names})
+
+
+def benchmark_main(args) -> dict:
+    """Parameters, FLOPs/token, training tokens/s, generation latency per token (KV cache), peak memory."""
+    rt = setup_runtime(args.device, args.precision or "auto")
+    if args.checkpoint:
+        model, _, checkpoint = load_trained_model(args.checkpoint, rt.device)
+        config, preset = model.config, checkpoint.get("preset", "checkpoint")
+        train_args = checkpoint.get("train_args", {})
+    else:
+        preset = args.preset or "cpu-demo"
+        config = Config.from_preset(preset, **args.overrides)
+        seed_everything(args.seed)
+        model = SparseMoETransformer(config).to(rt.device)
+        train_args = {}
+    s = settings_for(
+        preset,
+        train_args,
+        config,
+        args,
+        grad_accum_steps=1,
+        max_steps=10**9,
+        max_lr=1e-4,
+        min_lr=1e-4,
+        warmup_steps=0,
+    )
+    batch, seq = s.batch_size, s.seq_len
+    gen = torch.Generator().manual_seed(args.seed)
+
+    # -- inference first (so the peak memory is inference's alone): greedy, batch 1, KV cache -----------
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    model.eval()
+    prompt_len = min(16, config.block_size // 4)
+    new_tokens = min(args.max_new_tokens, config.block_size - prompt_len)
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=gen).to(rt.device)
+    stamps = []
+    for _ in range(2):  # the first pass warms up; the second is measured
+        stamps = [time.perf_counter()]
+        for _tok in model.stream_generate(prompt, new_tokens, temperature=0.0):
+            _sync(rt.device)
+            stamps.append(time.perf_counter())
+    gaps = np.diff(stamps)  # gaps[0] = prefill + first token; the rest = one cached decoding step each
+    inference_peak = _peak_memory_bytes(rt.device)
+
+    # -- training throughput: full optimizer steps (forward, backward, AdamW) on random token ids --
+    model.set_activation_checkpointing(bool(args.activation_checkpointing))
+    step_model = torch.compile(model) if args.compile else model
+    optimizer = make_optimizer(model, s, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    model.train()
+    step_times = []
+    for i in range(args.bench_warmup + args.bench_steps):
+        x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=gen).to(rt.device)
+        _sync(rt.device)
+        t0 = time.perf_counter()
+        train_step(step_model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], s, rt)
+        _sync(rt.device)
+        if i >= args.bench_warmup:
+            step_times.append(time.perf_counter() - t0)
+    step_s = float(np.median(step_times))
+    model.set_activation_checkpointing(False)
+    peak_kind = "CUDA max_memory_allocated" if rt.device.type == "cuda" else "process peak RSS"
+
+    result = {
+        "preset": preset,
+        "device": str(rt.device) if rt.device.type == "cpu" else torch.cuda.get_device_name(rt.device),
+        "cpu_threads": torch.get_num_threads(),
+        "precision": rt.precision,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "total_params": count_parameters(config),
+        "active_params_per_token": count_active_parameters(config),
+        "forward_flops_per_token": forward_flops_per_token(config, seq),
+        "gflops_per_forward": forward_flops_per_token(config, seq) * seq / 1e9,
+        "train_batch": [batch, seq],
+        "train_step_s": step_s,
+        "train_tokens_per_s": batch * seq / step_s,
+        "prefill_and_first_token_ms": 1e3 * float(gaps[0]),
+        "decode_ms_per_token_median": 1e3 * float(np.median(gaps[1:])) if len(gaps) > 1 else None,
+        "decode_tokens": int(len(gaps) - 1),
+        "inference_peak_memory_mb": inference_peak / 2**20,
+        "peak_memory_mb": _peak_memory_bytes(rt.device) / 2**20,
+        "peak_memory_kind": peak_kind,
+        "method": (
+            f"latency per generated token: greedy, batch 1, {prompt_len}-token prompt, {new_tokens} new "
+            "tokens with the KV cache, median time between streamed tokens after a warm-up pass; peak "
+            f"inference memory: {peak_kind} after generation, before any training (weights, cache, "
+            "activations); "
+            f"GFLOPs per forward: analytic, one sequence of {seq} tokens (2 per multiply-add, attention "
+            f"over the full {seq} x {seq} scores); training: median of {args.bench_steps} optimizer steps "
+            f"(forward + backward + clip + AdamW) after {args.bench_warmup} warm-up steps, batch {batch} x "
+            f"{seq} random token ids; peak memory: {peak_kind} of the whole run"
+        ),
+    }
+    rows = [
+        ("total parameters", f"{result['total_params'] / 1e6:,.2f} M"),
+        ("active parameters / token", f"{result['active_params_per_token'] / 1e6:,.2f} M"),
+        ("forward FLOPs / token", f"{result['forward_flops_per_token'] / 1e9:,.4f} GFLOPs"),
+        ("GFLOPs / forward", f"{result['gflops_per_forward']:,.2f} (one sequence of {seq} tokens)"),
+        ("training tokens / s", f"{result['train_tokens_per_s']:,.0f}  (batch {batch} x {seq})"),
+        ("prefill + first token", f"{result['prefill_and_first_token_ms']:.2f} ms"),
+        (
+            "decode latency / token",
+            f"{result['decode_ms_per_token_median']:.2f} ms (KV cache, median)"
+            if result["decode_ms_per_token_median"] is not None
+            else "n/a",
+        ),
+        ("peak inference memory", f"{result['inference_peak_memory_mb']:,.0f} MB ({peak_kind})"),
+        ("peak memory (whole run)", f"{result['peak_memory_mb']:,.0f} MB ({peak_kind})"),
+        ("device", f"{result['device']}, {result['precision']}, {result['cpu_threads']} CPU threads"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"Sparse MoE benchmark: {preset}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print(f"  method: {result['method']}")
+    out = Path(args.bench_json) if args.bench_json else Path(args.out_dir) / "benchmark.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"saved {out}")
+    return result
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plan_main(args) -> dict:
+    """Print the memory plan of a config, batch and precision (no model is built)."""
+    preset = args.preset or "cpu-demo"
+    config = Config.from_preset(preset, **args.overrides)
+    batch = args.batch_size or TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"])["batch_size"]
+    block = args.seq_len or config.block_size
+    precision = args.precision or "auto"
+    if precision == "auto":
+        precision = "fp16" if args.plan_device == "cuda" else "fp32"
+    plan = plan_memory(
+        config,
+        batch,
+        block,
+        n_params=count_parameters(config),
+        precision=precision,
+        activation_checkpointing=bool(args.activation_checkpointing),
+    )
+    print(
+        f"preset {preset}, batch {batch} x {block} tokens, {precision}"
+        f"{', activation checkpointing' if args.activation_checkpointing else ''}"
+    )
+    print(format_memory_plan(plan, budget_gb=args.gpu_memory_gb))
+    return plan.as_dict()
+
+
+def plot_main(args) -> list[Path]:
+    paths = make_plots(args.out_dir)
+    for p in paths:
+        print(f"wrote {p}")
+    return paths
+
+
+MODES = ("train", "eval", "generate", "benchmark", "plan", "plot")
+
+EXAMPLES = """\
+examples:
+  # offline demo on a fresh machine (synthetic stories, trained BPE, a few minutes on 2 CPU cores)
+  python sparse_moe_transformer/src/train.py --mode train --preset cpu-demo --dataset synthetic \\
+      --tokenizer bpe
+  # TinyStories with the GPT-2 vocabulary on a 4 GB GPU
+  python sparse_moe_transformer/src/train.py --mode train --preset t1000 --dataset tinystories \\
+      --tokenizer gpt2
+  python sparse_moe_transformer/src/train.py --mode train --out-dir runs/cpu-demo --resume   # continue
+  python sparse_moe_transformer/src/train.py --mode generate --checkpoint runs/cpu-demo --prompt "Once upon"
+  python sparse_moe_transformer/src/train.py --mode eval --checkpoint runs/cpu-demo --dataset synthetic
+  python sparse_moe_transformer/src/train.py --mode benchmark --preset cpu-demo
+  python sparse_moe_transformer/src/train.py --mode plan --preset t1000 --batch-size 4
+  python sparse_moe_transformer/src/train.py --mode plot --out-dir runs/cpu-demo
+  torchrun --nproc_per_node 2 sparse_moe_transformer/src/train.py --mode train --preset t1000 ...
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Sparse Mixture-of-Experts transformer: train, evaluate, sample, benchmark, plan memory.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--mode", choices=MODES, default="train", help="what to do (default: train)")
+    p.add_argument(
+        "--out-dir", default=None, help="run folder: checkpoints, metrics.jsonl, plots (default: runs/PRESET)"
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=None, help="seed of weights, data and dropout (default 0)")
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="model preset and its training defaults (default: cpu-demo, or the checkpoint's)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a Config field, e.g. --set n_layer=4 --set dropout=0 (repeatable)",
+    )
+
+    add_data_arguments(p)
+
+    g = p.add_argument_group("training (defaults come from the preset)")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    g.add_argument("--grad-accum-steps", type=int, help="micro-batches per optimizer step")
+    g.add_argument(
+        "--seq-len", type=int, help="tokens per training sequence (default: the model's block_size)"
+    )
+    g.add_argument("--max-steps", type=int, help="optimizer steps (the cosine schedule ends here)")
+    g.add_argument("--max-lr", type=float, help="peak learning rate (after warmup)")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, help="AdamW decay of weight matrices (default 0.1)")
+    g.add_argument("--grad-clip", type=float, help="max global gradient norm, 0 = off (default 1.0)")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 + GradScaler on "
+        "older GPUs (a T1000), fp32 on CPUs",
+    )
+    g.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each layer in the backward pass: less memory, ~30%% more compute",
+    )
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--eval-interval", type=int, help="steps between evaluations (0 = only at the end)")
+    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (0 = all)")
+    g.add_argument("--log-interval", type=int, help="steps between metrics.jsonl records")
+    g.add_argument("--save-interval", type=int, help="steps between latest.pt saves (also at each eval)")
+    g.add_argument("--sample-tokens", type=int, help="tokens of the sample shown at each evaluation")
+    g.add_argument("--sample-prompt", default="Once upon a time", help="prompt of those samples")
+    g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/latest.pt exactly")
+    g.add_argument("--overwrite", action="store_true", help="start again even if OUT_DIR has a checkpoint")
+    g.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        help="save and exit after this step, keeping the --max-steps schedule (split long runs)",
+    )
+
+    g = p.add_argument_group("generate / eval / benchmark")
+    g.add_argument("--checkpoint", help="a .pt file or a run folder (best.pt preferred); default: OUT_DIR")
+    g.add_argument("--prompt", default="Once upon a time", help="text to continue ('' = start from EOT)")
+    g.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep mass p")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--num-samples", type=int, default=1, help="samples to generate")
+    g.add_argument("--bench-steps", type=int, default=10, help="benchmark: timed training steps")
+    g.add_argument("--bench-warmup", type=int, default=3, help="benchmark: untimed warm-up steps")
+    g.add_argument("--bench-json", default=None, help="benchmark: JSON path (default OUT_DIR/benchmark.json)")
+    g.add_argument(
+        "--plan-device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="plan: the device precision 'auto' resolves for (default cuda: fp16)",
+    )
+    g.add_argument("--gpu-memory-gb", type=float, default=4.0, help="plan: the memory budget to check")
+    return p
+
+
+# flag -> (minimum, maximum) for every integer flag; None = unbounded
+INT_FLAGS = {
+    "batch_size": 1, "grad_accum_steps": 1, "seq_len": 1, "max_steps": 1, "warmup_steps": 0,
+    "eval_interval": 0, "eval_batches": 0, "log_interval": 1, "save_interval": 0, "sample_tokens": 0,
+    "stop_at_step": 1, "max_new_tokens": 1, "num_samples": 1, "bench_steps": 1, "bench_warmup": 0,
+    "synthetic_stories": 1, "vocab_size": 257, "top_k": 1,
+}  # fmt: skip
+# flag -> the bounds of check_number for every float flag
+FLOAT_FLAGS = {
+    "max_lr": dict(above=0), "min_lr": dict(low=0), "weight_decay": dict(low=0), "grad_clip": dict(low=0),
+    "temperature": dict(low=0), "top_p": dict(above=0, high=1), "repetition_penalty": dict(above=0),
+    "valid_fraction": dict(above=0, below=1), "gpu_memory_gb": dict(above=0),
+}  # fmt: skip
+
+
+def check_flags(args) -> None:
+    """Every numeric flag in range and finite, before any work: a bad value never starts a run."""
+    for name, minimum in INT_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=minimum)
+    for name, bounds in FLOAT_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            check_number(f"--{name.replace('_', '-')}", getattr(args, name), **bounds)
+    args.overrides = parse_overrides(args.set)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = str(Path("runs") / (args.preset or "cpu-demo"))
+    if args.seed is None and args.mode != "train":
+        args.seed = 0
+    modes = {
+        "train": train_main,
+        "eval": eval_main,
+        "generate": generate_main,
+        "benchmark": benchmark_main,
+        "plan": plan_main,
+        "plot": plot_main,
+    }
+    try:
+        check_flags(args)
+        result = modes[args.mode](args)
+    except TrainingDiverged as err:
+        print(f"error: training diverged at {err}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED) from None
+    except (ValueError, TypeError, OSError, RuntimeError, OverflowError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    finally:
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    if isinstance(result, dict) and result.get("status") == "interrupted":
+        raise SystemExit(EXIT_INTERRUPTED)  # saved, but stopped early: not a finished run
+    return result
+
+
+if __name__ == "__main__":
+    main()
