@@ -178,7 +178,9 @@ def sample_next_token(
     if temperature == 0:
         return logits.argmax(dim=-1)  # [B] greedy
 
-    logits = apply_temperature(logits, temperature)
+    # Subtract each row's max first (softmax does not change): the best logit becomes 0 and the others
+    # negative, so even a tiny temperature (1e-40) divides into -inf at worst, never inf - inf = NaN.
+    logits = apply_temperature(logits.float() - logits.float().amax(dim=-1, keepdim=True), temperature)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

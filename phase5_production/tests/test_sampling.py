@@ -217,3 +217,10 @@ def test_sample_next_token_shape_and_argument_errors():
         sample_next_token(z, top_p=2.0)
     with pytest.raises(TypeError, match="floating-point"):
         sample_next_token(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_a_tiny_temperature_is_the_argmax_not_nan():
+    # logits / 1e-40 overflows to +-inf; inf - inf would be NaN inside the softmax without the max shift
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)) * 5
+    token = sample_next_token(logits, temperature=1e-40, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(token, logits.argmax(-1))
