@@ -126,8 +126,9 @@ class Config:
             check_number("Config.attn_dropout (None = dropout)", self.attn_dropout, low=0, below=1)
         if self.capacity_factor is not None:
             check_number("Config.capacity_factor (None = dropless)", self.capacity_factor, above=0)
-        for name in ("aux_loss_coef", "z_loss_coef", "init_std"):
+        for name in ("aux_loss_coef", "z_loss_coef"):
             check_number(f"Config.{name}", getattr(self, name), low=0)
+        check_number("Config.init_std", self.init_std, low=0, high=1)
 
     @property
     def head_dim(self) -> int:
