@@ -101,3 +101,40 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     # the checkpoint holds both ranks' RNG states and the global data position
     ckpt = read_checkpoint(tmp_path / "ddp" / LATEST_NAME)
     assert len(ckpt["rng"]) == 2 and ckpt["sampler"]["global_batch"] == 8
+
+
+def test_accumulation_on_two_gloo_ranks_equals_one_big_batch_and_resumes_in_one_process(tmp_path):
+    """2 ranks x 2 micro-batches of 2 (the no_sync branch) = 1 process with batch 8; the DDP checkpoint
+    then resumes in 1 process with the same global batch (4 x 2) and continues the same trajectory.
+
+    The Switch loss is off: it multiplies two per-micro-batch means, so accumulation optimises a slightly
+    different balance objective than one big batch (the LM loss and the z-loss are means over tokens)."""
+    cache = tmp_path / "cache"
+
+    def argv(out_dir, batch_size, accum, *extra):
+        args = _argv(out_dir, cache, batch_size) + [
+            "--grad-accum-steps",
+            str(accum),
+            "--set",
+            "aux_loss_coef=0",
+        ]
+        return args + ["--eval-interval", "0", "--save-interval", "0", *map(str, extra)]
+
+    cli.main(argv(tmp_path / "single", 8, 1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(TRAIN_SCRIPT)]
+    cmd = launch + argv(tmp_path / "ddp", 2, 2, "--stop-at-step", 3)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_checkpoint(tmp_path / "ddp" / LATEST_NAME)["rng"]) == 2
+
+    cli.main(argv(tmp_path / "ddp", 4, 2, "--resume"))  # one process, the same global batch of 8
+    single, ddp = _records(tmp_path / "single", "train"), _records(tmp_path / "ddp", "train")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == list(range(1, 7))
+    for a, b in zip(single, ddp):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+    weights_single = read_checkpoint(tmp_path / "single" / LATEST_NAME)["model"]
+    weights_ddp = read_checkpoint(tmp_path / "ddp" / LATEST_NAME)["model"]
+    for name, w in weights_single.items():
+        assert (w - weights_ddp[name]).abs().max() <= 1e-5, name
