@@ -306,7 +306,7 @@ def train_bpe_tokenizer(
         raise TypeError(
             "train_bpe_tokenizer expects an iterable of documents, got a single str: wrap it in a list"
         )
-    if isinstance(texts, Sequence):
+    if isinstance(texts, Sequence) and texts:
         # every merge joins two adjacent symbols of the text, so a corpus of n bytes gives < n merges
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         if vocab_size > 257 + n_bytes:

@@ -199,6 +199,10 @@ def test_bad_inputs_give_clear_errors(bpe, tmp_path):
         train_bpe_tokenizer("a whole corpus as one string", vocab_size=300)
     with pytest.raises(ValueError, match="no text"):
         train_bpe_tokenizer([], vocab_size=300)
+    with pytest.raises(ValueError, match="more than this trainer supports"):  # the Rust trainer would abort
+        train_bpe_tokenizer(["some text"], vocab_size=10**9)
+    with pytest.raises(ValueError, match="exceeds what 9 bytes of training text can give"):
+        train_bpe_tokenizer(["some text"], vocab_size=400)
     with pytest.raises(ValueError, match=r"token id 600 is outside the bpe vocabulary \[0, 600\)"):
         bpe.decode([1, 2, 600])
     with pytest.raises(ValueError, match="outside"):
