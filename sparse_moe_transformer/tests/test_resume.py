@@ -171,3 +171,20 @@ def test_a_checkpoint_written_by_the_previous_version_still_resumes(tmp_path, ca
     assert summary["status"] == "finished"
     assert sorted(_train_losses(tmp_path)) == list(range(1, 11))
     assert read_checkpoint(path)["config"]["attn_dropout"] is None
+
+
+def test_fp16_with_a_grad_scaler_resumes_exactly_with_its_scale(tmp_path, cache_dir):
+    """fp16 autocast + torch.amp.GradScaler("cpu") (the T1000's precision, run on the CPU): the scaler's
+    state (its scale and growth tracker) is saved and restored, so the resumed run repeats the losses."""
+    fp16 = ("--precision", "fp16")
+    cli.main(_argv(tmp_path / "full", cache_dir, *fp16))
+    cli.main(_argv(tmp_path / "split", cache_dir, *fp16, "--stop-at-step", 4))
+    scaler = read_checkpoint(tmp_path / "split" / LATEST_NAME)["scaler"]
+    assert scaler["scale"] > 1 and "_growth_tracker" in scaler
+    cli.main(_argv(tmp_path / "split", cache_dir, *fp16, "--resume"))
+    full, split = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "split")
+    assert sorted(split) == sorted(full) == list(range(1, 11))
+    assert max(abs(split[s] - full[s]) for s in full) <= 1e-6
+    # the scaler continued from its saved state: the same scale and steps-since-overflow as the full run
+    ends = [read_checkpoint(tmp_path / run / LATEST_NAME)["scaler"] for run in ("full", "split")]
+    assert ends[0] == ends[1] and ends[0]["_growth_tracker"] == 10
