@@ -58,8 +58,12 @@ def set_checkpointing(model, enabled: bool) -> None:
     set_activation_checkpointing(model, enabled)
 
 
-def run_training_steps(model, batches, precision: str, device: str = "cpu", activation_checkpointing=False):
-    """One optimizer step per (x, y) batch through the training loop's train_step -> LM losses."""
+def run_training_steps(
+    model, batches, precision: str, device: str = "cpu", activation_checkpointing=False, compile=False
+) -> dict:
+    """One optimizer step per (x, y) batch through the training loop's train_step, timed one by one.
+
+    Returns the LM loss and the seconds of every step. The model must already be on `device`."""
     from sparse_moe_transformer.src.train import TrainSettings, make_optimizer, setup_runtime, train_step
 
     rt = setup_runtime(device, precision)
@@ -74,15 +78,27 @@ def run_training_steps(model, batches, precision: str, device: str = "cpu", acti
         warmup_steps=0,
         precision=precision,
         activation_checkpointing=activation_checkpointing,
+        compile=compile,
     )
     set_checkpointing(model, activation_checkpointing)
+    step_model = torch.compile(model) if compile else model
     optimizer = make_optimizer(model, settings, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    losses = []
+    losses, seconds = [], []
     for x, y in batches:
-        out = train_step(model, optimizer, scaler, [(x.to(rt.device), y.to(rt.device))], settings, rt)
-        losses.append(float(out["losses"][0]))
-    return losses
+        x, y = x.to(rt.device), y.to(rt.device)
+        sync(rt.device)
+        t0 = time.perf_counter()
+        out = train_step(step_model, optimizer, scaler, [(x, y)], settings, rt)
+        losses.append(float(out["losses"][0]))  # waits for the step
+        seconds.append(time.perf_counter() - t0)
+    set_checkpointing(model, False)
+    return {"losses": losses, "step_seconds": seconds}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- local text and tokenizer
@@ -194,7 +210,7 @@ def training_steps_report(preset, overrides, batch_size, block_size, steps) -> d
     rss_before_model = resident_bytes()
     config, model, n_params = build_model(preset, overrides)
     t0 = time.perf_counter()
-    losses = run_training_steps(model, batches, "fp32")
+    losses = run_training_steps(model, batches, "fp32")["losses"]
     steps_s = time.perf_counter() - t0
     plan = plan_memory(config, batch_size, block_size, n_params=n_params, precision="fp32", on_gpu=False)
     return {

@@ -124,3 +124,29 @@ def test_bench_memory_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert len(train["losses"]) == 2 and all(math.isfinite(v) for v in train["losses"])
     assert train["peak_rss_bytes"] > train["rss_before_model_bytes"] > 0
     assert "peak resident memory" in out and "plan total (CPU, fp32)" in out
+
+
+def test_gpu_check_cpu_path_trains_every_variant_and_reports_the_inference_figures(tmp_path):
+    """The CPU path of the GPU check: fp32, bf16 and bf16 with checkpointing train on the same
+    batches and agree; the FLOPs per forward equal the matmul FLOPs of the tiny model (the CPU's
+    fused attention kernel is not counted). --compile is left out: inductor takes minutes here."""
+    out_json = tmp_path / "gpu_check.json"
+    out = run_script(
+        "gpu_check.py", "--device", "cpu", "--tiny", "--steps", "2", "--no-compile", "--json", str(out_json)
+    )
+    result = json.loads(out_json.read_text())
+    rows = result["training"]
+    assert [r["variant"] for r in rows] == ["fp32", "bf16", "bf16 +ckpt"]
+    for r in rows:
+        assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
+        assert r["tokens_per_s"] > 0 and r["max_loss_diff_vs_fp32"] < 0.05
+        assert "peak_allocated" not in r  # no memory figures without CUDA
+    assert rows[1]["losses"] == rows[2]["losses"]  # checkpointing recomputes the same numbers
+    config = cli.Config.from_preset("tiny")
+    C, F, E, k, V, T = config.d_model, config.d_ff, config.n_experts, config.top_k, 300, config.max_len
+    matmul_flops = T * (config.n_layers * (8 * C * C + 2 * C * E + k * 4 * C * F) + 2 * C * V)
+    for fig in result["inference"]:
+        assert fig["latency_ms_per_token"] > 0 and fig["flops_seq_len"] == T
+        assert fig["gflops_per_forward"] * 1e9 == pytest.approx(matmul_flops, rel=1e-9)
+    assert [fig["precision"] for fig in result["inference"]] == ["fp32", "bf16"]
+    assert "inference, batch 1" in out
