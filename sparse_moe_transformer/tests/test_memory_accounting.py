@@ -1,10 +1,12 @@
 """The memory plan's activation term equals the bytes autograd saves at the full t1000 width.
 
 The model is t1000 at full width (d_model 512, 8 heads, 16 experts of 1024, the 50,257-id
-vocabulary, dropout 0.1) with 2 layers and a batch of 2 x 64 tokens, so a forward takes about a
+vocabulary, dropout 0.1, and 0 for the fused attention kernel) with 2 layers and a batch of 2 x 64 tokens, so a forward takes about a
 second; benchmarks/bench_memory.py measures the full size (6 layers, 4 x 256). The issue asks for
-10%; the plan is exact to a few bytes per token on the CPU, so each part is held to 1%: a term
-of the plan that is dropped or miscounted by more than 1% of a layer fails the test.
+10%. The plan is exact on the CPU but for a few bytes the plan leaves out (a router mean of E
+floats per layer, the position ids, scalar losses: 1e-5 of each part), so each part is held to
+1e-4: a term of 6 bytes or more per token in a layer (of about 50,000) that is dropped or
+miscounted fails the test.
 
 The smoke tests run the two memory scripts end to end at a tiny size.
 """
@@ -70,11 +72,11 @@ def test_saved_bytes_at_full_width_match_the_plan_per_layer_outside_and_in_total
     # each layer: its activations and its weight copies (q/k/v, output projection, gate)
     layer = tokens * per_token["layer"] + copies * matmul_params_per_layer(config)
     for measured in plain.per_layer:
-        assert measured == pytest.approx(layer, rel=0.01)
+        assert measured == pytest.approx(layer, rel=1e-4)
     # embeddings + head (the logits the loop holds, the fp32 log-softmax) + the head's weight copy
     outside = tokens * (per_token["embeddings"] + per_token["head"])
     outside += copies * config.d_model * config.vocab_size
-    assert plain.outside_layers == pytest.approx(outside, rel=0.01)
+    assert plain.outside_layers == pytest.approx(outside, rel=1e-4)
     assert checkpointed.outside_layers == plain.outside_layers
     # checkpointing keeps only each layer's fp32 input [B, T, C]
     assert checkpointed.per_layer == [4 * tokens * config.d_model] * len(plain.per_layer)
@@ -83,7 +85,7 @@ def test_saved_bytes_at_full_width_match_the_plan_per_layer_outside_and_in_total
         plan = plan_memory(
             config, B, T, n_params=n_params, precision=precision, activation_checkpointing=ckpt, on_gpu=False
         )
-        assert plan.saved_for_backward == pytest.approx(measured, rel=0.01), (ckpt, plan, measured)
+        assert plan.saved_for_backward == pytest.approx(measured, rel=1e-4), (ckpt, plan, measured)
 
 
 def test_measure_saved_bytes_counts_a_shared_storage_once_and_leaves_parameters_out():
