@@ -1,12 +1,12 @@
 """The memory plan's activation term equals the bytes autograd saves at the full t1000 width.
 
 The model is t1000 at full width (d_model 512, 8 heads, 16 experts of 1024, the 50,257-id
-vocabulary, dropout 0.1, and 0 for the fused attention kernel) with 2 layers and a batch of 2 x 64 tokens, so a forward takes about a
-second; benchmarks/bench_memory.py measures the full size (6 layers, 4 x 256). The issue asks for
-10%. The plan is exact on the CPU but for a few bytes the plan leaves out (a router mean of E
-floats per layer, the position ids, scalar losses: 1e-5 of each part), so each part is held to
-1e-4: a term of 6 bytes or more per token in a layer (of about 50,000) that is dropped or
-miscounted fails the test.
+vocabulary, dropout 0.1, and 0 for the fused attention kernel) with 2 layers and a batch of
+2 x 64 tokens, so a forward takes about a second; benchmarks/bench_memory.py measures the full
+size (6 layers, 4 x 256). The issue asks for 10%. The plan is exact on the CPU but for a few
+bytes it leaves out (a router mean of E floats per layer, the position ids, scalar losses: 1e-5
+of each part), so each part is held to 1e-4: a term of 6 bytes or more per token in a layer (of
+about 50,000) that is dropped or miscounted fails the test.
 
 The smoke tests run the two memory scripts end to end at a tiny size.
 """
