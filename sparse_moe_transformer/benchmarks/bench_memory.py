@@ -209,17 +209,15 @@ def training_steps_report(preset, overrides, batch_size, block_size, steps) -> d
     batches = consecutive_batches(tokens, steps, batch_size, block_size)
     rss_before_model = resident_bytes()
     config, model, n_params = build_model(preset, overrides)
-    t0 = time.perf_counter()
-    losses = run_training_steps(model, batches, "fp32")["losses"]
-    steps_s = time.perf_counter() - t0
+    run = run_training_steps(model, batches, "fp32")
     plan = plan_memory(config, batch_size, block_size, n_params=n_params, precision="fp32", on_gpu=False)
     return {
         "tokenizer_vocab_size": tokenizer.vocab_size,
         "max_token_id": int(tokens.max()),
         "corpus_seconds": corpus_s,
         "steps": steps,
-        "losses": losses,
-        "steps_seconds": steps_s,
+        "losses": run["losses"],
+        "step_seconds": run["step_seconds"],
         "rss_before_model_bytes": rss_before_model,
         "peak_rss_bytes": peak_resident_bytes(),
         "plan_total_bytes": plan.total,
@@ -230,12 +228,23 @@ def training_steps_report(preset, overrides, batch_size, block_size, steps) -> d
 # ----------------------------------------------------------------------------- main
 
 
+def parse_sets(items: list[str]) -> dict:
+    """['n_layers=1', 'dropout=0.0'] -> {'n_layers': 1, 'dropout': 0.0} (ints, or floats with a dot)."""
+    overrides = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set needs FIELD=VALUE, got {item!r}")
+        overrides[name] = float(value) if "." in value else int(value)
+    return overrides
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="t1000")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=INT", help="Config override")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="Config override")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32", "bf16"])
@@ -245,10 +254,7 @@ def main(argv=None):
     parser.add_argument("--part", choices=("all", "saved", "train"), default="all", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        overrides[name] = float(value) if "." in value else int(value)
+    overrides = parse_sets(args.set)
     shape = (args.preset, overrides, args.batch_size, args.block_size)
 
     if args.part == "train":  # the child process of part 2: print its JSON and stop
@@ -283,7 +289,8 @@ def main(argv=None):
         print(
             f"\n{train['steps']} fp32 training steps in a fresh process, tokenizer of "
             f"{train['tokenizer_vocab_size']:,} ids (trained here in {train['corpus_seconds']:.1f} s), "
-            f"losses {', '.join(f'{v:.3f}' for v in train['losses'])}, {train['steps_seconds']:.1f} s"
+            f"losses {', '.join(f'{v:.3f}' for v in train['losses'])}, "
+            f"seconds per step {', '.join(f'{v:.1f}' for v in train['step_seconds'])}"
         )
         print(f"  peak resident memory          {rss / MiB:9.1f} MiB")
         print(f"  resident before the model     {before / MiB:9.1f} MiB  (Python, torch, tokenizer, text)")

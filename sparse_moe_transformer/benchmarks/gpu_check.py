@@ -3,8 +3,9 @@
     python sparse_moe_transformer/benchmarks/gpu_check.py --json gpu_check.json        # any CUDA GPU
     python sparse_moe_transformer/benchmarks/gpu_check.py --device cpu --tiny --steps 2 --no-compile
 
-On a CUDA GPU the process is capped at --memory-gb (4 GiB: the T1000) with
-torch.cuda.set_per_process_memory_fraction. The t1000 preset at its micro-batch (4 x 256, no
+On a CUDA GPU the process is capped at --memory-gb (4 GiB: the T1000): the caching allocator gets
+that budget less this process's CUDA context (measured at start with torch.cuda.mem_get_info),
+through torch.cuda.set_per_process_memory_fraction. The t1000 preset at its micro-batch (4 x 256, no
 gradient accumulation) trains --steps optimizer steps on the same batches in each variant:
 
     fp32          the reference for the losses (not capped; TF32 matmuls where the GPU has them)
@@ -37,6 +38,9 @@ minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import gc
 import json
 import statistics
 import sys
@@ -51,6 +55,7 @@ from sparse_moe_transformer.benchmarks.bench_memory import (
     build_model,
     consecutive_batches,
     local_corpus,
+    parse_sets,
     run_training_steps,
     sync,
 )
@@ -75,11 +80,12 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tenso
 # ----------------------------------------------------------------------------- training
 
 
-def train_variant(args, device, batches, precision, checkpointing, compiled, cap_fraction) -> dict:
-    """A fresh model (seed 0) trained on `batches`: losses, tokens/s, peak memory, the plan."""
+def train_variant(base, device, batches, precision, checkpointing, compiled, cap_fraction, warmup) -> dict:
+    """A copy of the initial model `base` (config, model, n_params) trained on `batches`: losses,
+    tokens/s, peak memory, the plan."""
     name = precision + (" +ckpt" if checkpointing else "") + (" +compile" if compiled else "")
     row = {"variant": name, "precision": precision, "checkpointing": checkpointing, "compile": compiled}
-    config, model, n_params = build_model(args.preset, args.overrides)
+    config, model, n_params = base[0], copy.deepcopy(base[1]), base[2]
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
         torch.cuda.empty_cache()
@@ -88,18 +94,18 @@ def train_variant(args, device, batches, precision, checkpointing, compiled, cap
     try:
         run = run_training_steps(model, batches, precision, str(device), checkpointing, compiled)
         row["losses"] = run["losses"]
-        timed = run["step_seconds"][min(args.warmup, len(batches) - 1) :]  # after compilation, warm caches
-        B, T = batches[0][0].shape
-        row["tokens_per_s"] = B * T / statistics.median(timed)
+        timed = run["step_seconds"][min(warmup, len(batches) - 1) :]  # after compilation, warm caches
+        row["tokens_per_s"] = batches[0][0].numel() / statistics.median(timed)
     except torch.OutOfMemoryError as err:
         row["error"] = "out of memory: " + str(err).splitlines()[0][:200]
     if device.type == "cuda":
         row["peak_allocated"] = torch.cuda.max_memory_allocated(device)
         row["peak_reserved"] = torch.cuda.max_memory_reserved(device)
+    B, T = batches[0][0].shape
     plan = plan_memory(
         config,
-        args.batch_size,
-        args.block_size,
+        B,
+        T,
         n_params=n_params,
         precision=precision,
         activation_checkpointing=checkpointing,
@@ -111,6 +117,7 @@ def train_variant(args, device, batches, precision, checkpointing, compiled, cap
     del model
     if compiled:
         torch._dynamo.reset()  # drop the compiled graphs, which hold on to the model
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -119,9 +126,9 @@ def train_variant(args, device, batches, precision, checkpointing, compiled, cap
 # ----------------------------------------------------------------------------- inference
 
 
-def inference_figures(args, device, precision, cap_fraction) -> dict:
+def inference_figures(base, device, precision, cap_fraction) -> dict:
     """Latency per generated token, peak inference memory, GFLOPs per forward (module docstring)."""
-    config, model, _ = build_model(args.preset, args.overrides)
+    config, model = base[0], copy.deepcopy(base[1])
     model.to(device).eval()
     autocast = AUTOCAST[precision]
 
@@ -177,6 +184,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of tokens/s")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="the GPU memory cap (the T1000's 4 GiB)")
     parser.add_argument("--tiny", action="store_true", help="the tiny preset, batch 2 x 16 (the CPU test)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="Config override")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -186,29 +194,33 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU is visible: run with --device cpu for the CPU path")
     if args.tiny:
-        args.preset, args.overrides, args.batch_size, args.block_size = "tiny", {"vocab_size": 300}, 2, 16
+        preset, overrides, batch_size, block_size = "tiny", {"vocab_size": 300}, 2, 16
     else:
-        args.preset, args.overrides, args.batch_size, args.block_size = "t1000", {}, 4, 256
-    vocab_size = build_model(args.preset, args.overrides)[0].vocab_size
-    _, tokens = local_corpus(vocab_size, args.steps * args.batch_size * (args.block_size + 1))
-    batches = consecutive_batches(tokens, args.steps, args.batch_size, args.block_size)
+        preset, overrides, batch_size, block_size = "t1000", {}, 4, 256
+    base = build_model(preset, {**overrides, **parse_sets(args.set)})  # (config, model, n_params)
+    _, tokens = local_corpus(base[0].vocab_size, args.steps * batch_size * (block_size + 1))
+    batches = consecutive_batches(tokens, args.steps, batch_size, block_size)
 
-    cap_fraction, machine = 1.0, "CPU"
+    cap_fraction, machine, context_bytes = 1.0, "CPU", None
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        cap_fraction = min(1.0, args.memory_gb * GB / total)
+        # The allocator's cap is the budget less this process's CUDA context (measured: what the
+        # device has in use before the allocator holds anything), which the 4 GiB card holds too.
+        torch.cuda.init()
+        free, total = torch.cuda.mem_get_info(device)
+        context_bytes = total - free - torch.cuda.memory_reserved(device)
+        cap_fraction = min(1.0, max(0.0, args.memory_gb * GB - context_bytes) / total)
         capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
         machine = (
             f"{torch.cuda.get_device_name(device)} ({total / GB:.1f} GiB, compute capability {capability})"
         )
-    result = {"machine": machine, "torch": torch.__version__, "preset": args.preset, "steps": args.steps}
-    result["batch"], result["memory_cap_gb"] = [args.batch_size, args.block_size], args.memory_gb
-    print(
-        f"{machine}, torch {torch.__version__}; {args.preset} at batch {args.batch_size} x {args.block_size}"
-    )
+    result = {"machine": machine, "torch": torch.__version__, "preset": preset, "steps": args.steps}
+    result["batch"], result["memory_cap_gb"] = [batch_size, block_size], args.memory_gb
+    result["config"], result["cuda_context_bytes"] = dataclasses.asdict(base[0]), context_bytes
+    print(f"{machine}, torch {torch.__version__}; {preset} {base[0]}, batch {batch_size} x {block_size}")
     if device.type == "cuda":
         print(
-            f"memory capped at {args.memory_gb:g} GiB (fraction {cap_fraction:.4f}) except the fp32 reference"
+            f"CUDA context {context_bytes / GB:.3f} GiB; the allocator capped at {args.memory_gb:g} GiB "
+            f"less the context (fraction {cap_fraction:.4f} of the card), except for the fp32 reference"
         )
 
     lows = low_precisions(device)
@@ -219,7 +231,7 @@ def main(argv=None):
     rows = []
     for precision, ckpt, compiled in variants:
         cap = 1.0 if precision == "fp32" else cap_fraction
-        rows.append(train_variant(args, device, batches, precision, ckpt, compiled, cap))
+        rows.append(train_variant(base, device, batches, precision, ckpt, compiled, cap, args.warmup))
     reference = rows[0].get("losses")
     for row in rows:
         if reference and row.get("losses"):
@@ -240,7 +252,7 @@ def main(argv=None):
             + (f"  {row['error']}" if "error" in row else "")
         )
 
-    inference = [inference_figures(args, device, p, cap_fraction) for p in ["fp32", *lows]]
+    inference = [inference_figures(base, device, p, cap_fraction) for p in ["fp32", *lows]]
     result["inference"] = inference
     print(f"\ninference, batch 1 (latency: {PROMPT_TOKENS}-token prompt, greedy with the KV cache)")
     for fig in inference:
