@@ -144,12 +144,14 @@ def activation_bytes_per_token(
         core = 3 * 4 * C + 12 * H * seq_len + a * C
     else:  # fused kernel: the q/k/v projection output, the attention output, logsumexp
         core = 3 * a * C + a * C + 4 * H
-    attention = layer_norm + a * C + core + mask(a) * C
+    attention = layer_norm + a * C + core + mask(a) * C  # + q/k/v input, + residual dropout mask
+    # gate logits, log-probs, probs [N, E]; logsumexp [N]; top-k indices and weights [N, k]; sort index
     router = 3 * r * E + r + 8 * k + r * k + 8 * k
-    experts = k * (8 * C + 8 * F + 28)  # fp32 (see the module docstring)
-    moe = layer_norm + a * C + router + experts + mask(4) * C
-    embeddings = 8 + mask(4) * C
-    head = layer_norm + a * C + 4 * V + 8 + a * V  # ..., fp32 log-softmax, labels, logits (the loop's)
+    # per routed pair, in fp32: gathered input, pre-activation, GELU output, output, weight, 3 indices
+    experts = k * (4 * C + 4 * F + 4 * F + 4 * C + 4 + 3 * 8)
+    moe = layer_norm + a * C + router + experts + mask(4) * C  # + gate input, + residual dropout mask
+    embeddings = 8 + mask(4) * C  # token ids, dropout mask
+    head = layer_norm + a * C + 4 * V + 8 + a * V  # + head input, fp32 log-softmax, labels, logits
     return {
         "attention": attention,
         "moe": moe,
