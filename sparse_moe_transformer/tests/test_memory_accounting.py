@@ -58,10 +58,10 @@ def model_and_batch(request):
     return config, model, n_params, x[:, :-1], x[:, 1:]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])  # fp16: the T1000's, CPU autocast
 def test_saved_bytes_at_full_width_match_the_plan_per_layer_outside_and_in_total(model_and_batch, precision):
     config, model, n_params, idx, targets = model_and_batch
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     plain, checkpointed = measure_both(model, idx, targets, dtype)
     act = 4 if dtype is None else 2
     attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
