@@ -98,6 +98,10 @@ def train_variant(base, device, batches, precision, checkpointing, compiled, cap
         row["tokens_per_s"] = batches[0][0].numel() / statistics.median(timed)
     except torch.OutOfMemoryError as err:
         row["error"] = "out of memory: " + str(err).splitlines()[0][:200]
+    except Exception as err:  # e.g. --compile without a working compiler: report it, run the rest
+        if device.type != "cuda":
+            raise  # the CPU path is the test: fail loudly there
+        row["error"] = f"{type(err).__name__}: " + (str(err).splitlines() or [""])[0][:200]
     if device.type == "cuda":
         row["peak_allocated"] = torch.cuda.max_memory_allocated(device)
         row["peak_reserved"] = torch.cuda.max_memory_reserved(device)
