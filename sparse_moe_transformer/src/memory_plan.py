@@ -1,4 +1,5 @@
-"""Predict the training memory of a Sparse MoE config before building it (the CLI's `--mode plan`).
+"""Predict the training memory of a Sparse MoE config before building it (the CLI's `--mode plan`),
+and measure what autograd really keeps, which checks the prediction.
 
 Training memory = model state + activations + transient buffers + runtime overhead.
 
@@ -7,43 +8,60 @@ Model state (P parameters, AdamW, "mixed precision" = torch autocast):
     gradients        4 P bytes   fp32 (.grad has the parameter's dtype)
     optimizer state  8 P bytes   AdamW's exp_avg and exp_avg_sq, fp32
     autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, gate, head) that
-                                 autocast caches during the forward pass; 0 in fp32
+                                 the forward pass saves for the backward; 0 in fp32. On a GPU the
+                                 autocast cast cache keeps every copy until the autocast region ends;
+                                 the CPU has no cache, so under activation checkpointing only the
+                                 head's and the rebuilt layer's copies exist there
 
-Activations (tensors saved for the backward pass), per token, per layer, with a = 2 bytes under
-fp16/bf16 autocast and 4 in fp32, C = d_model, F = expert hidden size, E = experts, k = top_k,
-H = heads:
-    attention block   LayerNorm input 4C + 8, its output a*C (input of the q/k/v projection),
-                      q, k, v and the attention output 4 a*C, logsumexp 4H (flash/efficient
-                      kernels), output-projection input a*C, residual dropout mask C (if dropout)
-    MoE block         LayerNorm input 4C + 8, its output a*C (gate input), gate logits / softmax
-                      for the aux and z losses 3 * 4E, top-k indices and weights 12k,
-                      expert FFN per routed pair: gathered input a*C, pre-activation a*F,
-                      GELU output a*F, expert output a*C, weight and indices 20 bytes
-                      -> k * (2 a*C + 2 a*F + 20) with a = 4 (below), residual dropout mask C
-    embeddings        ids 8, embedding dropout mask C (if dropout)
-    head              final LayerNorm input 4C + 8, head input a*C, logits a*V (returned to the
-                      loop), fp32 log-softmax saved by the cross-entropy 4V
-The MoE expert buffers are written by a custom autograd.Function in the dtype of its input, the
-LayerNorm output, which autocast keeps in fp32: they are counted at 4 bytes in every precision.
-On the CPU with dropout, scaled_dot_product_attention falls back to its math kernel, which also
-keeps the T x T attention weights: (3a + 1) bytes per weight (scores, softmax, dropout mask,
-dropped weights); GPUs use the flash / memory-efficient kernels (logsumexp only). With activation
-checkpointing only each layer's input (4C per token per layer) is kept, and one layer's
-activations are rebuilt at a time during the backward pass.
+Activations: the tensors autograd saves for the backward pass, per token, in bytes. C = d_model,
+F = expert hidden size, E = experts, k = top_k, H = heads, T = sequence length, V = vocabulary;
+a = 2 under fp16/bf16 autocast and 4 in fp32 (the dtype of matmul outputs); the residual stream,
+LayerNorm outputs and the expert FFN stay fp32 (4) in every precision. A dropout mask m(d) costs
+d bytes per element on the CPU (it is a float tensor of its input's dtype, d) and 1 byte on a GPU
+(a bool mask); 0 without dropout. Router floats r: a on the CPU, 4 on a GPU (CUDA autocast runs
+softmax, log_softmax and logsumexp in fp32).
+
+    attention block   LayerNorm input 4C + 8 (plus its mean and rstd), q/k/v projection input aC
+                      fused kernel (GPU; CPU without attention dropout): the q/k/v projection output
+                      3aC (q, k, v are views of it), the attention output aC (the output
+                      projection's input is a view of it), logsumexp 4H
+                      math kernel (CPU with attention dropout; it computes in fp32 even under bf16
+                      autocast): q, k, v 3 * 4C, the T x T weights 12 H T (softmax, dropout mask,
+                      dropped weights, fp32 each), the output projection's input aC
+                      residual dropout mask m(a) C
+    MoE block         LayerNorm input 4C + 8, gate input aC, gate logits / log-probs / probs for the
+                      aux and z losses 3rE, logsumexp r, top-k indices 8k and weights rk, sort
+                      index 8k; the expert Function (computing in its input's dtype, the fp32
+                      LayerNorm output) saves per routed pair the gathered input 4C, pre-activation
+                      4F, GELU output 4F, expert output 4C, weight 4 and three int64 indices 24,
+                      so k (8C + 8F + 28); residual dropout mask m(4) C
+    embeddings        token ids 8, embedding dropout mask m(4) C
+    head              final LayerNorm input 4C + 8, head input aC, fp32 log-softmax saved by the
+                      cross-entropy 4V, labels 8, and the logits aV, which autograd does not save
+                      but the training loop holds through the backward pass
+
+With activation checkpointing each layer keeps only its input (4C per token; torch.utils.checkpoint
+holds it to rerun the layer), and the backward pass rebuilds one layer's activations at a time.
 
 Transient peak at the start of the backward pass: the fp32 gradients of the log-softmax and of the
-logits (8V per token; the fp32 copy of the logits made in the forward pass is as large and gone by
-then), plus one layer's activation gradients. Runtime overhead: the CUDA context and cuBLAS
-workspaces (about 0.35 GB; `cuda_overhead_gb`), and 10% allocator fragmentation on the activations
-and transients (the model state is a few large long-lived blocks).
+logits (8V per token), plus one layer's activation gradients. Runtime overhead: the CUDA context and
+cuBLAS workspaces (about 0.35 GB; `cuda_overhead_gb`), and 10% allocator fragmentation on the
+activations and transients (the model state is a few large long-lived blocks).
 
-The formula is checked against the bytes of the tensors autograd really saves for the backward pass
-(`tests/test_memory_plan.py`, fp32 on the CPU); everything else is stated assumption.
+`measure_saved_bytes` counts the bytes autograd really saves (saved-tensor hooks), per layer and
+outside the layers; `tests/test_memory_accounting.py` checks the activation term against it at the
+full t1000 width on the CPU, in fp32 and under bf16 autocast, with and without activation
+checkpointing, and `benchmarks/bench_memory.py` at the full t1000 size. The GPU terms (fused
+kernels, bool masks, the cast cache, the transient, the overhead) are stated assumptions until
+`benchmarks/gpu_check.py` is run on a GPU.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+
+import torch
 
 GB = 1024**3  # the plan counts binary gigabytes (GiB): a "4 GB" card has 4 GiB
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -71,6 +89,11 @@ class MemoryPlan:
         return self.parameters + self.gradients + self.optimizer_state
 
     @property
+    def saved_for_backward(self) -> int:
+        """What `measure_saved_bytes` counts: the activations and the autocast weight copies."""
+        return self.activations + self.autocast_weight_copies
+
+    @property
     def total(self) -> int:
         return (
             self.model_state
@@ -85,25 +108,50 @@ class MemoryPlan:
         return {**asdict(self), "model_state": self.model_state, "total": self.total}
 
 
-def activation_bytes_per_token(config, act_bytes: int, seq_len: int, math_attention: bool = False) -> dict:
+def _dims(config) -> dict:
+    """The Config fields the plan reads (the one place that knows their names)."""
+    attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
+    return {
+        "C": config.d_model,
+        "F": config.d_ff,
+        "E": config.n_expert,
+        "k": config.top_k,
+        "H": config.n_head,
+        "V": config.vocab_size,
+        "L": config.n_layer,
+        "block_size": config.block_size,
+        "dropout": config.dropout,
+        "attn_dropout": attn_dropout,
+    }
+
+
+def activation_bytes_per_token(
+    config, act_bytes: int, seq_len: int, math_attention: bool = False, on_gpu: bool = False
+) -> dict:
     """Saved-for-backward bytes per token of one layer's parts, the embeddings and the head."""
-    C, F, E, k, H, V = (
-        config.d_model,
-        config.d_ff,
-        config.n_expert,
-        config.top_k,
-        config.n_head,
-        config.vocab_size,
-    )
+    d = _dims(config)
+    C, F, E, k, H, V = d["C"], d["F"], d["E"], d["k"], d["H"], d["V"]
     a = act_bytes
-    mask = C if config.dropout > 0 else 0  # dropout keeps a 1-byte mask per element
-    attention = (4 * C + 8) + a * C + 4 * a * C + 4 * H + a * C + mask
-    if math_attention:  # the T x T weights: scores, softmax, dropout mask and dropped weights
-        attention += H * seq_len * (3 * a + 1)
-    experts = k * (2 * 4 * C + 2 * 4 * F + 20)  # fp32 (see the module docstring)
-    moe = (4 * C + 8) + a * C + 3 * 4 * E + 12 * k + experts + mask
-    embeddings = 8 + mask
-    head = (4 * C + 8) + a * C + a * V + 4 * V  # logits (kept by the loop) + fp32 log-softmax
+
+    def mask(dtype_bytes: int) -> int:  # bytes per element of a dropout mask (module docstring)
+        if d["dropout"] == 0:
+            return 0
+        return 1 if on_gpu else dtype_bytes
+
+    r = 4 if on_gpu else a  # router floats
+    layer_norm = 4 * C + 8  # fp32 input + mean and rstd
+    if math_attention:  # q, k, v and the T x T weights in fp32, then the output projection's input
+        core = 3 * 4 * C + 12 * H * seq_len + a * C
+    else:  # fused kernel: the q/k/v projection output, the attention output, logsumexp
+        core = 3 * a * C + a * C + 4 * H
+    attention = layer_norm + a * C + core + mask(a) * C  # + q/k/v input, + residual dropout mask
+    # gate logits, log-probs, probs [N, E]; logsumexp [N]; top-k indices and weights [N, k]; sort index
+    router = 3 * r * E + r + 8 * k + r * k + 8 * k
+    # per routed pair, in fp32: gathered input, pre-activation, GELU output, output, weight, 3 indices
+    experts = k * (4 * C + 4 * F + 4 * F + 4 * C + 4 + 3 * 8)
+    moe = layer_norm + a * C + router + experts + mask(4) * C  # + gate input, + residual dropout mask
+    embeddings = 8 + mask(4) * C  # token ids, dropout mask
+    head = layer_norm + a * C + 4 * V + 8 + a * V  # + head input, fp32 log-softmax, labels, logits
     return {
         "attention": attention,
         "moe": moe,
@@ -111,6 +159,12 @@ def activation_bytes_per_token(config, act_bytes: int, seq_len: int, math_attent
         "embeddings": embeddings,
         "head": head,
     }
+
+
+def matmul_params_per_layer(config) -> int:
+    """Weights autocast casts in one layer: the q/k/v and output projections and the gate."""
+    d = _dims(config)
+    return 4 * d["C"] * d["C"] + d["C"] * d["E"]
 
 
 def plan_memory(
@@ -130,31 +184,35 @@ def plan_memory(
     `n_params`: the model's parameter count (the model's own counting function);
     `n_matmul_params`: parameters autocast casts to half precision (default: all but the
     embeddings and the expert weights, which the dispatch Function uses in their own dtype);
-    `on_gpu`: a CUDA run (default: precision != "fp32"): adds the CUDA runtime overhead and uses the
-    fused attention kernels; a CPU run with dropout keeps the attention weights (math kernel).
+    `on_gpu`: a CUDA run (default: precision != "fp32"): adds the CUDA runtime overhead, uses the
+    fused attention kernels and bool dropout masks; a CPU run with attention dropout keeps the
+    attention weights (math kernel).
     """
     if precision not in PRECISION_BYTES:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_params", n_params)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if seq_len > config.block_size:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}")
+    d = _dims(config)
+    if seq_len > d["block_size"]:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {d['block_size']}")
     act = PRECISION_BYTES[precision]
     tokens = batch_size * seq_len
     on_gpu = precision != "fp32" if on_gpu is None else on_gpu
-    math_attention = not on_gpu and config.dropout > 0  # CPU SDPA with dropout: the math kernel
-    per_token = activation_bytes_per_token(config, act, seq_len, math_attention)
-    L = config.n_layer
+    math_attention = not on_gpu and d["attn_dropout"] > 0  # CPU SDPA with dropout: the math kernel
+    per_token = activation_bytes_per_token(config, act, seq_len, math_attention, on_gpu)
+    L = d["L"]
     if activation_checkpointing:
-        kept = L * 4 * config.d_model + per_token["layer"]  # layer inputs + one rebuilt layer
+        kept = L * 4 * d["C"] + per_token["layer"]  # layer inputs + one rebuilt layer
     else:
         kept = L * per_token["layer"]
     activations = int(tokens * (kept + per_token["embeddings"] + per_token["head"]))
-    transient = int(tokens * (8 * config.vocab_size + per_token["layer"]))
+    transient = int(tokens * (8 * d["V"] + per_token["layer"]))
+    layer_matmul = matmul_params_per_layer(config)
     if n_matmul_params is None:
-        C, V, E = config.d_model, config.vocab_size, config.n_expert
-        n_matmul_params = L * (4 * C * C + C * E) + C * V  # attention, gate, head weights
+        n_matmul_params = L * layer_matmul + d["C"] * d["V"]  # attention, gate, head weights
+    if activation_checkpointing and not on_gpu:  # no cast cache: L - 1 layers' copies are gone
+        n_matmul_params -= (L - 1) * layer_matmul
     copies = 0 if act == 4 else 2 * n_matmul_params
     return MemoryPlan(
         n_params=n_params,
@@ -198,3 +256,77 @@ def format_memory_plan(plan: MemoryPlan, budget_gb: float | None = None) -> str:
             f"  -> {verdict} in {budget_gb:g} GiB ({(budget_gb * GB - plan.total) / GB:+.3f} GiB to spare)"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class SavedBytes:
+    """Bytes of the distinct storages one training forward leaves for the backward pass."""
+
+    outside_layers: int  # embeddings, head, and the logits the training loop holds
+    per_layer: list[int]  # saved inside each layer; under activation checkpointing, the layer's input
+
+    @property
+    def total(self) -> int:
+        return self.outside_layers + sum(self.per_layer)
+
+
+def _forward_logits(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's training forward -> logits [B, T, V] (the one place that knows its interface)."""
+    return model(idx, targets).logits
+
+
+def measure_saved_bytes(model, idx: torch.Tensor, targets: torch.Tensor, autocast_dtype=None) -> SavedBytes:
+    """Run one training forward of `model` (under autocast to autocast_dtype, or in fp32) and count
+    the bytes it keeps for the backward pass.
+
+    Every tensor autograd saves goes through a saved-tensor hook; its storage is counted once (q, k
+    and v are views of one projection output). Parameters are left out (they are the model state;
+    their autocast casts are new tensors and are counted). The logits are added: autograd does not
+    save them, but the training loop holds them through the backward pass. Forward hooks on the
+    layers attribute each storage to the layer that saved it. Under activation checkpointing,
+    torch.utils.checkpoint saves only each layer's input (its own hooks take the layer's tensors);
+    the backward pass then rebuilds one layer at a time, which a plain run's `per_layer` measures.
+    """
+    layers = list(model.layers)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}  # storage address -> bytes
+    owner: dict[int, int] = {}  # storage address -> index of the layer that saved it, -1 outside
+    current = [-1]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        address = storage.data_ptr()
+        if address not in param_storages and address not in saved:
+            saved[address], owner[address] = storage.nbytes(), current[0]
+        return t
+
+    def enter(i: int):
+        def hook(module, args):
+            current[0] = i
+
+        return hook
+
+    def leave(module, args, output):
+        current[0] = -1
+
+    handles = [layer.register_forward_pre_hook(enter(i)) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(leave) for layer in layers]
+    autocast = nullcontext() if autocast_dtype is None else torch.autocast(idx.device.type, autocast_dtype)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            logits = _forward_logits(model, idx, targets)
+    finally:
+        for handle in handles:
+            handle.remove()
+    storage = logits.untyped_storage()
+    if storage.data_ptr() not in saved:
+        saved[storage.data_ptr()], owner[storage.data_ptr()] = storage.nbytes(), -1
+    per_layer = [0] * len(layers)
+    for address, nbytes in saved.items():
+        if owner[address] >= 0:
+            per_layer[owner[address]] += nbytes
+    outside = sum(nbytes for address, nbytes in saved.items() if owner[address] < 0)
+    return SavedBytes(outside_layers=outside, per_layer=per_layer)

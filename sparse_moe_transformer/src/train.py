@@ -1152,6 +1152,7 @@ def print_header(run: Run, state: TrainState) -> None:
         n_params=count_parameters(c),
         precision=rt.precision,
         activation_checkpointing=s.activation_checkpointing,
+        on_gpu=rt.device.type == "cuda",
     )
     print(format_memory_plan(plan))
     if run.resume_checkpoint is not None:

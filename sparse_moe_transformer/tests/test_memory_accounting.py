@@ -1,0 +1,154 @@
+"""The memory plan's activation term equals the bytes autograd saves at the full t1000 width.
+
+The model is t1000 at full width (d_model 512, 8 heads, 16 experts of 1024, the 50,257-id
+vocabulary, dropout 0.1, and 0 for the fused attention kernel) with 2 layers and a batch of
+2 x 64 tokens, so a forward takes about a second; benchmarks/bench_memory.py measures the full
+size (6 layers, 4 x 256). The issue asks for 10%. The plan is exact on the CPU but for a few
+bytes it leaves out (a router mean of E floats per layer, the position ids, scalar losses: 1e-5
+of each part), so each part is held to 1e-4: a term of 6 bytes or more per token in a layer (of
+about 50,000) that is dropped or miscounted fails the test.
+
+The smoke tests run the two memory scripts end to end at a tiny size.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_moe_transformer.src import train as cli
+from sparse_moe_transformer.src.memory_plan import (
+    activation_bytes_per_token,
+    matmul_params_per_layer,
+    measure_saved_bytes,
+    plan_memory,
+)
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+B, T = 2, 64
+
+
+def full_width_model(dropout: float):
+    """t1000 at full width with 2 layers: (config, model, parameter count). The train.py entry
+    points and Config field names this file uses are all here."""
+    config = cli.Config.from_preset("t1000", n_layer=2, dropout=dropout)
+    torch.manual_seed(0)
+    return config, cli.SparseMoETransformer(config).train(), cli.count_parameters(config)
+
+
+def measure_both(model, idx, targets, dtype):
+    """Saved bytes of a plain forward and of an activation-checkpointed one."""
+    plain = measure_saved_bytes(model, idx, targets, dtype)
+    model.set_activation_checkpointing(True)
+    try:
+        checkpointed = measure_saved_bytes(model, idx, targets, dtype)
+    finally:
+        model.set_activation_checkpointing(False)
+    return plain, checkpointed
+
+
+@pytest.fixture(scope="module", params=[0.1, 0.0], ids=["dropout0.1-math-attention", "dropout0-fused"])
+def model_and_batch(request):
+    config, model, n_params = full_width_model(request.param)
+    x = torch.randint(0, config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    return config, model, n_params, x[:, :-1], x[:, 1:]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])  # fp16: the T1000's, CPU autocast
+def test_saved_bytes_at_full_width_match_the_plan_per_layer_outside_and_in_total(model_and_batch, precision):
+    config, model, n_params, idx, targets = model_and_batch
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    plain, checkpointed = measure_both(model, idx, targets, dtype)
+    act = 4 if dtype is None else 2
+    attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
+    per_token = activation_bytes_per_token(config, act, T, math_attention=attn_dropout > 0, on_gpu=False)
+    copies = 0 if dtype is None else 2  # bytes per matmul weight of the autocast copies
+    tokens = B * T
+
+    # each layer: its activations and its weight copies (q/k/v, output projection, gate)
+    layer = tokens * per_token["layer"] + copies * matmul_params_per_layer(config)
+    for measured in plain.per_layer:
+        assert measured == pytest.approx(layer, rel=1e-4)
+    # embeddings + head (the logits the loop holds, the fp32 log-softmax) + the head's weight copy
+    outside = tokens * (per_token["embeddings"] + per_token["head"])
+    outside += copies * config.d_model * config.vocab_size
+    assert plain.outside_layers == pytest.approx(outside, rel=1e-4)
+    assert checkpointed.outside_layers == plain.outside_layers
+    # checkpointing keeps only each layer's fp32 input [B, T, C]
+    assert checkpointed.per_layer == [4 * tokens * config.d_model] * len(plain.per_layer)
+
+    for ckpt, measured in ((False, plain.total), (True, checkpointed.total + max(plain.per_layer))):
+        plan = plan_memory(
+            config, B, T, n_params=n_params, precision=precision, activation_checkpointing=ckpt, on_gpu=False
+        )
+        assert plan.saved_for_backward == pytest.approx(measured, rel=1e-4), (ckpt, plan, measured)
+
+
+def test_measure_saved_bytes_counts_a_shared_storage_once_and_leaves_parameters_out():
+    config = cli.Config.from_preset("tiny")
+    torch.manual_seed(0)
+    model = cli.SparseMoETransformer(config).train()
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    saved = measure_saved_bytes(model, idx, idx)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    logits_bytes = 2 * 8 * config.vocab_size * 4
+    assert saved.outside_layers > logits_bytes  # the logits the loop holds are counted
+    assert 0 < saved.total < params  # at this size activations are far smaller than the weights
+    # a second identical forward saves exactly as much (nothing accumulates between calls)
+    assert measure_saved_bytes(model, idx, idx) == saved
+
+
+def run_script(name, *args):
+    cmd = [sys.executable, str(BENCHMARKS / name), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+
+
+def test_bench_memory_runs_end_to_end_at_a_tiny_size(tmp_path):
+    out_json = tmp_path / "memory.json"
+    tiny = ["--preset", "tiny", "--set", "vocab_size=300", "--batch-size", "2", "--block-size", "16"]
+    out = run_script("bench_memory.py", *tiny, "--json", str(out_json))
+    result = json.loads(out_json.read_text())
+    rows = result["saved_for_backward"]
+    assert [(r["precision"], r["activation_checkpointing"]) for r in rows] == [
+        ("fp32", False),
+        ("fp32", True),
+        ("bf16", False),
+        ("bf16", True),
+    ]
+    for r in rows:
+        assert r["plan_over_measured"] == pytest.approx(1.0, rel=0.01)
+    train = result["training_steps"]
+    assert train["tokenizer_vocab_size"] == 300 and train["max_token_id"] < 300
+    assert len(train["losses"]) == 2 and all(math.isfinite(v) for v in train["losses"])
+    assert train["peak_rss_bytes"] > train["rss_before_model_bytes"] > 0
+    assert "peak resident memory" in out and "plan total (CPU, fp32)" in out
+
+
+def test_gpu_check_cpu_path_trains_every_variant_and_reports_the_inference_figures(tmp_path):
+    """The CPU path of the GPU check: fp32, bf16 and bf16 with checkpointing train on the same
+    batches and agree; the FLOPs per forward equal the matmul FLOPs of the tiny model (the CPU's
+    fused attention kernel is not counted). --compile is left out: inductor takes minutes here."""
+    out_json = tmp_path / "gpu_check.json"
+    out = run_script(
+        "gpu_check.py", "--device", "cpu", "--tiny", "--steps", "2", "--no-compile", "--json", str(out_json)
+    )
+    result = json.loads(out_json.read_text())
+    rows = result["training"]
+    assert [r["variant"] for r in rows] == ["fp32", "bf16", "bf16 +ckpt"]
+    for r in rows:
+        assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
+        assert r["tokens_per_s"] > 0 and r["max_loss_diff_vs_fp32"] < 0.05
+        assert "peak_allocated" not in r  # no memory figures without CUDA
+    assert rows[1]["losses"] == rows[2]["losses"]  # checkpointing recomputes the same numbers
+    config = cli.Config.from_preset("tiny")
+    C, F, E, k, V, T = config.d_model, config.d_ff, config.n_expert, config.top_k, 300, config.block_size
+    matmul_flops = T * (config.n_layer * (8 * C * C + 2 * C * E + k * 4 * C * F) + 2 * C * V)
+    for fig in result["inference"]:
+        assert fig["latency_ms_per_token"] > 0 and fig["flops_seq_len"] == T
+        assert fig["gflops_per_forward"] * 1e9 == pytest.approx(matmul_flops, rel=1e-9)
+    assert [fig["precision"] for fig in result["inference"]] == ["fp32", "bf16"]
+    assert "inference, batch 1" in out
