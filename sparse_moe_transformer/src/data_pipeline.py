@@ -67,6 +67,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phase1_foundation.src.validation import check_int
 from phase3_components.src.text_data import (
     load_text_dataset,
     open_token_file,
@@ -180,8 +181,7 @@ def data_source_from_args(
         ("synthetic_train_stories", synthetic_train_stories),
         ("synthetic_valid_stories", synthetic_valid_stories),
     ):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
+        check_int(name, n, minimum=1)
     common = dict(
         seed=seed, valid_fraction=float(valid_fraction), text_split=text_split, text_column=text_column
     )
@@ -591,10 +591,8 @@ class BlockBatchSampler:
         world_size: int = 1,
     ):
         for name, v in (("block_size", block_size), ("batch_size", batch_size), ("world_size", world_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not (isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+            check_int(name, v, minimum=1)
+        check_int("rank", rank, minimum=0, maximum=world_size - 1)
         self.num_tokens = int(num_tokens)
         self.block_size = block_size
         self.batch_size = batch_size

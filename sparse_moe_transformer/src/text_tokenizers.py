@@ -38,6 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.atomic_files import atomic_write
 
 EOT = "<|endoftext|>"
@@ -292,11 +293,7 @@ def train_bpe_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
-        raise ValueError(
-            f"bpe vocab_size must be an int >= 257 (256 byte tokens + {EOT}), got {vocab_size!r}: "
-            "pass e.g. --vocab-size 4096"
-        )
+    check_int(f"bpe vocab_size (256 byte tokens + {EOT}; e.g. --vocab-size 4096)", vocab_size, minimum=257)
     if vocab_size > MAX_BPE_VOCAB:
         raise ValueError(
             f"bpe vocab_size {vocab_size} is more than this trainer supports ({MAX_BPE_VOCAB:,}); "
