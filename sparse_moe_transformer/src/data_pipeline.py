@@ -107,7 +107,7 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where the text comes from. Build it with `data_source_from_args` (the CLI flags)."""
+    """Where the text comes from. Build it with `make_data_source` (the CLI flags)."""
 
     kind: str  # "synthetic" | "tinystories" | "files"
     train_file: str | None = None
@@ -154,7 +154,7 @@ class DataSource:
         return f"files: train {self.train_file}, valid {valid}"
 
 
-def data_source_from_args(
+def make_data_source(
     dataset: str | None = None,
     data_files: str | Sequence[str] | None = None,
     *,
@@ -390,7 +390,7 @@ def load_documents(source: DataSource, hf_cache_dir: str | None = None) -> dict:
         else:
             valid, e2 = load_file_documents(source.valid_file, source, hf_cache_dir)
         return {"train": train, "valid": valid, "empty_skipped": e1 + e2}
-    raise ValueError(f"unknown data source kind {source.kind!r}: build sources with data_source_from_args")
+    raise ValueError(f"unknown data source kind {source.kind!r}: build sources with make_data_source")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -776,7 +776,7 @@ def data_source_from_namespace(args) -> DataSource:
     """The DataSource described by flags added with `add_data_arguments`."""
     n_train = args.synthetic_stories
     n_valid = max(100, n_train // 20) if isinstance(n_train, int) and n_train > 0 else n_train
-    return data_source_from_args(
+    return make_data_source(
         args.dataset,
         args.data_files,
         seed=getattr(args, "seed", 0),

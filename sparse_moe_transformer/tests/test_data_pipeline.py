@@ -16,9 +16,9 @@ from sparse_moe_transformer.src.data_pipeline import (
     HUB_OFFLINE_ERROR,
     BlockBatchSampler,
     blocks_to_batch,
-    data_source_from_args,
     iter_eval_batches,
     load_documents,
+    make_data_source,
     prepare_data,
     split_plain_text,
     token_dtype,
@@ -54,7 +54,7 @@ def hf_calls(monkeypatch):
 
 
 def files_source(tmp_path, *files, **kwargs):
-    return data_source_from_args(data_files=",".join(str(f) for f in files), **kwargs)
+    return make_data_source(data_files=",".join(str(f) for f in files), **kwargs)
 
 
 def write_jsonl(path, texts, key="text"):
@@ -157,7 +157,7 @@ def test_holdout_without_validation_file_is_deterministic(tmp_path):
 
 def test_synthetic_source_uses_two_seeds():
     docs = load_documents(
-        data_source_from_args("synthetic", synthetic_train_stories=30, synthetic_valid_stories=5)
+        make_data_source("synthetic", synthetic_train_stories=30, synthetic_valid_stories=5)
     )
     assert docs["train"] == generate_stories(30, seed=0)
     assert docs["valid"] == generate_stories(5, seed=1)
@@ -192,7 +192,7 @@ def test_packing_puts_eot_between_documents(tmp_path, tok):
 
 def test_no_padding_every_label_is_the_real_next_token(tok, tmp_path):
     data = prepare_data(
-        data_source_from_args("synthetic", synthetic_train_stories=40, synthetic_valid_stories=5),
+        make_data_source("synthetic", synthetic_train_stories=40, synthetic_valid_stories=5),
         tok,
         cache_dir=tmp_path / "cache",
         progress=False,
@@ -248,7 +248,7 @@ def test_token_cache_is_reused_and_invalidated(tmp_path, tok, monkeypatch):
 
 
 def test_bpe_tokenizer_is_trained_once_and_cached(tmp_path, monkeypatch):
-    source = data_source_from_args("synthetic", synthetic_train_stories=60, synthetic_valid_stories=5)
+    source = make_data_source("synthetic", synthetic_train_stories=60, synthetic_valid_stories=5)
     first = prepare_data(source, "bpe", vocab_size=300, cache_dir=tmp_path, progress=False)
     assert first.tokenizer.name == "bpe" and first.tokenizer.vocab_size == 300
     assert first.train_tokens.dtype == token_dtype(300) == np.uint16
@@ -350,7 +350,7 @@ def test_hub_offline_gives_one_line_error(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub (LocalEntryNotFoundError)")
 
-    source = data_source_from_args("tinystories")
+    source = make_data_source("tinystories")
     with monkeypatch.context() as m:
         m.setattr(datasets, "load_dataset", offline)
         with pytest.raises(RuntimeError) as info:
@@ -367,31 +367,31 @@ def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
     good = tmp_path / "good.txt"
     good.write_text("one document\nanother one\n", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="data file not found: .*missing.txt"):
-        data_source_from_args(data_files=str(tmp_path / "missing.txt"))
+        make_data_source(data_files=str(tmp_path / "missing.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="data file is empty"):
-        data_source_from_args(data_files=f"{good},{empty}")
+        make_data_source(data_files=f"{good},{empty}")
     with pytest.raises(ValueError, match="not a regular file"):
-        data_source_from_args(data_files=str(tmp_path))
+        make_data_source(data_files=str(tmp_path))
     csv = tmp_path / "data.csv"
     csv.write_text("text\nhello\n")
     with pytest.raises(ValueError, match=r"unsupported data file type '.csv'.*\.jsonl"):
-        data_source_from_args(data_files=str(csv))
+        make_data_source(data_files=str(csv))
     with pytest.raises(ValueError, match="TRAIN or TRAIN,VALID"):
-        data_source_from_args(data_files=f"{good},{good},{good}")
+        make_data_source(data_files=f"{good},{good},{good}")
     with pytest.raises(ValueError, match="unknown dataset 'wikitext': choose one of synthetic, tinystories"):
-        data_source_from_args("wikitext")
+        make_data_source("wikitext")
     with pytest.raises(ValueError, match="not both"):
-        data_source_from_args("synthetic", data_files=str(good))
+        make_data_source("synthetic", data_files=str(good))
     with pytest.raises(ValueError, match="unknown text split rule"):
-        data_source_from_args(data_files=str(good), text_split="sentences")
+        make_data_source(data_files=str(good), text_split="sentences")
     with pytest.raises(ValueError, match="valid_fraction must be between 0 and 1"):
-        data_source_from_args(data_files=str(good), valid_fraction=1.5)
+        make_data_source(data_files=str(good), valid_fraction=1.5)
     with monkeypatch.context() as m:
         m.setattr(data_pipeline.os, "access", lambda path, mode: False)
         with pytest.raises(PermissionError, match="cannot read data file .*permission denied"):
-            data_source_from_args(data_files=str(good))
+            make_data_source(data_files=str(good))
 
 
 def test_bad_file_contents_give_clear_errors(tmp_path):
@@ -399,26 +399,26 @@ def test_bad_file_contents_give_clear_errors(tmp_path):
     binary = tmp_path / "latin1.txt"
     binary.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(ValueError, match="cannot read .*latin1.txt as text.*UTF-8"):
-        load_documents(data_source_from_args(data_files=f"{binary},{binary}"), hf_cache_dir=hf)
+        load_documents(make_data_source(data_files=f"{binary},{binary}"), hf_cache_dir=hf)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": unquoted}\n')
     with pytest.raises(ValueError, match="cannot read .*broken.jsonl as json"):
-        load_documents(data_source_from_args(data_files=f"{broken},{broken}"), hf_cache_dir=hf)
+        load_documents(make_data_source(data_files=f"{broken},{broken}"), hf_cache_dir=hf)
     no_text = write_jsonl(tmp_path / "story.jsonl", DOCS, key="story")
     with pytest.raises(ValueError, match="has no 'text' column .*rename the column"):
-        load_documents(data_source_from_args(data_files=f"{no_text},{no_text}"), hf_cache_dir=hf)
+        load_documents(make_data_source(data_files=f"{no_text},{no_text}"), hf_cache_dir=hf)
     parquet = tmp_path / "p.parquet"
     pq.write_table(pa.table({"body": DOCS}), parquet)
     with pytest.raises(ValueError, match="has no 'text' column"):
-        load_documents(data_source_from_args(data_files=f"{parquet},{parquet}"), hf_cache_dir=hf)
+        load_documents(make_data_source(data_files=f"{parquet},{parquet}"), hf_cache_dir=hf)
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")
     with pytest.raises(ValueError, match="has no documents"):
-        load_documents(data_source_from_args(data_files=str(blank)), hf_cache_dir=hf)
+        load_documents(make_data_source(data_files=str(blank)), hf_cache_dir=hf)
     few = tmp_path / "few.txt"
     few.write_text("one\ntwo\nthree\n")
     with pytest.raises(ValueError, match="cannot hold out a validation split.*--data-files TRAIN,VALID"):
-        load_documents(data_source_from_args(data_files=str(few)), hf_cache_dir=hf)
+        load_documents(make_data_source(data_files=str(few)), hf_cache_dir=hf)
 
 
 def test_short_corpus_and_bad_sampler_arguments():
@@ -459,7 +459,7 @@ class LyingTokenizer(TextTokenizer):
 
 
 def test_token_id_out_of_range_is_an_error(tmp_path):
-    source = data_source_from_args("synthetic", synthetic_train_stories=3, synthetic_valid_stories=1)
+    source = make_data_source("synthetic", synthetic_train_stories=3, synthetic_valid_stories=1)
     with pytest.raises(ValueError, match="token id 70000 is out of range for vocab_size 10 / uint16"):
         prepare_data(source, LyingTokenizer(), cache_dir=tmp_path, progress=False)
     assert not os.listdir(tmp_path)  # the failed attempt left nothing behind
