@@ -43,6 +43,9 @@ softmax in fp32).
                       cross-entropy 4V, labels 8, and the logits aV, which autograd does not save
                       but the training loop holds through the backward pass
 
+Not per token: the position ids 8T, each layer's expert fractions f (E floats the Switch loss saves)
+and the cross-entropy's total weight (a float scalar): `fixed_activation_bytes`.
+
 With activation checkpointing each layer keeps only its input (4C per token; torch.utils.checkpoint
 holds it to rerun the layer), and the backward pass rebuilds one layer's activations at a time.
 
@@ -53,8 +56,8 @@ activations and transients (the model state is a few large long-lived blocks).
 
 `measure_saved_bytes` counts the bytes autograd really saves (saved-tensor hooks) for what training
 backpropagates (the forward and `moe_losses`), per layer and outside the layers;
-`tests/test_memory_accounting.py` holds the activation term equal to it to 1e-4 per layer, outside
-and in total, at the full t1000 width on the CPU, in fp32 and under bf16 and fp16 autocast, with
+`tests/test_memory_accounting.py` holds the plan equal to it to the byte per layer, outside the
+layers and in total, at the full t1000 width on the CPU, in fp32 and under bf16 and fp16 autocast, with
 the math and the fused attention kernel, with and without activation checkpointing, and
 `benchmarks/bench_memory.py` compares them at the full t1000 size. The GPU terms (fused
 kernels, bool masks, the cast cache, the transient, the overhead) are stated assumptions until
@@ -169,6 +172,14 @@ def activation_bytes_per_token(
     }
 
 
+def fixed_activation_bytes(config, seq_len: int) -> int:
+    """Saved bytes that do not grow with the batch: the position ids [T] (int64), each layer's
+    expert fractions f [E] (fp32, saved by the Switch loss's f * P) and the cross-entropy's total
+    weight (a float32 scalar)."""
+    d = _dims(config)
+    return 8 * seq_len + d["L"] * 4 * d["E"] + 4
+
+
 def matmul_params_per_layer(config) -> int:
     """Weights autocast casts in one layer: the q/k/v and output projections and the gate."""
     d = _dims(config)
@@ -215,7 +226,7 @@ def plan_memory(
     else:
         kept = L * per_token["layer"]
     outside = L * per_token["router_losses"] + per_token["embeddings"] + per_token["head"]
-    activations = int(tokens * (kept + outside))
+    activations = int(tokens * (kept + outside)) + fixed_activation_bytes(config, seq_len)
     transient = int(tokens * (8 * d["V"] + per_token["layer"]))
     layer_matmul = matmul_params_per_layer(config)
     if n_matmul_params is None:
