@@ -18,8 +18,8 @@ F = expert hidden size, E = experts, k = top_k, H = heads, T = sequence length, 
 a = 2 under fp16/bf16 autocast and 4 in fp32 (the dtype of matmul outputs); the residual stream,
 LayerNorm outputs and the expert FFN stay fp32 (4) in every precision. A dropout mask m(d) costs
 d bytes per element on the CPU (it is a float tensor of its input's dtype, d) and 1 byte on a GPU
-(a bool mask); 0 without dropout. Router floats r: a on the CPU, 4 on a GPU (CUDA autocast runs
-softmax, log_softmax and logsumexp in fp32).
+(a bool mask); 0 without dropout. Routing weights r: a on the CPU, 4 on a GPU (CUDA autocast runs
+softmax in fp32).
 
     attention block   LayerNorm input 4C + 8 (plus its mean and rstd), q/k/v projection input aC
                       fused kernel (GPU; CPU without attention dropout): the q/k/v projection output
@@ -29,16 +29,22 @@ softmax, log_softmax and logsumexp in fp32).
                       autocast): q, k, v 3 * 4C, the T x T weights 12 H T (softmax, dropout mask,
                       dropped weights, fp32 each), the output projection's input aC
                       residual dropout mask m(a) C
-    MoE block         LayerNorm input 4C + 8, gate input aC, gate logits / log-probs / probs for the
-                      aux and z losses 3rE, logsumexp r, top-k indices 8k and weights rk, sort
-                      index 8k; the expert Function (computing in its input's dtype, the fp32
+    MoE block         LayerNorm input 4C + 8, gate input aC, top-k indices 8k and routing weights
+                      rk, sort index 8k; the expert Function (computing in its input's dtype, the fp32
                       LayerNorm output) saves per routed pair the gathered input 4C, pre-activation
                       4F, GELU output 4F, expert output 4C, weight 4 and three int64 indices 24,
                       so k (8C + 8F + 28); residual dropout mask m(4) C
+    router losses     per layer, computed by `moe_losses` after the forward (outside the layers, so
+                      they are counted outside, L times): the fp32 gate logits 4E (the gate's own
+                      output in fp32, its .float() copy under autocast) that logsumexp saves, the
+                      router probabilities 4E that the Switch loss's softmax saves, logsumexp 4
     embeddings        token ids 8, embedding dropout mask m(4) C
     head              final LayerNorm input 4C + 8, head input aC, fp32 log-softmax saved by the
                       cross-entropy 4V, labels 8, and the logits aV, which autograd does not save
                       but the training loop holds through the backward pass
+
+Not per token: the position ids 8T, each layer's expert fractions f (E floats the Switch loss saves)
+and the cross-entropy's total weight (a float scalar): `fixed_activation_bytes`.
 
 With activation checkpointing each layer keeps only its input (4C per token; torch.utils.checkpoint
 holds it to rerun the layer), and the backward pass rebuilds one layer's activations at a time.
@@ -48,10 +54,12 @@ logits (8V per token), plus one layer's activation gradients. Runtime overhead: 
 cuBLAS workspaces (about 0.35 GB; `cuda_overhead_gb`), and 10% allocator fragmentation on the
 activations and transients (the model state is a few large long-lived blocks).
 
-`measure_saved_bytes` counts the bytes autograd really saves (saved-tensor hooks), per layer and
-outside the layers; `tests/test_memory_accounting.py` checks the activation term against it at the
-full t1000 width on the CPU, in fp32 and under bf16 autocast, with and without activation
-checkpointing, and `benchmarks/bench_memory.py` at the full t1000 size. The GPU terms (fused
+`measure_saved_bytes` counts the bytes autograd really saves (saved-tensor hooks) for what training
+backpropagates (the forward and `moe_losses`), per layer and outside the layers;
+`tests/test_memory_accounting.py` holds the plan equal to it to the byte per layer, outside the
+layers and in total, at the full t1000 width on the CPU, in fp32 and under bf16 and fp16 autocast, with
+the math and the fused attention kernel, with and without activation checkpointing, and
+`benchmarks/bench_memory.py` compares them at the full t1000 size. The GPU terms (fused
 kernels, bool masks, the cast cache, the transient, the overhead) are stated assumptions until
 `benchmarks/gpu_check.py` is run on a GPU.
 """
@@ -128,7 +136,8 @@ def _dims(config) -> dict:
 def activation_bytes_per_token(
     config, act_bytes: int, seq_len: int, math_attention: bool = False, on_gpu: bool = False
 ) -> dict:
-    """Saved-for-backward bytes per token of one layer's parts, the embeddings and the head."""
+    """Saved-for-backward bytes per token of one layer's parts, the router losses of one layer
+    (saved outside the layers), the embeddings and the head."""
     d = _dims(config)
     C, F, E, k, H, V = d["C"], d["F"], d["E"], d["k"], d["H"], d["V"]
     a = act_bytes
@@ -138,27 +147,37 @@ def activation_bytes_per_token(
             return 0
         return 1 if on_gpu else dtype_bytes
 
-    r = 4 if on_gpu else a  # router floats
+    r = 4 if on_gpu else a  # routing weights (softmax of the top-k logits)
     layer_norm = 4 * C + 8  # fp32 input + mean and rstd
     if math_attention:  # q, k, v and the T x T weights in fp32, then the output projection's input
         core = 3 * 4 * C + 12 * H * seq_len + a * C
     else:  # fused kernel: the q/k/v projection output, the attention output, logsumexp
         core = 3 * a * C + a * C + 4 * H
     attention = layer_norm + a * C + core + mask(a) * C  # + q/k/v input, + residual dropout mask
-    # gate logits, log-probs, probs [N, E]; logsumexp [N]; top-k indices and weights [N, k]; sort index
-    router = 3 * r * E + r + 8 * k + r * k + 8 * k
+    router = 8 * k + r * k + 8 * k  # top-k indices and routing weights [N, k]; sort index [k*N]
     # per routed pair, in fp32: gathered input, pre-activation, GELU output, output, weight, 3 indices
     experts = k * (4 * C + 4 * F + 4 * F + 4 * C + 4 + 3 * 8)
     moe = layer_norm + a * C + router + experts + mask(4) * C  # + gate input, + residual dropout mask
+    # moe_losses, per layer: fp32 gate logits and softmax probs [N, E], logsumexp [N] (in fp32 always)
+    router_losses = 4 * E + 4 * E + 4
     embeddings = 8 + mask(4) * C  # token ids, dropout mask
     head = layer_norm + a * C + 4 * V + 8 + a * V  # + head input, fp32 log-softmax, labels, logits
     return {
         "attention": attention,
         "moe": moe,
         "layer": attention + moe,
+        "router_losses": router_losses,
         "embeddings": embeddings,
         "head": head,
     }
+
+
+def fixed_activation_bytes(config, seq_len: int) -> int:
+    """Saved bytes that do not grow with the batch: the position ids [T] (int64), each layer's
+    expert fractions f [E] (fp32, saved by the Switch loss's f * P) and the cross-entropy's total
+    weight (a float32 scalar)."""
+    d = _dims(config)
+    return 8 * seq_len + d["L"] * 4 * d["E"] + 4
 
 
 def matmul_params_per_layer(config) -> int:
@@ -206,7 +225,8 @@ def plan_memory(
         kept = L * 4 * d["C"] + per_token["layer"]  # layer inputs + one rebuilt layer
     else:
         kept = L * per_token["layer"]
-    activations = int(tokens * (kept + per_token["embeddings"] + per_token["head"]))
+    outside = L * per_token["router_losses"] + per_token["embeddings"] + per_token["head"]
+    activations = int(tokens * (kept + outside)) + fixed_activation_bytes(config, seq_len)
     transient = int(tokens * (8 * d["V"] + per_token["layer"]))
     layer_matmul = matmul_params_per_layer(config)
     if n_matmul_params is None:
@@ -263,9 +283,9 @@ def format_memory_plan(plan: MemoryPlan, budget_gb: float | None = None) -> str:
 
 @dataclass
 class SavedBytes:
-    """Bytes of the distinct storages one training forward leaves for the backward pass."""
+    """Bytes of the distinct storages one training forward and its losses leave for the backward pass."""
 
-    outside_layers: int  # embeddings, head, and the logits the training loop holds
+    outside_layers: int  # embeddings, head, the logits the training loop holds, every layer's router losses
     per_layer: list[int]  # saved inside each layer; under activation checkpointing, the layer's input
 
     @property
@@ -274,19 +294,27 @@ class SavedBytes:
 
 
 def _forward_logits(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The model's training forward -> logits [B, T, V] (the one place that knows its interface)."""
-    return model(idx, targets).logits
+    """What train_step backpropagates: the forward and the MoE losses computed from its output.
+    Returns the logits [B, T, V] (the one place that knows the model's interface)."""
+    from sparse_moe_transformer.src.train import moe_losses  # train.py imports this module
+
+    out = model(idx, targets)
+    moe_losses(out, model.config)
+    return out.logits
 
 
 def measure_saved_bytes(model, idx: torch.Tensor, targets: torch.Tensor, autocast_dtype=None) -> SavedBytes:
-    """Run one training forward of `model` (under autocast to autocast_dtype, or in fp32) and count
-    the bytes it keeps for the backward pass.
+    """Run one training forward of `model` and its MoE losses (under autocast to autocast_dtype, or
+    in fp32), as train_step does, and count the bytes they keep for the backward pass.
 
     Every tensor autograd saves goes through a saved-tensor hook; its storage is counted once (q, k
     and v are views of one projection output). Parameters are left out (they are the model state;
     their autocast casts are new tensors and are counted). The logits are added: autograd does not
     save them, but the training loop holds them through the backward pass. Forward hooks on the
-    layers attribute each storage to the layer that saved it. Under activation checkpointing,
+    layers attribute each storage to the layer that saved it; everything else is `outside_layers`.
+    That includes the router losses: `moe_losses` computes them after the forward from each layer's
+    gate logits, so their saved tensors (the fp32 gate logits, the softmax probabilities, logsumexp:
+    the plan's `router_losses` term) are counted outside, once per layer. Under activation checkpointing,
     torch.utils.checkpoint saves only each layer's input (its own hooks take the layer's tensors);
     the backward pass then rebuilds one layer at a time, which a plain run's `per_layer` measures.
     """
