@@ -1163,12 +1163,14 @@ def print_header(run: Run, state: TrainState) -> None:
             print(f"changed   on resume, from this step on: {', '.join(run.changed_on_resume)}")
 
 
-class MetricsWindow:
-    """Sums of the losses, expert counts, time and tokens since the last metrics.jsonl record."""
+class MetricsLog:
+    """metrics.jsonl (rank 0 only), and the sums of losses, expert counts, time and tokens since its last
+    train record."""
 
     def __init__(self, run: Run):
         c = run.config
         self.device, self.shape = run.runtime.device, (c.n_layer, c.n_expert)
+        self.file = open(run.out_dir / METRICS_FILE, "a", encoding="utf-8") if run.runtime.is_main else None
         self.reset()
 
     def reset(self) -> None:
@@ -1181,43 +1183,52 @@ class MetricsWindow:
         self.counts += result["expert_counts"]
         self.steps, self.time, self.tokens = self.steps + 1, self.time + seconds, self.tokens + tokens
 
-    def record(self, state: TrainState, lr: float, grad_norm, rt: Runtime) -> dict:
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def write_train_record(self, state: TrainState, lr: float, grad_norm, rt: Runtime) -> dict:
         """The window's mean losses and every rank's expert load per layer; then start a new window."""
         lm, aux, z, total = (self.losses / self.steps).tolist()
         if rt.distributed:  # every rank's routing decisions, not only rank 0's
             torch_dist.all_reduce(self.counts)
         load = self.counts / self.counts.sum(dim=1, keepdim=True).clamp_min(1)  # [L, E]
         record = {
-            "kind": "train",
-            "step": state.step,
-            "tokens": state.tokens,
-            "lr": lr,
-            "loss": lm,
-            "aux_loss": aux,
-            "z_loss": z,
-            "total_loss": total,
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": self.tokens / max(self.time, 1e-9),
-            "train_time_s": state.train_time,
+            "kind": "train", "step": state.step, "tokens": state.tokens, "lr": lr, "loss": lm,
+            "aux_loss": aux, "z_loss": z, "total_loss": total, "grad_norm": float(grad_norm),
+            "tokens_per_s": self.tokens / max(self.time, 1e-9), "train_time_s": state.train_time,
             "expert_load": load.tolist(),
-        }
+        }  # fmt: skip
+        self.write(record)
         self.reset()
         return record
 
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
-def evaluate_and_sample(run: Run, state: TrainState) -> dict:
-    """Validation loss (the best so far is remembered) and, on rank 0, a short sample."""
+
+def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> dict:
+    """Validation loss (the best so far is remembered) and, on rank 0, a short sample; logged."""
     s, rt = run.settings, run.runtime
     result = evaluate(state.model, run.data.valid_tokens, s, rt, max_batches=s.eval_batches or None)
-    result["is_best"] = state.best_val is None or result["val_loss"] < state.best_val
-    if result["is_best"]:
+    is_best = state.best_val is None or result["val_loss"] < state.best_val
+    if is_best:
         state.best_val = result["val_loss"]
-    result["sample"] = ""
+    sample = ""
     if rt.is_main and s.sample_tokens:
-        result["sample"] = sample_text(
+        sample = sample_text(
             state.model, run.tokenizer, run.sample_prompt, s.sample_tokens, rt.device, s.seed
         )
-    return result
+    record = {"kind": "eval", "step": state.step, "tokens": state.tokens, "train_time_s": state.train_time}
+    metrics.write({**record, **result, "sample": sample})
+    bar.write(
+        f"step {state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
+        + (" | best" if is_best else "")
+        + (f"\n    {sample!r}" if sample else "")
+    )
+    return {**result, "is_best": is_best}
 
 
 def train_main(args) -> dict:
@@ -1232,31 +1243,6 @@ def train_main(args) -> dict:
         if rt.is_main:
             start_run_folder(run, overwrite=args.overwrite)
             print_header(run, state)
-        metrics_file = open(run.out_dir / METRICS_FILE, "a", encoding="utf-8") if rt.is_main else None
-
-        def write(record: dict) -> None:
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-
-        def evaluate_and_log() -> dict:
-            result = evaluate_and_sample(run, state)
-            write(
-                {
-                    "kind": "eval",
-                    "step": state.step,
-                    "tokens": state.tokens,
-                    "train_time_s": state.train_time,
-                    **{k: v for k, v in result.items() if k != "is_best"},
-                }
-            )
-            bar.write(
-                f"step {state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
-                + (" | best" if result["is_best"] else "")
-                + (f"\n    {result['sample']!r}" if result["sample"] else "")
-            )
-            return result
-
         bar = tqdm(
             total=s.max_steps,
             initial=state.step,
@@ -1265,12 +1251,12 @@ def train_main(args) -> dict:
             disable=not rt.is_main,
             dynamic_ncols=True,
         )
-        window, last_eval, status = MetricsWindow(run), None, "finished"
+        metrics, last_eval, status = MetricsLog(run), None, "finished"
         try:
             with StopRequest() as stop:
                 # evaluate the untrained model once, so the validation curve starts at step 0
                 if state.step == 0 and run.resume_checkpoint is None and s.eval_interval:
-                    last_eval = evaluate_and_log()
+                    last_eval = evaluate_and_log(run, state, metrics, bar)
                 while state.step < run.stop_at:
                     # forward, backward and update over grad_accum_steps micro-batches at this step's lr
                     t0 = time.perf_counter()
@@ -1286,10 +1272,9 @@ def train_main(args) -> dict:
                     state.train_time += dt
                     bar.update(1)
                     # log the window's mean losses, expert load and throughput every log_interval steps
-                    window.add(result, dt, s.tokens_per_step)
+                    metrics.add(result, dt, s.tokens_per_step)
                     if state.step % s.log_interval == 0 or state.step == s.max_steps:
-                        record = window.record(state, lr, result["grad_norm"], rt)
-                        write(record)
+                        record = metrics.write_train_record(state, lr, result["grad_norm"], rt)
                         bar.set_postfix(
                             loss=f"{record['loss']:.3f}",
                             lr=f"{lr:.2e}",
@@ -1298,7 +1283,7 @@ def train_main(args) -> dict:
                         )
                     # evaluate (and save) every eval_interval steps; save every save_interval steps
                     if state.step < s.max_steps and s.eval_interval and state.step % s.eval_interval == 0:
-                        last_eval = evaluate_and_log()
+                        last_eval = evaluate_and_log(run, state, metrics, bar)
                         save(run, state, is_best=last_eval["is_best"])
                     elif s.save_interval and state.step % s.save_interval == 0:
                         save(run, state, is_best=False)
@@ -1310,7 +1295,7 @@ def train_main(args) -> dict:
                 if status == "finished" and state.step >= s.max_steps:
                     # the end: save first, so a failing evaluation or sample loses nothing, then evaluate
                     save(run, state, is_best=False)
-                    last_eval = evaluate_and_log()
+                    last_eval = evaluate_and_log(run, state, metrics, bar)
                     if last_eval["is_best"]:
                         save(run, state, is_best=True)
                 elif status == "finished":
@@ -1329,8 +1314,7 @@ def train_main(args) -> dict:
             ) from None
         finally:
             bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
+            metrics.close()
     summary = {
         "status": status,
         "step": state.step,
