@@ -144,7 +144,7 @@ def saved_bytes_table(preset, overrides, batch_size, block_size, precisions) -> 
     config, model, n_params = build_model(preset, overrides)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch_size, block_size + 1), generator=gen)
-    idx, targets = x[:, :-1], x[:, 1:]
+    idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # a slice would keep all T + 1 ids
     rows = []
     for precision in precisions:
         t0 = time.perf_counter()

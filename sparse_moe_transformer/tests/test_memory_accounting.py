@@ -126,7 +126,7 @@ def test_bench_memory_runs_end_to_end_at_a_tiny_size(tmp_path):
         ("bf16", True),
     ]
     for r in rows:
-        assert r["plan_over_measured"] == pytest.approx(1.0, rel=0.01)
+        assert r["plan_bytes"] == r["measured_bytes"], r  # the plan is exact on the CPU
     train = result["training_steps"]
     assert train["tokenizer_vocab_size"] == 300 and train["max_token_id"] < 300
     assert len(train["losses"]) == 2 and all(math.isfinite(v) for v in train["losses"])
