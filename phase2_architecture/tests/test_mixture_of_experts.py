@@ -192,4 +192,5 @@ def test_moe_layer_uses_the_sorted_dispatch_with_its_parameters():
 def test_an_expert_is_the_exact_erf_gelu_ffn_of_the_production_model():
     x, _, _, w1, b1, w2, b2 = make_params()
     expected = gelu(x @ w1[2] + b1[2], approximate="none") @ w2[2] + b2[2]  # Phase 2's erf GELU
-    torch.testing.assert_close(expert_forward(x, w1[2], b1[2], w2[2], b2[2]), expected, rtol=1e-12, atol=1e-12)
+    got = expert_forward(x, w1[2], b1[2], w2[2], b2[2])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
