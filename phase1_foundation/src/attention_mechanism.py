@@ -22,6 +22,15 @@ projection:
     out_h   = attention(q_h, k_h, v_h)             # [B, H, T, Dh]
     out     = concat_h(out_h) Wo                   # [B, T, C]
 
+Grouped-query attention (GQA, Ainslie et al. 2023; Llama 2 70B, Llama 3, Mistral) keeps all H query
+heads but only H_kv < H key/value heads: each key/value head is shared by a group of H / H_kv
+query heads. The K/V projections shrink by H / H_kv, and so does the KV cache of generation (Phase
+5), which dominates memory at long contexts. H_kv = 1 is multi-query attention (MQA, Shazeer 2019);
+H_kv = H is ordinary multi-head attention.
+
+    k, v    = ctx Wk, ctx Wv                       # [B, Tk, H_kv * Dh]
+    split   -> [B, H_kv, Tk, Dh]; repeat each head H / H_kv times -> [B, H, Tk, Dh]   (repeat_kv)
+
 The functions below are the ones later phases import (see .github/copilot-instructions.md):
 `causal_mask`, `scaled_dot_product_attention` and `MultiHeadAttention`. Masks are boolean with
 True meaning "may attend" (the opposite of `torch.nn.MultiheadAttention`'s `attn_mask`, where True
@@ -137,9 +146,18 @@ class MultiHeadAttention(nn.Module):
         n_heads: number of heads H; each head has Dh = C / H dimensions.
         bias: whether the four projections have biases.
         dropout: dropout probability on the attention weights, active in training mode only.
+        n_kv_heads: key/value heads H_kv (grouped-query attention); must divide n_heads. None means
+            n_heads (multi-head attention); 1 is multi-query attention.
     """
 
-    def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        n_kv_heads: int | None = None,
+    ):
         super().__init__()
         if not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model must be a positive integer, got {d_model!r}.")
@@ -153,12 +171,22 @@ class MultiHeadAttention(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1:
+            raise ValueError(f"n_kv_heads must be a positive integer or None, got {n_kv_heads!r}.")
+        if n_heads % n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}; every key/value head serves "
+                f"an equal group of query heads, so choose n_kv_heads among "
+                f"{[h for h in range(1, n_heads + 1) if n_heads % h == 0]}."
+            )
         self.d_model = d_model
         self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
 
@@ -167,6 +195,16 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         x = x.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Dh]
         return x.transpose(1, 2)  # [B, H, T, Dh]
+
+    def split_kv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H_kv * Dh] -> [B, H_kv, T, Dh]: the key or value heads (= split_heads without GQA)."""
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, Dh]
+
+    def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H_kv, T, Dh] -> [B, H, T, Dh]: key/value head g serves query heads g*r .. g*r + r - 1."""
+        group_size = self.n_heads // self.n_kv_heads  # r query heads per key/value head
+        return x.repeat_interleave(group_size, dim=1) if group_size > 1 else x
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, T, Dh] -> [B, T, C]: concatenate the heads back side by side."""
@@ -205,8 +243,8 @@ class MultiHeadAttention(nn.Module):
         self._check_forward_inputs(x, context, causal)
         source = x if context is None else context  # keys/values come from here
         q = self.split_heads(self.q_proj(x))  # [B, H, T, Dh]
-        k = self.split_heads(self.k_proj(source))  # [B, H, Tk, Dh]
-        v = self.split_heads(self.v_proj(source))  # [B, H, Tk, Dh]
+        k = self.repeat_kv(self.split_kv_heads(self.k_proj(source)))  # [B, H_kv, Tk, Dh] -> [B, H, Tk, Dh]
+        v = self.repeat_kv(self.split_kv_heads(self.v_proj(source)))  # [B, H_kv, Tk, Dh] -> [B, H, Tk, Dh]
         if causal:
             allowed = causal_mask(x.shape[1], device=x.device)  # [T, T]
             mask = allowed if mask is None else mask & allowed
@@ -227,6 +265,11 @@ def to_torch_multihead_attention(mha: MultiHeadAttention) -> nn.MultiheadAttenti
     """
     if not isinstance(mha, MultiHeadAttention):
         raise TypeError(f"expected a phase-1 MultiHeadAttention, got {type(mha).__name__}.")
+    if mha.n_kv_heads != mha.n_heads:
+        raise ValueError(
+            "nn.MultiheadAttention has no grouped-query attention; compare a GQA module with "
+            "F.scaled_dot_product_attention(..., enable_gqa=True) instead."
+        )
     bias = mha.q_proj.bias is not None
     ref = nn.MultiheadAttention(
         mha.d_model, mha.n_heads, dropout=mha.attn_dropout.p, bias=bias, batch_first=True

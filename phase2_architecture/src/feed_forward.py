@@ -28,6 +28,8 @@ import math
 import torch
 from torch import nn
 
+from phase1_foundation.src.primitives import silu  # x * sigmoid(x), written in Phase 1
+
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """GELU activation; `approximate="none"` is the exact erf form, `"tanh"` GPT-2's approximation."""
@@ -37,11 +39,6 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
         return 0.5 * x * (1.0 + torch.tanh(inner))
     raise ValueError(f"Unknown GELU approximation {approximate!r}; use 'none' (exact) or 'tanh'.")
-
-
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU / Swish-1: x * sigmoid(x)."""
-    return x * torch.sigmoid(x)
 
 
 class GELU(nn.Module):

@@ -42,6 +42,9 @@ class GPTConfig:
     dropout: on embeddings, attention weights and residual branches.  bias: in Linear and norms.
     norm: "layernorm" (GPT-2) or "rmsnorm".  ffn: "gelu" (GPT-2, hidden 4C) or "swiglu".
     tie_weights: share lm_head.weight with tok_emb.weight (GPT-2 does; saves V*C parameters).
+    pos: "learned" (GPT-2: a position table added to the token embeddings) or "rope" (Llama: queries
+        and keys rotated by position inside attention; no position table).
+    n_kv_head: key/value heads of grouped-query attention (None = n_head; 1 = multi-query).
     """
 
     vocab_size: int
@@ -54,6 +57,8 @@ class GPTConfig:
     norm: str = "layernorm"
     ffn: str = "gelu"
     tie_weights: bool = False
+    pos: str = "learned"
+    n_kv_head: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
@@ -71,6 +76,23 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}.")
         if self.ffn not in ("gelu", "swiglu"):
             raise ValueError(f"GPTConfig.ffn must be 'gelu' or 'swiglu', got {self.ffn!r}.")
+        if self.pos not in ("learned", "rope"):
+            raise ValueError(f"GPTConfig.pos must be 'learned' or 'rope', got {self.pos!r}.")
+        if self.pos == "rope" and (self.d_model // self.n_head) % 2 != 0:
+            raise ValueError(
+                f"RoPE rotates feature pairs: the head size d_model / n_head = {self.d_model // self.n_head} "
+                "must be even; change d_model or n_head."
+            )
+        if self.n_kv_head is not None and (
+            isinstance(self.n_kv_head, bool)
+            or not isinstance(self.n_kv_head, int)
+            or self.n_kv_head < 1
+            or self.n_head % self.n_kv_head != 0
+        ):
+            raise ValueError(
+                f"GPTConfig.n_kv_head must be None or a positive divisor of n_head={self.n_head}, "
+                f"got {self.n_kv_head!r}."
+            )
 
 
 class GPT(nn.Module):
@@ -83,7 +105,8 @@ class GPT(nn.Module):
         self.config = config
         C = config.d_model
         self.tok_emb = nn.Embedding(config.vocab_size, C)
-        self.pos_emb = LearnedPositionalEmbedding(config.block_size, C)  # an nn.Embedding
+        # learned: an nn.Embedding of positions; rope: None (positions rotate q and k in attention)
+        self.pos_emb = LearnedPositionalEmbedding(config.block_size, C) if config.pos == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(
@@ -95,6 +118,8 @@ class GPT(nn.Module):
                 ffn=config.ffn,
                 norm_first=True,
                 causal=True,
+                n_kv_heads=config.n_kv_head,
+                rope_max_len=config.block_size if config.pos == "rope" else None,
             )
             for _ in range(config.n_layer)
         )
@@ -167,9 +192,10 @@ class GPT(nn.Module):
         """idx [B, T] -> (logits [B, T, V], mean cross-entropy over targets != -100, or None)."""
         self._check_idx(idx)
         B, T = idx.shape
-        tok = self.tok_emb(idx)  # [B, T, C]
-        pos = self.pos_emb.positions(T)  # [T, C]
-        x = self.drop(tok + pos)  # [B, T, C]
+        x = self.tok_emb(idx)  # [B, T, C]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.positions(T)  # [T, C] learned positions
+        x = self.drop(x)  # [B, T, C]
         for block in self.blocks:
             x = block(x)  # [B, T, C]
         x = self.ln_f(x)
@@ -235,9 +261,9 @@ def gpt_parameter_count(config: GPTConfig) -> int:
     """Number of parameters of GPT(config), from the formula (checked against the module in the tests).
 
     With C = d_model, V = vocab_size, T = block_size, L = n_layer, b = 1 if bias else 0:
-        embeddings   V*C + T*C
+        embeddings   V*C + T*C                [RoPE: V*C, no position table]
         per block    norms 2 * (C + b*C)      [RMSNorm: 2 * C]
-                     attention 4 * (C*C + b*C)           (q, k, v, out projections)
+                     attention 2 * (C*C + b*C) + 2 * (C*K + b*K)    (q, out; k, v: K = n_kv_head * C / n_head)
                      FFN gelu   2*C*H + b*(H + C), H = 4C
                          swiglu 3*C*H + b*(2H + C), H = swiglu_hidden_size(C)
         final norm   C + b*C                 [RMSNorm: C]
@@ -246,7 +272,8 @@ def gpt_parameter_count(config: GPTConfig) -> int:
     C, V, T, L = config.d_model, config.vocab_size, config.block_size, config.n_layer
     b = 1 if config.bias else 0
     norm = C + b * C if config.norm == "layernorm" else C
-    attention = 4 * (C * C + b * C)
+    K = (config.n_kv_head or config.n_head) * (C // config.n_head)  # width of the k and v projections
+    attention = 2 * (C * C + b * C) + 2 * (C * K + b * K)
     if config.ffn == "gelu":
         H = 4 * C
         ffn = 2 * C * H + b * (H + C)
@@ -255,7 +282,8 @@ def gpt_parameter_count(config: GPTConfig) -> int:
         ffn = 3 * C * H + b * (2 * H + C)
     per_block = 2 * norm + attention + ffn
     lm_head = 0 if config.tie_weights else V * C
-    return V * C + T * C + L * per_block + norm + lm_head
+    positions = T * C if config.pos == "learned" else 0
+    return V * C + positions + L * per_block + norm + lm_head
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class RotaryMultiHeadAttention(MultiHeadAttention):
         d_model, n_heads, bias, dropout: as Phase 1's MultiHeadAttention.
         max_len: number of positions with precomputed rotations.
         base: RoPE frequency base (10000 in RoFormer and Llama 1/2).
+        n_kv_heads: key/value heads for grouped-query attention (None = n_heads), as in the parent.
     """
 
     def __init__(
@@ -42,8 +43,9 @@ class RotaryMultiHeadAttention(MultiHeadAttention):
         bias: bool = True,
         dropout: float = 0.0,
         base: float = 10000.0,
+        n_kv_heads: int | None = None,
     ):
-        super().__init__(d_model, n_heads, bias=bias, dropout=dropout)
+        super().__init__(d_model, n_heads, bias=bias, dropout=dropout, n_kv_heads=n_kv_heads)
         self.rope = RotaryEmbedding(d_model // n_heads, max_len, base)
 
     def forward(
@@ -63,8 +65,9 @@ class RotaryMultiHeadAttention(MultiHeadAttention):
         self._check_forward_inputs(x, None, causal)
         T = x.shape[1]
         q = self.rope(self.split_heads(self.q_proj(x)), offset)  # [B, H, T, Dh] rotated by position
-        k = self.rope(self.split_heads(self.k_proj(x)), offset)  # [B, H, T, Dh] rotated by position
-        v = self.split_heads(self.v_proj(x))  # [B, H, T, Dh] not rotated
+        k = self.rope(self.split_kv_heads(self.k_proj(x)), offset)  # [B, H_kv, T, Dh] rotated by position
+        v = self.split_kv_heads(self.v_proj(x))  # [B, H_kv, T, Dh] not rotated
+        k, v = self.repeat_kv(k), self.repeat_kv(v)  # [B, H, T, Dh] (grouped-query attention)
         if causal:
             allowed = causal_mask(T, device=x.device)  # [T, T]
             mask = allowed if mask is None else mask & allowed

@@ -4,8 +4,11 @@ About 4 KB of public-domain text (18th–19th century rhymes), small enough that
 hundred thousand parameters learns its spelling, line breaks and refrains in a minute on a CPU,
 and repetitive enough that you can *see* it learning (samples go from noise to rhyme-like lines).
 
-Tokenization is character-level with Phase 3's `CharTokenizer` (the vocabulary is the sorted set
-of characters in the text); batching uses Phase 3's `train_val_split` and `get_random_batch`.
+Tokenization is character-level: the vocabulary is the sorted set of characters in the text, and
+a token id is a character's position in it (`CharVocabulary`, a dozen lines). Batches are random
+windows of the id stream, the last 10% held out for validation. Phase 3 teaches tokenizers and data
+pipelines in full; its `CharTokenizer`, `train_val_split` and `get_random_batch` are tested to give
+exactly these ids and batches, so nothing here is a black box borrowed from a later phase.
 
     tokenizer, get_batch = make_char_batches(block_size=64, batch_size=16)
     x, y = get_batch("train")            # LongTensors [B, T]; y is x shifted left by one token
@@ -17,11 +20,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
-
-from phase3_components.src.char_tokenizer import CharTokenizer
-from phase3_components.src.text_data import get_random_batch, train_val_split
 
 NURSERY_RHYMES = """\
 Twinkle, twinkle, little star,
@@ -187,29 +186,73 @@ Where's the peck of pickled peppers Peter Piper picked?
 GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
 
 
+class CharVocabulary:
+    """One token per character: `itos` is the sorted list of characters, an id is a position in it."""
+
+    def __init__(self, text: str):
+        self.itos: list[str] = sorted(set(text))  # id -> character
+        self.stoi: dict[str, int] = {ch: i for i, ch in enumerate(self.itos)}  # character -> id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            raise ValueError(f"characters {unknown!r} are not in the vocabulary; build it from this text.")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.itos[i] for i in ids)
+
+
+def random_windows(
+    ids: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` random windows of `block_size` tokens (x) and the same windows shifted by one (y).
+
+    start_b ~ Uniform{0, ..., N - T - 1};  x[b] = ids[start_b : start_b + T],  y[b] = ids[start_b + 1 : ...]
+    """
+    starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=generator)  # [B]
+    offsets = torch.arange(block_size)  # [T]
+    x = ids[starts[:, None] + offsets]  # [B, T]
+    y = ids[starts[:, None] + offsets + 1]  # [B, T]: the next token at every position
+    return x, y
+
+
 def make_char_batches(
     block_size: int,
     batch_size: int,
     val_fraction: float = 0.1,
     seed: int = 0,
     text: str = NURSERY_RHYMES,
-) -> tuple[CharTokenizer, GetBatch]:
-    """Character-level tokenizer for `text` and a `get_batch(split)` sampling random windows.
+) -> tuple[CharVocabulary, GetBatch]:
+    """Character vocabulary of `text` and a `get_batch(split)` sampling random windows.
 
-    The last `val_fraction` of the text is held out as the validation split. Batches are
-    reproducible: the same seed gives the same sequence of batches.
+    The last `val_fraction` of the text is held out as the validation split (a contiguous tail, so
+    no window is in both). Batches are reproducible: the same seed gives the same sequence of batches.
     """
-    tokenizer = CharTokenizer.from_text(text)
-    ids = np.array(tokenizer.encode(text), dtype=np.int64)  # [N]
-    splits = dict(zip(("train", "val"), train_val_split(ids, val_fraction)))
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    vocab = CharVocabulary(text)
+    ids = torch.tensor(vocab.encode(text), dtype=torch.long)  # [N]
+    cut = len(ids) - int(round(len(ids) * val_fraction))
+    splits = {"train": ids[:cut], "val": ids[cut:]}
+    for split, part in splits.items():
+        if len(part) <= block_size:
+            raise ValueError(
+                f"the {split} split has {len(part)} tokens, not more than block_size={block_size}: "
+                "use a shorter block_size, a longer text or another val_fraction."
+            )
     generator = torch.Generator().manual_seed(seed)
 
     def get_batch(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in splits:
             raise ValueError(f"unknown split {split!r}; use 'train' or 'val'.")
-        return get_random_batch(splits[split], batch_size, block_size, generator=generator)
+        return random_windows(splits[split], batch_size, block_size, generator)
 
-    return tokenizer, get_batch
+    return vocab, get_batch
 
 
 if __name__ == "__main__":

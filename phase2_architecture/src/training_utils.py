@@ -22,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from phase2_architecture.src.atomic_files import atomic_write
-from phase3_components.src.lr_schedules import set_learning_rate, warmup_cosine_lr
 
 GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -52,6 +51,23 @@ def estimate_loss(
     finally:
         model.train(was_training)
     return out
+
+
+def warmup_cosine(step: int, lr: float, min_lr: float, warmup_steps: int, steps: int) -> float:
+    """The learning rate at optimizer step `step` (counted from 0): linear warmup, then half a cosine.
+
+        step <  W        lr * (step + 1) / W                                   (0 -> lr)
+        W <= step <= S   min_lr + (lr - min_lr) * (1 + cos(pi * (step - W) / (S - W))) / 2   (lr -> min_lr)
+
+    Warmup keeps Adam's first, noisy updates small; the cosine takes smaller steps as the loss
+    settles. Phase 3 teaches schedules in full (`lr_schedules.warmup_cosine_lr`, tested equal to this).
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if steps == warmup_steps:
+        return min_lr
+    progress = min(step - warmup_steps, steps - warmup_steps) / (steps - warmup_steps)  # 0 -> 1
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def make_adamw(
@@ -119,10 +135,9 @@ def train_model(
     start = time.perf_counter()
     bar = tqdm(range(steps), disable=not progress, desc="training")
     for step in bar:
-        step_lr = warmup_cosine_lr(
-            step, max_lr=lr, min_lr=final_lr, warmup_steps=warmup_steps, total_steps=steps
-        )
-        set_learning_rate(optimizer, step_lr)
+        step_lr = warmup_cosine(step, lr, final_lr, warmup_steps, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
 
         x, y = get_batch("train")
         _, loss = model(x, y)

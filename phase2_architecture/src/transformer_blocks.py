@@ -27,6 +27,7 @@ from torch import nn
 from phase1_foundation.src.attention_mechanism import MultiHeadAttention
 from phase2_architecture.src.feed_forward import make_feed_forward
 from phase2_architecture.src.norms import make_norm
+from phase2_architecture.src.rotary_attention import RotaryMultiHeadAttention
 
 
 def key_padding_to_attention_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -57,6 +58,8 @@ class TransformerBlock(nn.Module):
         norm: "layernorm" or "rmsnorm".  ffn: "gelu" or "swiglu".
         norm_first: True = pre-norm (GPT-2), False = post-norm (2017 transformer).
         causal: True = each token attends to itself and earlier tokens only (decoder-only LM).
+        n_kv_heads: key/value heads (grouped-query attention; None = n_heads, 1 = multi-query).
+        rope_max_len: if given, attention rotates queries and keys by RoPE for positions up to this.
     """
 
     def __init__(
@@ -71,12 +74,19 @@ class TransformerBlock(nn.Module):
         ffn: str = "gelu",
         norm_first: bool = True,
         causal: bool = True,
+        n_kv_heads: int | None = None,
+        rope_max_len: int | None = None,
     ):
         super().__init__()
         self.norm_first = norm_first
         self.causal = causal
         self.ln1 = make_norm(norm, d_model, bias=bias)
-        self.attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
+        if rope_max_len is None:
+            self.attn = MultiHeadAttention(d_model, n_heads, bias, dropout, n_kv_heads=n_kv_heads)
+        else:
+            self.attn = RotaryMultiHeadAttention(
+                d_model, n_heads, rope_max_len, bias=bias, dropout=dropout, n_kv_heads=n_kv_heads
+            )
         self.resid_drop = nn.Dropout(dropout)
         self.ln2 = make_norm(norm, d_model, bias=bias)
         self.ffn = make_feed_forward(ffn, d_model, d_ff, dropout=dropout, bias=bias)

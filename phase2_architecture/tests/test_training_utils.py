@@ -14,8 +14,8 @@ from phase2_architecture.src.training_utils import (
     make_adamw,
     save_checkpoint,
     train_model,
+    warmup_cosine,
 )
-from phase3_components.src.lr_schedules import warmup_cosine_lr
 
 CONFIG = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, d_model=32)
 
@@ -54,12 +54,22 @@ def test_train_model_learns_and_follows_the_lr_schedule():
     assert len(history) == 60
     assert [h["step"] for h in history] == list(range(60))
     for h in history:
-        expected = warmup_cosine_lr(h["step"], max_lr=3e-3, min_lr=3e-4, warmup_steps=10, total_steps=60)
+        expected = warmup_cosine(h["step"], 3e-3, 3e-4, warmup_steps=10, steps=60)
         assert h["lr"] == pytest.approx(expected)
     assert "val_loss" in history[0] and "val_loss" in history[30] and "val_loss" in history[-1]
     assert "val_loss" not in history[1]
     assert history[-1]["val_loss"] < 0.3 * before["val"]  # a predictable sequence is learned
     assert before.keys() == {"train", "val"}
+
+
+def test_warmup_cosine_schedule_by_hand():
+    lr, min_lr, warmup, steps = 1.0, 0.1, 4, 14
+    assert warmup_cosine(0, lr, min_lr, warmup, steps) == pytest.approx(0.25)  # (0 + 1) / 4
+    assert warmup_cosine(3, lr, min_lr, warmup, steps) == pytest.approx(1.0)  # warmup ends at lr
+    assert warmup_cosine(4, lr, min_lr, warmup, steps) == pytest.approx(1.0)  # the cosine starts at lr
+    assert warmup_cosine(9, lr, min_lr, warmup, steps) == pytest.approx(0.55)  # halfway: (lr + min_lr) / 2
+    assert warmup_cosine(14, lr, min_lr, warmup, steps) == pytest.approx(0.1)  # min_lr at the end
+    assert warmup_cosine(0, 1.0, 0.0, 0, 10) == 1.0  # no warmup
 
 
 def test_grad_clip_bounds_the_update():

@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from phase2_architecture.src.toy_corpus import NURSERY_RHYMES, CharVocabulary
 from phase3_components.src.char_tokenizer import CharTokenizer
 
 
@@ -45,3 +46,12 @@ def test_save_load(tmp_path):
     assert loaded.itos == tok.itos
     assert loaded.encode("be 🙂") == tok.encode("be 🙂")
     assert [p.name for p in tmp_path.iterdir()] == ["chars.json"]  # no temp file left behind
+
+
+def test_equals_the_phase2_toy_corpus_vocabulary():
+    """Phase 2's rhymes use a dozen-line CharVocabulary; this tokenizer gives the same ids and text."""
+    ours, phase2 = CharTokenizer.from_text(NURSERY_RHYMES), CharVocabulary(NURSERY_RHYMES)
+    assert ours.itos == phase2.itos
+    assert ours.encode(NURSERY_RHYMES) == phase2.encode(NURSERY_RHYMES)
+    ids = list(range(ours.vocab_size)) * 3
+    assert ours.decode(ids) == phase2.decode(ids)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from phase2_architecture.src.training_utils import warmup_cosine
 from phase3_components.src.lr_schedules import (
     cosine_decay_lr,
     linear_decay_lr,
@@ -99,6 +100,17 @@ def test_warmup_cosine_equals_torch_sequential_schedule():
         max_lr,
     )
     assert ours == pytest.approx(ref_lambda, rel=1e-9, abs=1e-12)
+
+
+def test_warmup_cosine_equals_the_phase2_training_loop_schedule():
+    """Phase 2's train_model carries a small inline copy of this schedule; the two agree step for step."""
+    for max_lr, min_lr, warmup, total in [(6e-4, 6e-5, 10, 60), (1.0, 0.0, 0, 7), (3e-3, 3e-3, 5, 5)]:
+        ours = [
+            warmup_cosine_lr(s, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total)
+            for s in range(total)
+        ]
+        phase2 = [warmup_cosine(s, max_lr, min_lr, warmup, total) for s in range(total)]
+        assert ours == pytest.approx(phase2, rel=1e-12, abs=0)
 
 
 def test_warmup_cosine_boundary_values_by_hand():

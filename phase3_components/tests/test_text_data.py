@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phase2_architecture.src.toy_corpus import NURSERY_RHYMES, make_char_batches
 from phase3_components.src.text_data import (
     IGNORE_INDEX,
     get_random_batch,
@@ -88,6 +89,18 @@ def test_get_random_batch_is_reproducible_with_a_generator():
     c = get_random_batch(tokens, 4, 8, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+
+
+def test_get_random_batch_and_train_val_split_equal_the_phase2_toy_corpus_batches():
+    """Phase 2's make_char_batches samples inline; the same seed gives the same batches here."""
+    vocab, phase2_get_batch = make_char_batches(block_size=16, batch_size=5, val_fraction=0.1, seed=3)
+    ids = np.array(vocab.encode(NURSERY_RHYMES), dtype=np.int64)
+    train, val = train_val_split(ids, 0.1)
+    g = torch.Generator().manual_seed(3)
+    for split, part in [("train", train), ("val", val), ("train", train)]:
+        x, y = get_random_batch(part, 5, 16, generator=g)
+        x2, y2 = phase2_get_batch(split)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
 def test_batch_errors():

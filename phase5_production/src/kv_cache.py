@@ -7,7 +7,7 @@ O(n^2) token-forwards, and attention O(n^3) work in total.
 
 The cache keeps, for every layer, the keys and values already computed:
 
-    cache.keys[l], cache.values[l]      [B, H, T_cached, Dh]
+    cache.keys[l], cache.values[l]      [B, H_kv, T_cached, Dh]   (H_kv = H without grouped-query attention)
 
 and a cached forward pass feeds only the NEW tokens x_new [B, T_new]:
 
@@ -18,6 +18,11 @@ and a cached forward pass feeds only the NEW tokens x_new [B, T_new]:
                         new query i (absolute position offset+i) may attend key j  iff  j <= offset+i
                     (a causal mask shifted by `offset`: one row of all-True for a single new token,
                     the ordinary causal triangle plus a fully visible prefix for a multi-token prefill)
+
+With grouped-query attention (GPTConfig.n_kv_head) the cache stores only the H_kv shared key/value
+heads, H / H_kv times fewer bytes, and repeats them for the query heads after reading. With RoPE
+(GPTConfig.pos="rope") there is no position table: keys are cached already rotated to their
+absolute positions, and the new queries and keys are rotated at positions offset, offset+1, ...
 
 Every block is run with its own modules (ln1, attn.q_proj/k_proj/v_proj, split_heads,
 merge_heads, out_proj, ln2, ffn) and Phase 1's `scaled_dot_product_attention`, so the logits
@@ -45,11 +50,12 @@ from torch import nn
 
 from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
 from phase2_architecture.src.gpt import GPT
+from phase2_architecture.src.rotary_attention import RotaryMultiHeadAttention
 from phase5_production.src.sampling import sample_next_token
 
 
 class KVCache:
-    """Per-layer keys and values [B, H, T, Dh] of every token the model has seen so far."""
+    """Per-layer keys and values [B, H_kv, T, Dh] of every token the model has seen so far."""
 
     def __init__(self, n_layer: int, max_length: int):
         if n_layer < 1 or max_length < 1:
@@ -69,9 +75,9 @@ class KVCache:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the new keys/values [B, H, T_new, Dh] of `layer`; return all of them [B, H, T_total, Dh]."""
+        """Add the new keys/values [B, H_kv, T_new, Dh] of `layer`; return all [B, H_kv, T_total, Dh]."""
         if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)  # [B, H, T_cached + T_new, Dh]
+            k = torch.cat([self.keys[layer], k], dim=2)  # [B, H_kv, T_cached + T_new, Dh]
             v = torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
@@ -105,9 +111,12 @@ def cached_self_attention(
     """Phase 1 MultiHeadAttention on new tokens x [B, T_new, C] at positions offset.., attending to
     the `offset` cached keys of `layer` plus the new ones."""
     q = attn.split_heads(attn.q_proj(x))  # [B, H, T_new, Dh]
-    k = attn.split_heads(attn.k_proj(x))  # [B, H, T_new, Dh]
-    v = attn.split_heads(attn.v_proj(x))  # [B, H, T_new, Dh]
-    k_all, v_all = cache.append(layer, k, v)  # [B, H, offset + T_new, Dh]
+    k = attn.split_kv_heads(attn.k_proj(x))  # [B, H_kv, T_new, Dh]
+    v = attn.split_kv_heads(attn.v_proj(x))  # [B, H_kv, T_new, Dh]
+    if isinstance(attn, RotaryMultiHeadAttention):  # RoPE: rotate by the absolute positions offset..
+        q, k = attn.rope(q, offset), attn.rope(k, offset)
+    k_all, v_all = cache.append(layer, k, v)  # [B, H_kv, offset + T_new, Dh] (only H_kv heads stored)
+    k_all, v_all = attn.repeat_kv(k_all), attn.repeat_kv(v_all)  # [B, H, offset + T_new, Dh]
     mask = shifted_causal_mask(x.shape[1], offset, device=x.device)  # [T_new, offset + T_new]
     out, _ = scaled_dot_product_attention(q, k_all, v_all, mask)  # [B, H, T_new, Dh]
     return attn.out_proj(attn.merge_heads(out))  # [B, T_new, C]
@@ -140,9 +149,10 @@ def forward_with_cache(model: GPT, idx_new: torch.Tensor, cache: KVCache) -> tor
         raise ValueError(
             f"batch size {idx_new.shape[0]} differs from the cached batch {cache.keys[0].shape[0]}."
         )
-    tok = model.tok_emb(idx_new)  # [B, T_new, C]
-    pos = model.pos_emb.positions(t_new, offset=offset)  # [T_new, C] positions offset .. offset+T_new-1
-    x = model.drop(tok + pos)  # [B, T_new, C]
+    x = model.tok_emb(idx_new)  # [B, T_new, C]
+    if model.pos_emb is not None:  # learned positions offset .. offset+T_new-1 (RoPE: inside attention)
+        x = x + model.pos_emb.positions(t_new, offset=offset)  # [T_new, C]
+    x = model.drop(x)  # [B, T_new, C]
     for layer, block in enumerate(model.blocks):
         x = x + cached_self_attention(block.attn, block.ln1(x), cache, layer, offset)  # pre-norm residual
         x = x + block.ffn(block.ln2(x))
