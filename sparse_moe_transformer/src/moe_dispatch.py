@@ -30,7 +30,6 @@ and its backward failed on CPU tensors when we tried it, so it is not used (BENC
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -61,13 +60,6 @@ class Routing:
     topk_index: torch.Tensor
     topk_weight: torch.Tensor
     dropped: int
-
-
-def expert_capacity(n_tokens: int, top_k: int, n_expert: int, capacity_factor: float | None) -> int | None:
-    """Pairs each expert may take: ceil(capacity_factor * N * top_k / E); None means dropless."""
-    if capacity_factor is None:
-        return None
-    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_expert))
 
 
 def route_tokens(gate_logits: torch.Tensor, top_k: int, capacity: int | None = None) -> Routing:

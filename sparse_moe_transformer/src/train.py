@@ -6,9 +6,9 @@ Model (the first half)
                                 token outside the embeddings and head), cpu-demo (the offline demo),
                                 cpu-small (nanoGPT's CPU model as 8 experts), tiny (tests); analytic
                                 parameter, active-parameter and FLOP counts
-    load_balancing_loss,        the Switch balancing loss from expert counts and router probabilities,
-    router_z_loss, moe_losses   the ST-MoE z-loss, and the training objective lm + aux + z, all
-                                computed from what the model returns (nothing is kept on a module)
+    moe_losses                  the training objective lm + aux + z from what the model returns (nothing
+                                is kept on a module), with Phase 2's load_balancing_loss (Switch, from
+                                expert counts) and router_z_loss (ST-MoE), taught in its MoE lesson
     SparseMoEFFN                gate -> top-k -> softmax over the chosen logits -> experts, with the
                                 sorted dispatch of moe_dispatch.py; returns (out, gate logits, routing)
     CausalSelfAttention         F.scaled_dot_product_attention, causal, with Phase 5's KVCache
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from phase1_foundation.src.validation import check_int, check_number
+from phase2_architecture.src.mixture_of_experts import expert_capacity, load_balancing_loss, router_z_loss
 from phase3_components.src.lr_schedules import set_learning_rate, warmup_cosine_lr
 from phase4_training.src.training_loop import (
     PRECISIONS,
@@ -81,7 +82,7 @@ from sparse_moe_transformer.src.data_pipeline import (
     prepare_data,
 )
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
-from sparse_moe_transformer.src.moe_dispatch import Routing, expert_capacity, expert_ffn, route_tokens
+from sparse_moe_transformer.src.moe_dispatch import Routing, expert_ffn, route_tokens
 from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
 from sparse_moe_transformer.src.training_plots import METRICS_FILE, make_plots
 
@@ -256,26 +257,6 @@ def parameter_summary(c: Config) -> str:
 
 
 # ----------------------------------------------------------------------------- MoE losses
-
-
-def load_balancing_loss(router_probs: torch.Tensor, expert_counts: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4):  E * sum_i f_i * P_i.
-
-    router_probs [N, E]: softmax of the gate logits; expert_counts [E]: the (token, slot) pairs
-    routed to each expert. f_i = counts_i / sum(counts) is not differentiable, P_i = mean over
-    tokens of router_probs[:, i] is. sum f = sum P = 1, so at perfect balance the loss is 1.
-    Under DDP, pass the counts summed over ranks: f is then the global batch's (see train_step).
-    """
-    f = expert_counts.to(router_probs.dtype) / expert_counts.sum()  # [E]
-    P = router_probs.mean(0)  # [E]
-    return router_probs.shape[-1] * torch.sum(f * P)
-
-
-def router_z_loss(gate_logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): mean of logsumexp(gate_logits)^2.
-
-    It keeps the gate logits small, which keeps the router's softmax (and bf16/fp16 math) stable."""
-    return torch.logsumexp(gate_logits, dim=-1).square().mean()
 
 
 @dataclass

@@ -1,41 +1,15 @@
-"""The fast sorted dispatch equals a naive per-token reference, forward and gradients."""
+"""The fast sorted dispatch equals the MoE lesson's per-token reference (Phase 2's
+mixture_of_experts.moe_ffn_per_token: one token and one slot at a time, capacity by Python counters),
+forward and gradients."""
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from sparse_moe_transformer.src.moe_dispatch import expert_capacity, expert_ffn, per_expert_sum, route_tokens
+from phase2_architecture.src.mixture_of_experts import capacity_keep_mask, expert_capacity, moe_ffn_per_token
+from sparse_moe_transformer.src.moe_dispatch import expert_ffn, per_expert_sum, route_tokens
 from sparse_moe_transformer.src.train import Config, SparseMoEFFN
-
-
-def naive_moe(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, capacity=None):
-    """Token by token, slot by slot. Capacity: walk the pairs slot-major (all first choices in token
-    order, then all second choices) and keep a pair only while its expert has room left."""
-    N, E = x.shape[0], w1.shape[0]
-    logits = x @ gate_weight.t() + gate_bias  # [N, E]
-    top_logits, top_experts = torch.topk(logits, top_k, dim=-1)
-    weights = torch.softmax(top_logits, dim=-1)  # [N, k]
-    kept = [[True] * top_k for _ in range(N)]
-    if capacity is not None:
-        used = [0] * E
-        for j in range(top_k):
-            for n in range(N):
-                e = int(top_experts[n, j])
-                kept[n][j] = used[e] < capacity
-                used[e] += kept[n][j]
-    rows = []
-    for n in range(N):
-        out_n = torch.zeros_like(x[n])
-        for j in range(top_k):
-            if kept[n][j]:
-                e = int(top_experts[n, j])
-                hidden = F.gelu(x[n] @ w1[e] + b1[e])  # [F]
-                out_n = out_n + weights[n, j] * (hidden @ w2[e] + b2[e])  # [C]
-        rows.append(out_n)
-    dropped = sum(not k for row in kept for k in row)
-    return torch.stack(rows), dropped
 
 
 def make_moe(N=24, C=12, Fh=20, E=6, k=2, skew=0.0, seed=0, capacity_factor=None):
@@ -75,9 +49,9 @@ def test_fast_dispatch_equals_naive_reference_forward_and_gradients(skew, capaci
     params = [x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2]
     out, _, routing = moe(x)
     capacity = expert_capacity(x.shape[0], k, moe.n_expert, capacity_factor)
-    ref, ref_dropped = naive_moe(
-        x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2, k, capacity
-    )
+    ref = moe_ffn_per_token(x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2, k, capacity)
+    top_experts = torch.topk(moe.gate(x), k, dim=-1).indices  # [N, k]
+    ref_dropped = int((~capacity_keep_mask(top_experts, moe.n_expert, capacity)).sum())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert routing.dropped == ref_dropped
     if capacity_factor is not None and capacity_factor < 1:

@@ -2,8 +2,8 @@
 and an expert no token chose gets exactly zero gradient (whatever was in memory before)."""
 
 import torch
-import torch.nn.functional as F
 
+from phase2_architecture.src.mixture_of_experts import moe_ffn_per_token
 from sparse_moe_transformer.src.train import Config, SparseMoEFFN
 
 
@@ -15,19 +15,6 @@ def t1000_sized_moe_layer(d_model=64, d_ff=96):
     with torch.no_grad():  # non-zero biases: an expert's contribution is never accidentally 0
         moe.b1.normal_(), moe.b2.normal_()
     return moe
-
-
-def per_token_reference(moe: SparseMoEFFN, x: torch.Tensor) -> torch.Tensor:
-    """y_n = sum over the top_k experts e of token n of  g_e * FFN_e(x_n), one token at a time."""
-    weights, experts = torch.topk(moe.gate(x), moe.top_k, dim=-1)  # [N, k]
-    weights = torch.softmax(weights, dim=-1)  # softmax over the chosen logits only
-    rows = []
-    for n in range(x.shape[0]):
-        y = torch.zeros_like(x[n])  # [C]
-        for g, e in zip(weights[n], experts[n]):
-            y = y + g * (F.gelu(x[n] @ moe.w1[e] + moe.b1[e]) @ moe.w2[e] + moe.b2[e])
-        rows.append(y)
-    return torch.stack(rows)  # [N, C]
 
 
 def test_each_token_activates_exactly_2_of_16_experts():
@@ -48,12 +35,12 @@ def test_each_token_activates_exactly_2_of_16_experts():
 
 def test_output_is_the_weighted_sum_of_both_chosen_experts():
     # Skipping a chosen expert (or using one that was not chosen) changes the output: checked token
-    # by token against the plain definition, forward and gradients.
+    # by token against the MoE lesson's plain definition (Phase 2), forward and gradients.
     torch.manual_seed(3)
     moe = t1000_sized_moe_layer()
     x = torch.randn(40, 64, requires_grad=True)
     out, _, _ = moe(x)
-    ref = per_token_reference(moe, x)
+    ref = moe_ffn_per_token(x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2, moe.top_k)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
     params = [x, moe.gate.weight, moe.w1, moe.b1, moe.w2, moe.b2]
