@@ -1,0 +1,153 @@
+"""The padded-batch engine: every request gets exactly what it gets alone, in one forward per step."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from phase2_architecture.src.gpt import GPT, GPTConfig
+from phase5_production.src.batching import BatchingEngine, GenerationRequest, batched_next_token_logits
+from phase5_production.src.kv_cache import generate_with_cache
+
+VOCAB, BLOCK = 29, 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, d_model=32))
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)  # peaked predictions: greedy output has no near-ties
+    return gpt.eval()
+
+
+def _logits_fn(model):
+    return lambda idx: model(idx)[0]
+
+
+def _prompts(n: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]  # fmt: skip
+
+
+def _run(engine: BatchingEngine, requests: list[GenerationRequest]) -> list[list[int]]:
+    for request in requests:
+        engine.submit(request)
+    for request in requests:
+        assert [kind for kind, _ in request.events(timeout=60)][-1] == "done"
+    return [request.generated for request in requests]
+
+
+def test_each_row_of_a_padded_batch_gets_the_logits_of_its_window_alone(model):
+    windows = _prompts(6)
+    batched = batched_next_token_logits(_logits_fn(model), windows)  # [6, V]
+    for row, window in enumerate(windows):
+        alone = model(torch.tensor([window]))[0][0, -1]  # [V]
+        torch.testing.assert_close(batched[row], alone, rtol=0, atol=1e-5)
+
+
+def _requests(prompts, max_new_tokens, **knobs):
+    return [GenerationRequest(p, max_new_tokens + i, **knobs) for i, p in enumerate(prompts)]
+
+
+def test_batched_greedy_generation_equals_each_request_alone_and_the_kv_cache_reference(model):
+    prompts = _prompts(6)
+    batched_engine = BatchingEngine(_logits_fn(model), BLOCK, max_batch_size=16)
+    alone_engine = BatchingEngine(_logits_fn(model), BLOCK, max_batch_size=1)
+    try:
+        batched = _run(batched_engine, _requests(prompts, 30, temperature=0))  # 11 + 35 > 32: window slides
+        alone = _run(alone_engine, _requests(prompts, 30, temperature=0))
+    finally:
+        batched_engine.close()
+        alone_engine.close()
+    assert batched == alone
+    assert batched_engine.largest_batch == 6 and alone_engine.largest_batch == 1
+    assert batched_engine.steps < alone_engine.steps  # fewer forward passes for the same tokens
+    for prompt, tokens in zip(prompts, batched):
+        reference = generate_with_cache(model, torch.tensor([prompt]), len(tokens), temperature=0)
+        assert tokens == reference[0, len(prompt) :].tolist()
+
+
+def test_seeded_sampling_draws_the_same_tokens_alone_or_batched(model):
+    prompts = _prompts(5, seed=2)
+    knobs = dict(temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.2)
+    results = []
+    for max_batch_size in (16, 1):
+        engine = BatchingEngine(_logits_fn(model), BLOCK, max_batch_size=max_batch_size)
+        try:
+            reqs = [GenerationRequest(p, 12, seed=100 + i, **knobs) for i, p in enumerate(prompts)]
+            results.append(_run(engine, reqs))
+        finally:
+            engine.close()
+    assert results[0] == results[1]
+    reference = generate_with_cache(
+        model, torch.tensor([prompts[0]]), 12, generator=torch.Generator().manual_seed(100), **knobs
+    )
+    assert results[0][0] == reference[0, len(prompts[0]) :].tolist()
+
+
+def test_a_stop_token_ends_the_request_without_being_emitted(model):
+    engine = BatchingEngine(_logits_fn(model), BLOCK)
+    try:
+        (full,) = _run(engine, [GenerationRequest([1, 2, 3], 10, temperature=0)])
+        stop = full[3]
+        first = full.index(stop)
+        request = GenerationRequest([1, 2, 3], 10, temperature=0, stop_token_ids=(stop,))
+        assert _run(engine, [request]) == [full[:first]] and request.finish_reason == "stop"
+    finally:
+        engine.close()
+
+
+def test_a_request_joins_the_batch_while_another_runs_and_leaves_first(model):
+    """Continuous batching: a short request arriving late does not wait for a long one."""
+    fast = _logits_fn(model)
+    engine = BatchingEngine(lambda idx: (time.sleep(0.005), fast(idx))[1], BLOCK)
+    try:
+        long = engine.submit(GenerationRequest([1], 200, temperature=0))
+        assert long.queue.get(timeout=30)[0] == "token"  # the long one is running
+        short = engine.submit(GenerationRequest([2], 3, temperature=0))
+        assert [kind for kind, _ in short.events(timeout=30)][-1] == "done"
+        assert long.finish_reason is None and engine.largest_batch == 2
+        long.cancel()
+        deadline = time.monotonic() + 10
+        while engine.active_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert long.finish_reason == "cancelled" and len(long.generated) < 200
+    finally:
+        engine.close()
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(model):
+    broken = threading.Event()
+    fast = _logits_fn(model)
+
+    def logits_fn(idx):
+        if broken.is_set():
+            raise RuntimeError("out of memory")
+        return fast(idx)
+
+    engine = BatchingEngine(logits_fn, BLOCK)
+    try:
+        broken.set()
+        request = engine.submit(GenerationRequest([1, 2], 5, temperature=0))
+        kind, message = list(request.events(timeout=30))[-1]
+        assert kind == "error" and "out of memory" in message
+        broken.clear()
+        assert _run(engine, [GenerationRequest([1, 2], 5, temperature=0)])[0]
+    finally:
+        engine.close()
+
+
+def test_bad_engine_and_request_arguments_are_rejected(model):
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatchingEngine(_logits_fn(model), BLOCK, max_batch_size=0)
+    with pytest.raises(ValueError, match="context_length"):
+        BatchingEngine(_logits_fn(model), 0)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        GenerationRequest([], 5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationRequest([1], 0)
