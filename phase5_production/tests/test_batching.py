@@ -1,7 +1,9 @@
 """The padded-batch engine: every request gets exactly what it gets alone, in one forward per step."""
 
+import runpy
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +153,14 @@ def test_bad_engine_and_request_arguments_are_rejected(model):
         GenerationRequest([], 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationRequest([1], 0)
+
+
+def test_the_server_benchmark_runs_at_tiny_size(capsys):
+    """bench_server.py end to end (it checks itself that batched and serial servers answer alike)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"
+    main = runpy.run_path(str(script), run_name="benchmark")["main"]
+    argv = "--clients 1 3 --requests 1 --max-tokens 4 --repeats 1 --d-model 32 --n-layer 1 --block-size 32"
+    rows = main(argv.split())
+    assert [r["clients"] for r in rows] == [1, 3]
+    assert all(r["batched_tok_s"] > 0 and r["serial_tok_s"] > 0 for r in rows)
+    assert "ratio" in capsys.readouterr().out
