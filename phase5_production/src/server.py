@@ -65,6 +65,7 @@ MAX_BODY_BYTES = 64 * 1024
 DEFAULT_LIMITS = {"max_prompt_chars": 2000, "max_new_tokens": 500}
 # logits / T must stay finite in float32: below this (but above 0 = greedy) the softmax overflows.
 MIN_TEMPERATURE = 0.01
+MIN_TOP_P = 1e-6  # a smaller top_p keeps only the argmax, and below ~1e-38 it underflows to 0 in float32
 GENERATE_FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream")
 MAX_STOP_SEQUENCES = 4  # as OpenAI
@@ -139,8 +140,12 @@ def _temperature(body: dict, high: float) -> float:
 
 def _top_p(body: dict) -> float | None:
     value = _number(body, "top_p", None, 0.0, 1.0)
-    if value is not None and value == 0:
-        raise _bad("'top_p' must be in (0, 1]; use temperature 0 for greedy.", "top_p")
+    if value is not None and value < MIN_TOP_P:
+        raise _bad(
+            f"'top_p' must be in [{MIN_TOP_P}, 1], got {value!r}: a smaller nucleus is just the most likely "
+            "token (and underflows float32); use temperature 0 for greedy.",
+            "top_p",
+        )
     return None if value == 1 else value
 
 
@@ -166,9 +171,10 @@ def parse_generate_request(raw: bytes, served: ServedModel, limits: dict) -> dic
     """Validate a /generate body; return the generation arguments or raise RequestError (400)."""
     body = _json_object(raw)
     _check_fields(body, GENERATE_FIELDS)
+    limit = limits["max_new_tokens"]  # the default never exceeds the server's limit
     return {
         "prompt_ids": _prompt_ids(body, served, limits),
-        "max_new_tokens": _number(body, "max_new_tokens", 100, 1, limits["max_new_tokens"], integer=True),
+        "max_new_tokens": _number(body, "max_new_tokens", min(100, limit), 1, limit, integer=True),
         "temperature": _temperature(body, 5.0),
         "top_k": _number(body, "top_k", None, 1, served.vocab_size, integer=True),
         "top_p": _top_p(body),
@@ -200,6 +206,7 @@ def parse_completion_request(raw: bytes, served: ServedModel, limits: dict) -> d
     body = _json_object(raw)
     body = {key: value for key, value in body.items() if value is not None}  # null = the default
     _check_fields(body, COMPLETION_FIELDS)
+    limit = limits["max_new_tokens"]  # the default never exceeds the server's limit
     model = body.get("model")
     if not isinstance(model, str):
         raise _bad(f"'model' is required: pass model={served.name!r} (see GET /v1/models).", "model")
@@ -217,7 +224,7 @@ def parse_completion_request(raw: bytes, served: ServedModel, limits: dict) -> d
         raise _bad(f"'stream' must be true or false, got {stream!r}.", "stream")
     return {
         "prompt_ids": _prompt_ids(body, served, limits),
-        "max_new_tokens": _number(body, "max_tokens", 16, 1, limits["max_new_tokens"], integer=True),
+        "max_new_tokens": _number(body, "max_tokens", min(16, limit), 1, limit, integer=True),  # OpenAI: 16
         "temperature": _temperature(body, 2.0),
         "top_p": _top_p(body),
         "seed": _number(body, "seed", None, 0, 2**63 - 1, integer=True),

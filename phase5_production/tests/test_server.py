@@ -139,6 +139,7 @@ BAD_REQUESTS = [
     ({"prompt": "a", "top_k": 1000}, "top_k"),
     ({"prompt": "a", "top_p": 1.5}, "top_p"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "top_p": 1e-320}, "top_p"),  # found by fuzzing: float32 underflow, empty nucleus
     ({"prompt": "a", "repetition_penalty": 0.5}, "repetition_penalty"),
     ({"prompt": "a", "stream": True}, "unknown field"),
 ]
@@ -439,3 +440,19 @@ def test_a_missing_truncated_or_foreign_checkpoint_gives_a_one_line_error(tmp_pa
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     assert "not a readable checkpoint" in _checkpoint_error(["--checkpoint", str(text)], capsys)
+
+
+def test_the_default_length_never_exceeds_the_servers_limit():
+    """Found by fuzzing: an omitted max_new_tokens / max_tokens defaulted above a lower server limit."""
+    model, tokenizer = _model_and_tokenizer()
+    server = make_server(model, tokenizer, port=0, name="m", limits={"max_new_tokens": 5})
+    thread = _start(server)
+    try:
+        conn, response = _post(server, {"prompt": "ab", "temperature": 0})
+        assert response.status == 200 and _events(response)[-1]["generated_tokens"] == 5
+        conn.close()
+        conn, response = _post(server, {"model": "m", "prompt": "ab"}, path="/v1/completions")
+        assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 5
+        conn.close()
+    finally:
+        _stop(server, thread)
