@@ -6,11 +6,12 @@
 Two servers run on 127.0.0.1 with the same model: one batches the requests in flight into one
 forward pass per step (max_batch_size 16), the other serves one request at a time
 (max_batch_size 1). For each number of clients, that many threads each send --requests
-non-streamed POST /v1/completions (greedy, --max-tokens each) over real sockets; throughput is the
-generated tokens divided by the wall time until the last answer. After a warm-up, the two servers
-are measured alternately, --repeats times, and the medians compared (the ratio is what carries over
-to another machine). Every answer is checked: with greedy decoding a request gets the same text from
-both servers. Weights are random: the time of a forward pass does not depend on their values.
+non-streamed POST /v1/completions (greedy, --max-tokens each) on one kept-alive connection over a
+real socket; throughput is the generated tokens divided by the wall time until the last answer.
+After a warm-up, the two servers are measured alternately, --repeats times, and the medians
+compared (the ratio is what carries over to another machine). Every answer is checked: with greedy
+decoding a request gets the same text from both servers. Weights are random: the time of a forward
+pass does not depend on their values.
 """
 
 from __future__ import annotations
@@ -31,19 +32,16 @@ from phase5_production.src.server import make_server
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?'\n"
 
 
-def complete(address, body: dict) -> dict:
-    conn = http.client.HTTPConnection(*address, timeout=300)
-    try:
-        conn.request(
-            "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
-        )
-        response = conn.getresponse()
-        payload = json.loads(response.read())
-        if response.status != 200:
-            raise RuntimeError(f"the server answered {response.status}: {payload}")
-        return payload
-    finally:
-        conn.close()
+def complete(conn: http.client.HTTPConnection, body: dict) -> dict:
+    """One non-streamed completion on a kept-alive connection."""
+    conn.request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    if response.status != 200:
+        raise RuntimeError(f"the server answered {response.status}: {payload}")
+    return payload
 
 
 def run_clients(server, n_clients: int, requests: int, max_tokens: int) -> tuple[float, dict[str, str]]:
@@ -54,15 +52,18 @@ def run_clients(server, n_clients: int, requests: int, max_tokens: int) -> tuple
     errors: list[BaseException] = []
 
     def client(i: int) -> None:
+        conn = http.client.HTTPConnection(*address, timeout=300)  # one kept-alive connection per client
         try:
             for r in range(requests):
                 prompt = ALPHABET[(3 * i + r) % 26] + " story about " + ALPHABET[(5 * i + r) % 26]
                 body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-                payload = complete(address, body)
+                payload = complete(conn, body)
                 texts[prompt] = payload["choices"][0]["text"]
                 tokens[i] += payload["usage"]["completion_tokens"]
         except BaseException as err:  # reported by the main thread
             errors.append(err)
+        finally:
+            conn.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
     start = time.perf_counter()

@@ -572,6 +572,7 @@ class GenerationServer(ThreadingHTTPServer):
     """One thread per connection, at most `max_connections` at once; one batching engine for all."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a burst of clients connecting at once is not dropped
 
     def __init__(
         self,
@@ -596,6 +597,8 @@ class GenerationServer(ThreadingHTTPServer):
         self.generation_timeout = generation_timeout
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._refusals: queue.Queue = queue.Queue(maxsize=64)
+        threading.Thread(target=self._refuse_connections, name="refuser", daemon=True).start()
         # A model whose batch rows interact (MoE with an expert capacity) is served one request at a time.
         batch = max_batch_size if served.exact_batching else 1
         self.engine = BatchingEngine(served.logits, served.context_length, max_batch_size=batch)
@@ -632,22 +635,37 @@ class GenerationServer(ThreadingHTTPServer):
             self._slots.release()
 
     def _refuse(self, request: socket.socket) -> None:
+        """Hand the connection to the refuser thread (the accept loop must not wait on a client)."""
+        try:
+            self._refusals.put_nowait(request)
+        except queue.Full:  # a flood: no answer at all
+            self.shutdown_request(request)
+
+    def _refuse_connections(self) -> None:
+        """Answer 503, then read what the client sent until it hangs up (at most 1 s): closing with
+        unread data would reset the connection and the client would never see the 503."""
         message = f"the server is serving its limit of {self.max_connections} connections; retry shortly."
-        data = json.dumps({"error": message, "status": 503}).encode("utf-8")
+        data = json.dumps({"error": message, "status": 503}).encode()
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
         )
-        try:
-            request.settimeout(1.0)
-            request.sendall(head.encode("ascii") + data)
-        except OSError:
-            pass
-        finally:
-            self.shutdown_request(request)
+        while (request := self._refusals.get()) is not None:
+            try:
+                request.settimeout(1.0)
+                request.sendall(head.encode("ascii") + data)
+                request.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline and request.recv(65536):
+                    pass
+            except OSError:
+                pass
+            finally:
+                request.close()
 
     def server_close(self):
         super().server_close()
+        self._refusals.put(None)
         self.engine.close()
 
 

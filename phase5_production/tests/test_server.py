@@ -330,6 +330,10 @@ def test_slow_loris_connections_are_bounded_and_dropped(strict_server):
                 reply += chunk
         status, payload = _json_reply(reply)
         assert status == 503 and "limit of 4 connections" in payload["error"]
+        for _ in range(5):  # a client that sends a request reads the 503 (not a connection reset)
+            conn, response = _post(strict_server, {"prompt": "ab" * 500})
+            assert response.status == 503 and "retry" in json.loads(response.read())["error"]
+            conn.close()
         for sock in lorises:
             assert sock.recv(1024) == b""  # dropped by the read timeout
     finally:
