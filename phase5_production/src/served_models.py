@@ -24,6 +24,7 @@ from torch import nn
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase2_architecture.src.training_utils import load_checkpoint, save_checkpoint
 from phase3_components.src.char_tokenizer import CharTokenizer
+from phase5_production.src.batching import KVCachedGPTStep, PaddedBatchStep
 
 __all__ = [
     "ServedModel",
@@ -147,6 +148,13 @@ class ServedModel:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    def next_token_step(self, kv_cache: bool = True):
+        """How the batching engine gets next-token logits: per-request KV caches for the Phase 2 GPT
+        (kv_cache=True), else one right-padded forward pass over each request's whole window."""
+        if self.kind == "gpt" and kv_cache:
+            return KVCachedGPTStep(self.model)
+        return PaddedBatchStep(self.logits, self.context_length)
 
     def describe(self) -> dict:
         """The model's config as plain data, for GET /health."""

@@ -53,7 +53,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
-from phase5_production.src.batching import BatchingEngine, GenerationRequest
+from phase5_production.src.batching import BatchingEngine, GenerationRequest, KVCachedGPTStep
 from phase5_production.src.served_models import (
     ServedModel,
     load_served_checkpoint,  # noqa: F401 - re-exported: `from ...server import load_served_checkpoint`
@@ -584,6 +584,7 @@ class GenerationServer(ThreadingHTTPServer):
         max_connections: int = 32,
         max_batch_size: int = 16,
         generation_timeout: float = 300.0,
+        kv_cache: bool = True,
     ):
         if not read_timeout > 0 or not generation_timeout > 0:
             raise ValueError(f"timeouts must be > 0 seconds, got {read_timeout} and {generation_timeout}.")
@@ -601,7 +602,7 @@ class GenerationServer(ThreadingHTTPServer):
         threading.Thread(target=self._refuse_connections, name="refuser", daemon=True).start()
         # A model whose batch rows interact (MoE with an expert capacity) is served one request at a time.
         batch = max_batch_size if served.exact_batching else 1
-        self.engine = BatchingEngine(served.logits, served.context_length, max_batch_size=batch)
+        self.engine = BatchingEngine(served.next_token_step(kv_cache), max_batch_size=batch)
         self.generation_lock = self.engine.lock  # held during each forward step
 
     def health(self) -> dict:
@@ -614,6 +615,7 @@ class GenerationServer(ThreadingHTTPServer):
             "context_length": self.served.context_length,
             "limits": self.limits,
             "max_batch_size": self.engine.max_batch_size,
+            "kv_cache": isinstance(self.engine.next_token_logits, KVCachedGPTStep),
             "max_connections": self.max_connections,
         }
 
@@ -675,7 +677,8 @@ def make_server(
     """Create (not start) the server for a ServedModel, or a (model, tokenizer) pair.
 
     port 0 picks a free port (see server.server_address). kwargs: limits, verbose, read_timeout,
-    max_connections, max_batch_size, generation_timeout.
+    max_connections, max_batch_size, generation_timeout, kv_cache (Phase 2 GPT: per-request KV
+    caches; False = recompute each window, as for the MoE).
     """
     served = model if isinstance(model, ServedModel) else ServedModel.wrap(model, tokenizer, name)
     return GenerationServer((host, port), served, **kwargs)

@@ -399,7 +399,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_thread_and_batch_row():
     served = ServedModel.wrap(model, tokenizer)
     fast_logits = served.logits
     served.logits = lambda idx: (time.sleep(0.02), fast_logits(idx))[1]  # 500 tokens would take 10 s
-    server = make_server(served, port=0, max_connections=1, limits={"max_new_tokens": 500})
+    server = make_server(
+        served, port=0, max_connections=1, limits={"max_new_tokens": 500}, kv_cache=False
+    )  # kv_cache=False: every step goes through the slowed-down served.logits
     thread = _start(server)
     try:
         conn, response = _post(server, {"prompt": "ab", "max_new_tokens": 500, "temperature": 0})

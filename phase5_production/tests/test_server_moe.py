@@ -98,7 +98,7 @@ def test_batched_moe_rows_generate_what_each_request_generates_alone(served):
     prompts = [model.encode(text) for text in ("Once", "The cat sat", "A", "Tom and Lily went to")]
     results = []
     for max_batch_size in (16, 1):
-        engine = BatchingEngine(model.logits, model.context_length, max_batch_size=max_batch_size)
+        engine = BatchingEngine(model.next_token_step(), max_batch_size=max_batch_size)
         try:
             requests = [GenerationRequest(p, 12, temperature=0) for p in prompts]
             requests += [GenerationRequest(p, 12, temperature=0.8, top_p=0.9, seed=7) for p in prompts]
