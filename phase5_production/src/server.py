@@ -28,9 +28,10 @@ large a number, unknown fields, out-of-range parameters: 400; a body sent too sl
 Content-Length: 411; too large: 413; wrong path / method: 404 / 405). A failure found while
 streaming (the model returned non-finite logits, ...) ends the stream with an error event.
 
-Robustness: every socket has a read timeout (an idle or stalled client is dropped after
---read-timeout seconds; a body must arrive within it), and at most --max-connections
-connections are served at once (one thread each); the next ones get 503 at once.
+Robustness: a whole request (line, headers, body) must arrive within --read-timeout seconds,
+and a connection idle for as long is closed, so a silent, stalled or trickling (slow-loris) client
+cannot hold its thread; at most --max-connections connections are served at once (one thread
+each); the next ones get 503 at once.
 
 Generation: a `BatchingEngine` (batching.py) runs all requests in flight through one forward
 pass per step; each gets exactly the tokens it would get alone. The server binds to 127.0.0.1
@@ -40,6 +41,7 @@ unless told otherwise (--host).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import queue
@@ -346,6 +348,26 @@ class Generation:
         self.request.cancel()
 
 
+class DeadlineReader(io.RawIOBase):
+    """Reads from a socket; each read waits at most `idle_timeout`, and none past `deadline`."""
+
+    def __init__(self, sock: socket.socket, idle_timeout: float):
+        self.sock, self.idle_timeout = sock, idle_timeout
+        self.deadline: float | None = None  # time.monotonic() by which the current request must be in
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("the request did not arrive within the read timeout")
+        self.sock.settimeout(timeout)
+        return self.sock.recv_into(buffer)
+
+
 class GenerationHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and chunked transfer encoding
     server: GenerationServer
@@ -354,6 +376,20 @@ class GenerationHandler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.read_timeout  # every read and write on this socket
         super().setup()
+        self.rfile.close()  # replaced by a reader that also enforces a deadline for the whole request
+        self._reader = DeadlineReader(self.connection, self.server.read_timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        # The request line, the headers and the body must all arrive within read_timeout: a client
+        # that trickles bytes (slow loris) cannot hold its thread for longer.
+        self._reader.deadline = time.monotonic() + self.server.read_timeout
+        super().handle_one_request()
+
+    def _request_arrived(self) -> None:
+        """The request is read: no more deadline; writes get the full timeout."""
+        self._reader.deadline = None
+        self.connection.settimeout(self.server.read_timeout)
 
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
         if self.server.verbose:
@@ -390,6 +426,7 @@ class GenerationHandler(BaseHTTPRequestHandler):
     # ----------------------------------------------------------------------- routing
 
     def do_GET(self):
+        self._request_arrived()
         self.openai_errors = self.path.startswith("/v1/")
         if self.path == "/health":
             self._send_json(HTTPStatus.OK, self.server.health())
@@ -422,8 +459,10 @@ class GenerationHandler(BaseHTTPRequestHandler):
                 args = parse_completion_request(self._read_body(), self.server.served, self.server.limits)
                 self._complete(args)
             elif self.path in ("/health", "/v1/models"):
+                self.close_connection = True  # the body (if any) is not read
                 self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"use GET {self.path}.")
             else:
+                self.close_connection = True
                 self._error(
                     HTTPStatus.NOT_FOUND,
                     f"no endpoint {self.path!r}; use POST /v1/completions or POST /generate.",
@@ -456,13 +495,9 @@ class GenerationHandler(BaseHTTPRequestHandler):
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}.",
             )
-        # The whole body must arrive within read_timeout (each read also times out on its own).
-        deadline = time.monotonic() + self.server.read_timeout
         chunks, received = [], 0
         try:
-            while received < length:
-                if time.monotonic() > deadline:
-                    raise TimeoutError
+            while received < length:  # the reader raises TimeoutError past the request's deadline
                 chunk = self.rfile.read1(length - received)
                 if not chunk:
                     raise ClientGone
@@ -475,6 +510,7 @@ class GenerationHandler(BaseHTTPRequestHandler):
                 f"the body announced {length} bytes but only {received} arrived within "
                 f"{self.server.read_timeout} s; send the whole body at once, with a correct Content-Length.",
             ) from None
+        self._request_arrived()
         return b"".join(chunks)
 
     # ----------------------------------------------------------------------- streaming

@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import select
 import socket
 import threading
 import time
@@ -343,6 +344,24 @@ def test_slow_loris_connections_are_bounded_and_dropped(strict_server):
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
     conn.close()
+
+
+def test_a_client_that_trickles_its_headers_is_dropped_after_the_read_timeout(strict_server):
+    """Slow loris: one header byte every 0.1 s keeps each read under the idle timeout, but the whole
+    request must arrive within read_timeout (0.5 s)."""
+    start = time.monotonic()
+    with socket.create_connection(strict_server.server_address[:2], timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\n")
+        closed = False
+        while not closed and time.monotonic() - start < 5:
+            try:
+                sock.sendall(b"X")
+                time.sleep(0.1)
+                ready, _, _ = select.select([sock], [], [], 0)
+                closed = bool(ready) and sock.recv(1024) == b""
+            except OSError:  # reset by the server
+                closed = True
+    assert closed and time.monotonic() - start < 3
 
 
 @pytest.mark.parametrize(
