@@ -1,9 +1,10 @@
-"""Serving many requests with one forward pass per step: a padded-batch generation engine.
+"""Serving many requests with one forward pass per step: a continuous-batching generation engine.
 
 A server that generates for one request at a time leaves most of the hardware idle: a forward
 pass over a batch of B sequences costs far less than B forward passes of one (the weights are
 read once, the matrix multiplies are wider). The engine below keeps a list of *active* requests
-and, at every step, runs them all through the model together:
+and, at every step, runs them all through the model together. The simplest way, for any causal
+model (`PaddedBatchStep`):
 
     windows     w_i = the last `context_length` token ids of request i     (prompt + generated)
     batch       idx [B, T_max]: row i = w_i followed by padding             (right-padding)
