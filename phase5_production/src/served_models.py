@@ -70,10 +70,11 @@ def load_served_checkpoint(path) -> tuple[GPT, CharTokenizer]:
     try:
         model = GPT(GPTConfig(**meta["config"]))
         load_checkpoint(path, model)  # validates the weights against the model
-    except (TypeError, RuntimeError, KeyError) as err:
-        first_line = (str(err).splitlines() or [""])[0][:200]
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:  # a wrong config, missing weights
+        detail = " ".join(str(err).split())[:200]
         raise ValueError(
-            f"{path!r} does not hold a Phase 2 GPT matching its config ({first_line})."
+            f"{path!r} does not hold a Phase 2 GPT matching its config ({detail} ...); write it again with "
+            "save_served_checkpoint."
         ) from None
     tokenizer = CharTokenizer(meta["tokenizer_chars"])
     if tokenizer.vocab_size != model.config.vocab_size:

@@ -773,7 +773,7 @@ def main(argv=None) -> None:
             max_batch_size=args.max_batch_size,
         )
     except (FileNotFoundError, ValueError, TypeError, OSError) as err:  # one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     host, port = server.server_address[:2]
     print(

@@ -462,6 +462,15 @@ def test_a_missing_truncated_or_foreign_checkpoint_gives_a_one_line_error(tmp_pa
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     assert "not a Sparse MoE checkpoint" in _checkpoint_error(["--checkpoint", str(foreign)], capsys)
+    mismatched = tmp_path / "mismatched.pt"  # a Phase 2 checkpoint whose weights do not fit its config
+    torch.save(
+        {"config": {"vocab_size": 3, "block_size": 8}, "tokenizer_chars": ["a", "b", "c"], "model": {}},
+        mismatched,
+    )
+    assert "does not hold a Phase 2 GPT" in _checkpoint_error(["--checkpoint", str(mismatched)], capsys)
+    empty_folder = tmp_path / "empty"
+    empty_folder.mkdir()
+    assert "no checkpoint in" in _checkpoint_error(["--checkpoint", str(empty_folder)], capsys)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     assert "not a readable checkpoint" in _checkpoint_error(["--checkpoint", str(text)], capsys)
