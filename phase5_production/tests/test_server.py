@@ -2,8 +2,10 @@
 
 import http.client
 import json
+import select
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from phase5_production.src.server import (
     load_served_checkpoint,
     make_server,
     save_served_checkpoint,
+)
+from phase5_production.src.server import (
+    main as server_main,
 )
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,"
@@ -135,6 +140,7 @@ BAD_REQUESTS = [
     ({"prompt": "a", "top_k": 1000}, "top_k"),
     ({"prompt": "a", "top_p": 1.5}, "top_p"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "top_p": 1e-320}, "top_p"),  # found by fuzzing: float32 underflow, empty nucleus
     ({"prompt": "a", "repetition_penalty": 0.5}, "repetition_penalty"),
     ({"prompt": "a", "stream": True}, "unknown field"),
 ]
@@ -251,3 +257,236 @@ def test_health_answers_while_a_generation_waits_for_the_model(served):
         assert "events" not in result
     worker.join(timeout=30)
     assert result["events"][-1]["generated_tokens"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: timeouts, a bound on connections, a 4xx JSON for every bad body, errors mid-stream,
+# start-up errors. Each probe hung, crashed or answered 200 before the fix.
+# ---------------------------------------------------------------------------------------------
+
+
+def _start(server):
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop(server, thread):
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def strict_server():
+    """A fresh server with a short read timeout and room for 4 connections."""
+    model, tokenizer = _model_and_tokenizer()
+    server = make_server(model, tokenizer, port=0, read_timeout=0.5, max_connections=4)
+    thread = _start(server)
+    yield server
+    _stop(server, thread)
+
+
+def _raw_exchange(server, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes (or `timeout`)."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def _json_reply(reply: bytes) -> tuple[int, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_after_the_read_timeout(strict_server):
+    start = time.monotonic()
+    request = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b'{"prompt": "abcd",'
+    status, payload = _json_reply(_raw_exchange(strict_server, request))
+    assert status == 408 and "only 18 arrived" in payload["error"]
+    assert time.monotonic() - start < 5  # read_timeout 0.5 s, not forever
+
+
+def test_a_silent_connection_is_closed_after_the_read_timeout(strict_server):
+    start = time.monotonic()
+    with socket.create_connection(strict_server.server_address[:2], timeout=10) as sock:
+        assert sock.recv(1024) == b""  # the server hung up
+    assert time.monotonic() - start < 5
+
+
+def test_slow_loris_connections_are_bounded_and_dropped(strict_server):
+    """4 connections that trickle headers fill the server; the 5th gets 503 at once; all are dropped
+    after the read timeout and the server answers again."""
+    address = strict_server.server_address[:2]
+    lorises = [socket.create_connection(address, timeout=10) for _ in range(4)]
+    for sock in lorises:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    try:
+        with socket.create_connection(address, timeout=10) as extra:
+            reply = b""
+            while chunk := extra.recv(65536):
+                reply += chunk
+        status, payload = _json_reply(reply)
+        assert status == 503 and "limit of 4 connections" in payload["error"]
+        for _ in range(5):  # a client that sends a request reads the 503 (not a connection reset)
+            conn, response = _post(strict_server, {"prompt": "ab" * 500})
+            assert response.status == 503 and "retry" in json.loads(response.read())["error"]
+            conn.close()
+        for sock in lorises:
+            assert sock.recv(1024) == b""  # dropped by the read timeout
+    finally:
+        for sock in lorises:
+            sock.close()
+    conn = _connection(strict_server)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_a_client_that_trickles_its_headers_is_dropped_after_the_read_timeout(strict_server):
+    """Slow loris: one header byte every 0.1 s keeps each read under the idle timeout, but the whole
+    request must arrive within read_timeout (0.5 s)."""
+    start = time.monotonic()
+    with socket.create_connection(strict_server.server_address[:2], timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\n")
+        closed = False
+        while not closed and time.monotonic() - start < 5:
+            try:
+                sock.sendall(b"X")
+                time.sleep(0.1)
+                ready, _, _ = select.select([sock], [], [], 0)
+                closed = bool(ready) and sock.recv(1024) == b""
+            except OSError:  # reset by the server
+                closed = True
+    assert closed and time.monotonic() - start < 3
+
+
+@pytest.mark.parametrize(
+    "raw,fragment",
+    [
+        (b'{"prompt": "a", "temperature": 1e-40}', "temperature"),
+        (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "smaller numbers"),
+        (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+    ],
+    ids=["tiny-temperature", "5000-digit-integer", "30000-deep-nesting"],
+)
+def test_pathological_bodies_get_400_json_not_a_dropped_connection(served, raw, fragment):
+    server, _, _ = served
+    conn, response = _post(server, None, raw=raw)
+    assert response.status == 400 and response.getheader("Content-Type") == "application/json"
+    assert fragment in json.loads(response.read())["error"]
+    conn.close()
+
+
+def test_the_standard_librarys_own_rejections_are_json(served):
+    server, _, _ = served
+    request = b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n"
+    status, payload = _json_reply(_raw_exchange(server, request))
+    assert status == 431 and "Line too long" in payload["error"]
+
+
+@pytest.fixture
+def nan_server():
+    """A model whose logits are NaN: sampling fails after the stream has started."""
+    model, tokenizer = _model_and_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    server = make_server(model, tokenizer, port=0, name="nan")
+    thread = _start(server)
+    yield server
+    _stop(server, thread)
+
+
+def test_a_failure_while_streaming_ends_with_an_error_event_and_a_clean_end(nan_server):
+    conn, response = _post(nan_server, {"prompt": "ab", "max_new_tokens": 5, "temperature": 1.0})
+    assert response.status == 200
+    events = _events(response)  # reads to the end of the chunked body: no IncompleteRead
+    conn.close()
+    assert "sampling failed" in events[-1]["error"] and events[-1]["status"] == 500
+    conn, response = _post(nan_server, {"prompt": "ab", "max_new_tokens": 5, "temperature": 0})
+    assert _events(response)[-1]["done"] is True  # the server goes on serving
+    conn.close()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_thread_and_batch_row():
+    model, tokenizer = _model_and_tokenizer()
+    from phase5_production.src.served_models import ServedModel
+
+    served = ServedModel.wrap(model, tokenizer)
+    fast_logits = served.logits
+    served.logits = lambda idx: (time.sleep(0.02), fast_logits(idx))[1]  # 500 tokens would take 10 s
+    server = make_server(
+        served, port=0, max_connections=1, limits={"max_new_tokens": 500}, kv_cache=False
+    )  # kv_cache=False: every step goes through the slowed-down served.logits
+    thread = _start(server)
+    try:
+        conn, response = _post(server, {"prompt": "ab", "max_new_tokens": 500, "temperature": 0})
+        for _ in range(3):
+            assert response.readline().startswith(b"data: ")
+            response.readline()
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.monotonic() + 5
+        while server.engine.active_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.engine.active_requests == 0  # the request was cancelled, not run to 500 tokens
+        assert server.engine.steps < 100
+        conn = _connection(server)  # the single connection slot is free again
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        _stop(server, thread)
+
+
+def _checkpoint_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        server_main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    return err
+
+
+def test_a_missing_truncated_or_foreign_checkpoint_gives_a_one_line_error(tmp_path, capsys):
+    assert "no checkpoint at" in _checkpoint_error(["--checkpoint", str(tmp_path / "missing.pt")], capsys)
+    model, tokenizer = _model_and_tokenizer()
+    good = tmp_path / "good.pt"
+    save_served_checkpoint(good, model, tokenizer)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert "not a readable checkpoint" in _checkpoint_error(["--checkpoint", str(truncated)], capsys)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    assert "not a Sparse MoE checkpoint" in _checkpoint_error(["--checkpoint", str(foreign)], capsys)
+    mismatched = tmp_path / "mismatched.pt"  # a Phase 2 checkpoint whose weights do not fit its config
+    torch.save(
+        {"config": {"vocab_size": 3, "block_size": 8}, "tokenizer_chars": ["a", "b", "c"], "model": {}},
+        mismatched,
+    )
+    assert "does not hold a Phase 2 GPT" in _checkpoint_error(["--checkpoint", str(mismatched)], capsys)
+    empty_folder = tmp_path / "empty"
+    empty_folder.mkdir()
+    assert "no checkpoint in" in _checkpoint_error(["--checkpoint", str(empty_folder)], capsys)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert "not a readable checkpoint" in _checkpoint_error(["--checkpoint", str(text)], capsys)
+
+
+def test_the_default_length_never_exceeds_the_servers_limit():
+    """Found by fuzzing: an omitted max_new_tokens / max_tokens defaulted above a lower server limit."""
+    model, tokenizer = _model_and_tokenizer()
+    server = make_server(model, tokenizer, port=0, name="m", limits={"max_new_tokens": 5})
+    thread = _start(server)
+    try:
+        conn, response = _post(server, {"prompt": "ab", "temperature": 0})
+        assert response.status == 200 and _events(response)[-1]["generated_tokens"] == 5
+        conn.close()
+        conn, response = _post(server, {"model": "m", "prompt": "ab"}, path="/v1/completions")
+        assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 5
+        conn.close()
+    finally:
+        _stop(server, thread)
