@@ -57,6 +57,7 @@ import torch
 
 from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
 from phase2_architecture.src.gpt import GPT
+from phase2_architecture.src.rotary_attention import RotaryMultiHeadAttention
 from phase5_production.src.kv_cache import KVCache, forward_with_cache
 from phase5_production.src.sampling import sample_next_token
 
@@ -172,21 +173,28 @@ def batched_cached_decode(model: GPT, tokens: list[int], caches: list[KVCache]) 
     lengths = torch.tensor([cache.length for cache in caches])  # [B] = the position of each new token
     L = int(lengths.max())
     idx = torch.tensor(tokens, dtype=torch.long)[:, None]  # [B, 1]
-    x = model.drop(model.tok_emb(idx) + model.pos_emb(lengths)[:, None, :])  # [B, 1, C]
+    x = model.tok_emb(idx)  # [B, 1, C]
+    if model.pos_emb is not None:  # learned positions; RoPE rotates q and k in each layer instead
+        x = x + model.pos_emb(lengths)[:, None, :]
+    x = model.drop(x)
     column = torch.arange(L + 1)  # [L + 1]
     mask = (column[None, :] < lengths[:, None]) | (column[None, :] == L)  # [B, L + 1]
     mask = mask[:, None, None, :]  # [B, 1, 1, L + 1]: broadcast over heads and the one query
     for layer, block in enumerate(model.blocks):
         attn, h = block.attn, block.ln1(x)
         q = attn.split_heads(attn.q_proj(h))  # [B, H, 1, Dh]
-        k = attn.split_heads(attn.k_proj(h))  # [B, H, 1, Dh]
-        v = attn.split_heads(attn.v_proj(h))  # [B, H, 1, Dh]
-        keys = k.new_zeros(B, k.shape[1], L + 1, k.shape[3])  # [B, H, L + 1, Dh]
+        k = attn.split_kv_heads(attn.k_proj(h))  # [B, H_kv, 1, Dh] (H_kv < H with grouped-query attention)
+        v = attn.split_kv_heads(attn.v_proj(h))  # [B, H_kv, 1, Dh]
+        if isinstance(attn, RotaryMultiHeadAttention):  # rotate each row by its own position
+            q = torch.cat([attn.rope(q[r : r + 1], n) for r, n in enumerate(lengths.tolist())])
+            k = torch.cat([attn.rope(k[r : r + 1], n) for r, n in enumerate(lengths.tolist())])
+        keys = k.new_zeros(B, k.shape[1], L + 1, k.shape[3])  # [B, H_kv, L + 1, Dh]
         values = torch.zeros_like(keys)
         for row, (cache, n) in enumerate(zip(caches, lengths.tolist())):
             keys[row, :, :n], values[row, :, :n] = cache.keys[layer][0], cache.values[layer][0]
             cache.append(layer, k[row : row + 1], v[row : row + 1])  # (cache.length now counts layer 0)
         keys[:, :, L], values[:, :, L] = k[:, :, 0], v[:, :, 0]
+        keys, values = attn.repeat_kv(keys), attn.repeat_kv(values)  # [B, H, L + 1, Dh]
         out, _ = scaled_dot_product_attention(q, keys, values, mask)  # [B, H, 1, Dh]
         x = x + attn.out_proj(attn.merge_heads(out))  # pre-norm residuals, as in the GPT's blocks
         x = x + block.ffn(block.ln2(x))

@@ -99,6 +99,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_probs = torch.softmax(sorted_logits.float(), dim=-1)  # [..., V]
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [..., V], 0 for the first
     remove_sorted = mass_before >= p  # [..., V] True = outside the nucleus
+    remove_sorted[..., 0] = False  # the most likely token stays even when p rounds to 0 in float32
     # Put the decision back in vocabulary order: remove[..., sorted_idx[j]] = remove_sorted[..., j].
     remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))

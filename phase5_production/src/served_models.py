@@ -86,8 +86,8 @@ def load_served_checkpoint(path) -> tuple[GPT, CharTokenizer]:
 
 
 def moe_context_length(config) -> int:
-    """The Sparse MoE's context length (the one line to change if its config field is renamed)."""
-    return config.max_len
+    """The Sparse MoE's context length: block_size, as in the Phase 2 GPT."""
+    return config.block_size
 
 
 @dataclasses.dataclass

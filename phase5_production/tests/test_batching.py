@@ -67,7 +67,25 @@ def test_each_row_of_a_padded_batch_gets_the_logits_of_its_window_alone(model):
         torch.testing.assert_close(batched[row], alone, rtol=0, atol=1e-5)
 
 
+def rope_gqa_gpt():
+    """A GPT with rotary positions and grouped-query attention (4 query heads share 2 key/value heads)."""
+    torch.manual_seed(1)
+    config = GPTConfig(
+        vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, d_model=32, pos="rope", n_kv_head=2
+    )
+    return GPT(config).eval()
+
+
 def test_a_batched_cached_decode_row_equals_forward_with_cache_alone(model):
+    check_batched_cached_decode(model)
+
+
+def test_batched_cached_decode_with_rope_and_grouped_query_attention():
+    """Each row is rotated by its own position, and only the shared key/value heads are cached."""
+    check_batched_cached_decode(rope_gqa_gpt())
+
+
+def check_batched_cached_decode(model):
     """Rows with caches of different lengths, one new token each: same logits, same caches."""
     prompts = _prompts(5, seed=3)
     new_tokens = [3, 7, 11, 0, 28]

@@ -224,3 +224,10 @@ def test_a_tiny_temperature_is_the_argmax_not_nan():
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)) * 5
     token = sample_next_token(logits, temperature=1e-40, generator=torch.Generator().manual_seed(1))
     assert torch.equal(token, logits.argmax(-1))
+
+
+def test_a_top_p_below_float32s_smallest_value_keeps_the_most_likely_token():
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    kept = top_p_filter(logits, 1e-320)  # rounds to 0.0 in float32
+    assert torch.equal(torch.isfinite(kept).sum(-1), torch.ones(3, dtype=torch.long))
+    assert torch.equal(kept.argmax(-1), logits.argmax(-1))

@@ -10,8 +10,8 @@ import torch
 from phase5_production.src.batching import BatchingEngine, GenerationRequest
 from phase5_production.src.served_models import ServedModel, load_served_model, moe_context_length
 from phase5_production.src.server import make_server
+from sparse_moe_transformer.src.cli import main as train_main
 from sparse_moe_transformer.src.train import Config, SparseMoETransformer
-from sparse_moe_transformer.src.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_openai_client_completion_equals_the_moe_greedy_generate(served, prompt)
 def test_health_describes_the_moe(served):
     server, model = served
     health = httpx.Client(trust_env=False).get(f"http://127.0.0.1:{server.server_address[1]}/health").json()
-    assert health["kind"] == "moe" and health["model"]["n_experts"] == model.model.config.n_experts
+    assert health["kind"] == "moe" and health["model"]["n_expert"] == model.model.config.n_expert
     assert health["context_length"] == 32 and health["max_batch_size"] == 16
 
 
