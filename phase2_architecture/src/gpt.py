@@ -42,6 +42,8 @@ class GPTConfig:
     dropout: on embeddings, attention weights and residual branches.  bias: in Linear and norms.
     norm: "layernorm" (GPT-2) or "rmsnorm".  ffn: "gelu" (GPT-2, hidden 4C) or "swiglu".
     tie_weights: share lm_head.weight with tok_emb.weight (GPT-2 does; saves V*C parameters).
+    gelu_approximate: "none" (exact erf GELU) or "tanh" (the approximation GPT-2 was trained with;
+        needed to reproduce its logits, see phase4_training/src/gpt2_weights.py).
     """
 
     vocab_size: int
@@ -54,6 +56,7 @@ class GPTConfig:
     norm: str = "layernorm"
     ffn: str = "gelu"
     tie_weights: bool = False
+    gelu_approximate: str = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
@@ -71,6 +74,14 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}.")
         if self.ffn not in ("gelu", "swiglu"):
             raise ValueError(f"GPTConfig.ffn must be 'gelu' or 'swiglu', got {self.ffn!r}.")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(
+                f"GPTConfig.gelu_approximate must be 'none' (exact) or 'tanh', got {self.gelu_approximate!r}."
+            )
+        if self.ffn != "gelu" and self.gelu_approximate != "none":
+            raise ValueError(
+                "GPTConfig.gelu_approximate applies to ffn='gelu' only; leave it 'none' for swiglu."
+            )
 
 
 class GPT(nn.Module):
@@ -95,6 +106,7 @@ class GPT(nn.Module):
                 ffn=config.ffn,
                 norm_first=True,
                 causal=True,
+                gelu_approximate=config.gelu_approximate,
             )
             for _ in range(config.n_layer)
         )

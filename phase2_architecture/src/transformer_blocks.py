@@ -57,6 +57,7 @@ class TransformerBlock(nn.Module):
         norm: "layernorm" or "rmsnorm".  ffn: "gelu" or "swiglu".
         norm_first: True = pre-norm (GPT-2), False = post-norm (2017 transformer).
         causal: True = each token attends to itself and earlier tokens only (decoder-only LM).
+        gelu_approximate: "none" (exact GELU) or "tanh" (GPT-2's approximation); GELU FFN only.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class TransformerBlock(nn.Module):
         ffn: str = "gelu",
         norm_first: bool = True,
         causal: bool = True,
+        gelu_approximate: str = "none",
     ):
         super().__init__()
         self.norm_first = norm_first
@@ -79,7 +81,9 @@ class TransformerBlock(nn.Module):
         self.attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
         self.resid_drop = nn.Dropout(dropout)
         self.ln2 = make_norm(norm, d_model, bias=bias)
-        self.ffn = make_feed_forward(ffn, d_model, d_ff, dropout=dropout, bias=bias)
+        self.ffn = make_feed_forward(
+            ffn, d_model, d_ff, dropout=dropout, bias=bias, gelu_approximate=gelu_approximate
+        )
 
     def _attend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         out, _ = self.attn(x, causal=self.causal, mask=mask)  # [B, T, C]
