@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--hellaswag", default=None, help="a HellaSwag-layout .jsonl (scored with GPT-2)")
     parser.add_argument("--model", default="gpt2", help="GPT-2 hub name or local folder (with --hellaswag)")
     parser.add_argument("--limit", type=int, default=200, help="number of examples to score")
-    parser.add_argument("--steps", type=int, default=600, help="training steps of the story demo model")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of the story demo model")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.hellaswag:
@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return result
     from phase5_production.src.demo_models import story_corpus, train_char_gpt
 
-    corpus = story_corpus()
+    corpus = story_corpus(n_train=1000, bpe_vocab_size=768)  # BPE: a 96-token window holds the problem
     examples = story_multiple_choice(args.limit, seed=1)
-    trained = train_char_gpt(corpus, steps=args.steps)
+    trained = train_char_gpt(corpus, block_size=96, steps=args.steps)
     torch.manual_seed(0)
     untrained = GPT(trained.config).eval()
     for name, model in (("untrained", untrained), (f"trained {args.steps} steps", trained)):
