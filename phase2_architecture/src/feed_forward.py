@@ -131,11 +131,19 @@ class SwiGLUFeedForward(nn.Module):
 
 
 def make_feed_forward(
-    kind: str, d_model: int, d_hidden: int | None = None, dropout: float = 0.0, bias: bool = True
+    kind: str,
+    d_model: int,
+    d_hidden: int | None = None,
+    dropout: float = 0.0,
+    bias: bool = True,
+    gelu_approximate: str = "none",
 ) -> nn.Module:
-    """Build an FFN by name: "gelu" (default hidden 4C) or "swiglu" (default 2/3 * 4C, rounded to 64)."""
+    """Build an FFN by name: "gelu" (default hidden 4C) or "swiglu" (default 2/3 * 4C, rounded to 64).
+
+    `gelu_approximate` ("none" exact, "tanh" GPT-2's) applies to the GELU FFN only.
+    """
     if kind == "gelu":
-        return GELUFeedForward(d_model, d_hidden, dropout=dropout, bias=bias)
+        return GELUFeedForward(d_model, d_hidden, dropout=dropout, bias=bias, approximate=gelu_approximate)
     if kind == "swiglu":
         return SwiGLUFeedForward(d_model, d_hidden, dropout=dropout, bias=bias)
     raise ValueError(f"Unknown feed-forward {kind!r}; choose 'gelu' or 'swiglu'.")

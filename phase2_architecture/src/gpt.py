@@ -45,6 +45,8 @@ class GPTConfig:
     pos: "learned" (GPT-2: a position table added to the token embeddings) or "rope" (Llama: queries
         and keys rotated by position inside attention; no position table).
     n_kv_head: key/value heads of grouped-query attention (None = n_head; 1 = multi-query).
+    gelu_approximate: "none" (exact erf GELU) or "tanh" (the approximation GPT-2 was trained with;
+        needed to reproduce its logits, see phase4_training/src/gpt2_weights.py).
     """
 
     vocab_size: int
@@ -59,6 +61,7 @@ class GPTConfig:
     tie_weights: bool = False
     pos: str = "learned"
     n_kv_head: int | None = None
+    gelu_approximate: str = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
@@ -93,6 +96,14 @@ class GPTConfig:
                 f"GPTConfig.n_kv_head must be None or a positive divisor of n_head={self.n_head}, "
                 f"got {self.n_kv_head!r}."
             )
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(
+                f"GPTConfig.gelu_approximate must be 'none' (exact) or 'tanh', got {self.gelu_approximate!r}."
+            )
+        if self.ffn != "gelu" and self.gelu_approximate != "none":
+            raise ValueError(
+                "GPTConfig.gelu_approximate applies to ffn='gelu' only; leave it 'none' for swiglu."
+            )
 
 
 class GPT(nn.Module):
@@ -120,6 +131,7 @@ class GPT(nn.Module):
                 causal=True,
                 n_kv_heads=config.n_kv_head,
                 rope_max_len=config.block_size if config.pos == "rope" else None,
+                gelu_approximate=config.gelu_approximate,
             )
             for _ in range(config.n_layer)
         )

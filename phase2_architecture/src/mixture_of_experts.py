@@ -63,15 +63,15 @@ def route_top_k(gate_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, to
     """
     if gate_logits.dim() != 2:
         raise ValueError(f"gate_logits must be [N, E], got shape {tuple(gate_logits.shape)}.")
-    n_experts = gate_logits.shape[1]
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k must be an int in [1, n_experts={n_experts}], got {top_k!r}.")
+    n_expert = gate_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_expert:
+        raise ValueError(f"top_k must be an int in [1, n_expert={n_expert}], got {top_k!r}.")
     top_logits, indices = torch.topk(gate_logits, top_k, dim=-1)  # [N, k], [N, k]
     weights = torch.softmax(top_logits, dim=-1)  # [N, k]
     return weights, indices
 
 
-def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int | None:
+def expert_capacity(n_tokens: int, top_k: int, n_expert: int, capacity_factor: float | None) -> int | None:
     """Pairs one expert may take: ceil(capacity_factor * N * k / E). None (no factor) means no limit.
 
     With perfect balance every expert gets N * k / E pairs; a factor of 1.25 leaves 25% headroom.
@@ -80,10 +80,10 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: 
         return None
     if not capacity_factor > 0:
         raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}.")
-    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_expert))
 
 
-def capacity_keep_mask(indices: torch.Tensor, n_experts: int, capacity: int | None) -> torch.Tensor:
+def capacity_keep_mask(indices: torch.Tensor, n_expert: int, capacity: int | None) -> torch.Tensor:
     """indices [N, k] -> keep [N, k] bool: False for the pairs beyond their expert's capacity.
 
     Pairs queue slot-major (all first choices in token order, then all second choices, ...). A pair
@@ -92,7 +92,7 @@ def capacity_keep_mask(indices: torch.Tensor, n_experts: int, capacity: int | No
     if capacity is None:
         return torch.ones_like(indices, dtype=torch.bool)
     queue = indices.t().reshape(-1)  # [k*N] slot-major
-    one_hot = F.one_hot(queue, n_experts)  # [k*N, E]
+    one_hot = F.one_hot(queue, n_expert)  # [k*N, E]
     place_in_line = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # [k*N] 0 for an expert's first pair
     keep = place_in_line < capacity  # [k*N]
     return keep.reshape(indices.shape[1], indices.shape[0]).t()  # [N, k]
@@ -129,11 +129,11 @@ def _check_shapes(x, gate_weight, gate_bias, w1, b1, w2, b2) -> None:
 def moe_ffn_per_token(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, capacity=None):
     """y_n = sum_j g_nj * FFN_{e_nj}(x_n), one token and one slot at a time (capacity: Python counters)."""
     _check_shapes(x, gate_weight, gate_bias, w1, b1, w2, b2)
-    N, n_experts = x.shape[0], w1.shape[0]
+    N, n_expert = x.shape[0], w1.shape[0]
     weights, indices = route_top_k(x @ gate_weight.t() + gate_bias, top_k)  # [N, k], [N, k]
     kept = [[True] * top_k for _ in range(N)]
     if capacity is not None:  # walk the queue: all first choices in token order, then second choices
-        used = [0] * n_experts
+        used = [0] * n_expert
         for j in range(top_k):
             for n in range(N):
                 e = int(indices[n, j])
@@ -161,12 +161,12 @@ def moe_ffn_loop_reference(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, cap
     x [N, C]; gate_weight [E, C], gate_bias [E]; w1 [E, C, F], b1 [E, F], w2 [E, F, C], b2 [E, C].
     """
     _check_shapes(x, gate_weight, gate_bias, w1, b1, w2, b2)
-    n_experts = w1.shape[0]
+    n_expert = w1.shape[0]
     gate_logits = x @ gate_weight.t() + gate_bias  # [N, E]
     weights, indices = route_top_k(gate_logits, top_k)  # [N, k], [N, k]
-    chosen = capacity_keep_mask(indices, n_experts, capacity)  # [N, k] pairs that are not dropped
+    chosen = capacity_keep_mask(indices, n_expert, capacity)  # [N, k] pairs that are not dropped
     out = torch.zeros_like(x)  # [N, C]
-    for e in range(n_experts):
+    for e in range(n_expert):
         mask = (indices == e) & chosen  # [N, k] slots of this expert
         rows = mask.any(dim=-1)  # [N] tokens that picked e (a token picks an expert at most once)
         if not rows.any():
@@ -182,7 +182,7 @@ def moe_ffn_loop_reference(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, cap
 # ---------------------------------------------------------------------------------------------
 
 
-def sort_pairs_by_expert(indices: torch.Tensor, keep: torch.Tensor, n_experts: int):
+def sort_pairs_by_expert(indices: torch.Tensor, keep: torch.Tensor, n_expert: int):
     """indices, keep [N, k] -> (order [M], token_of_pair [M], counts [E]) for the M kept pairs.
 
     Pair p = slot * N + token (slot-major). One stable argsort groups the pairs by expert, so
@@ -193,18 +193,18 @@ def sort_pairs_by_expert(indices: torch.Tensor, keep: torch.Tensor, n_experts: i
     kept = keep.t().reshape(-1).nonzero().squeeze(-1)  # [M] kept pair ids, in queue order
     order = kept[torch.argsort(flat_expert[kept], stable=True)]  # [M] kept pairs grouped by expert
     token_of_pair = order % N  # [M]
-    counts = torch.bincount(flat_expert[order], minlength=n_experts)  # [E]
+    counts = torch.bincount(flat_expert[order], minlength=n_expert)  # [E]
     return order, token_of_pair, counts
 
 
 def moe_ffn_sorted(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, capacity=None):
     """The same y as `moe_ffn_loop_reference`: one sort, per-expert matmuls on slices, one scatter-add."""
     _check_shapes(x, gate_weight, gate_bias, w1, b1, w2, b2)
-    n_experts = w1.shape[0]
+    n_expert = w1.shape[0]
     gate_logits = x @ gate_weight.t() + gate_bias  # [N, E]
     weights, indices = route_top_k(gate_logits, top_k)  # [N, k], [N, k]
-    keep = capacity_keep_mask(indices, n_experts, capacity)  # [N, k]
-    order, token_of_pair, counts = sort_pairs_by_expert(indices, keep, n_experts)  # [M], [M], [E]
+    keep = capacity_keep_mask(indices, n_expert, capacity)  # [N, k]
+    order, token_of_pair, counts = sort_pairs_by_expert(indices, keep, n_expert)  # [M], [M], [E]
 
     xs = x[token_of_pair]  # [M, C] one gather: the token rows in expert order
     pair_weight = weights.t().reshape(-1)[order]  # [M] routing weight of each sorted pair
@@ -240,10 +240,10 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_counts: torch.Tensor)
             f"router_probs must be [N, E] and expert_counts [E], got {tuple(router_probs.shape)} "
             f"and {tuple(expert_counts.shape)}."
         )
-    n_experts = router_probs.shape[1]
+    n_expert = router_probs.shape[1]
     f = expert_counts.to(router_probs.dtype) / expert_counts.sum()  # [E]
     P = router_probs.mean(dim=0)  # [E]
-    return n_experts * torch.sum(f * P)
+    return n_expert * torch.sum(f * P)
 
 
 def router_z_loss(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -267,20 +267,20 @@ class MoEFeedForward(nn.Module):
     Mixtral's `router_logits`). Parameters have the production model's layout.
     """
 
-    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, capacity_factor=None):
+    def __init__(self, d_model: int, d_ff: int, n_expert: int, top_k: int, capacity_factor=None):
         super().__init__()
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}.")
-        self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
-        self.gate = nn.Linear(d_model, n_experts)
-        self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * 0.02)  # [E, C, F]
-        self.b1 = nn.Parameter(torch.zeros(n_experts, d_ff))  # [E, F]
-        self.w2 = nn.Parameter(torch.randn(n_experts, d_ff, d_model) * 0.02)  # [E, F, C]
-        self.b2 = nn.Parameter(torch.zeros(n_experts, d_model))  # [E, C]
+        if not 1 <= top_k <= n_expert:
+            raise ValueError(f"top_k must be in [1, n_expert={n_expert}], got {top_k}.")
+        self.n_expert, self.top_k, self.capacity_factor = n_expert, top_k, capacity_factor
+        self.gate = nn.Linear(d_model, n_expert)
+        self.w1 = nn.Parameter(torch.randn(n_expert, d_model, d_ff) * 0.02)  # [E, C, F]
+        self.b1 = nn.Parameter(torch.zeros(n_expert, d_ff))  # [E, F]
+        self.w2 = nn.Parameter(torch.randn(n_expert, d_ff, d_model) * 0.02)  # [E, F, C]
+        self.b2 = nn.Parameter(torch.zeros(n_expert, d_model))  # [E, C]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.reshape(-1, x.shape[-1])  # [N, C]
-        capacity = expert_capacity(flat.shape[0], self.top_k, self.n_experts, self.capacity_factor)
+        capacity = expert_capacity(flat.shape[0], self.top_k, self.n_expert, self.capacity_factor)
         y = moe_ffn_sorted(
             flat, self.gate.weight, self.gate.bias, self.w1, self.b1, self.w2, self.b2, self.top_k, capacity
         )
@@ -297,7 +297,7 @@ class MoEConfig:
     n_layer: int = 1
     n_head: int = 4
     d_model: int = 64
-    n_experts: int = 8
+    n_expert: int = 8
     top_k: int = 2
     d_ff: int = 128
     capacity_factor: float | None = None
@@ -312,7 +312,7 @@ class MoEBlock(nn.Module):
         self.attn = MultiHeadAttention(config.d_model, config.n_head)
         self.ln2 = LayerNorm(config.d_model)
         self.moe = MoEFeedForward(
-            config.d_model, config.d_ff, config.n_experts, config.top_k, config.capacity_factor
+            config.d_model, config.d_ff, config.n_expert, config.top_k, config.capacity_factor
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,9 +348,9 @@ class MoELanguageModel(nn.Module):
 
 def routing_losses(gate_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate_logits [N, E] -> (balancing loss, z-loss, expert_counts [E]) for one MoE layer."""
-    n_experts = gate_logits.shape[1]
+    n_expert = gate_logits.shape[1]
     _, indices = route_top_k(gate_logits, top_k)  # [N, k]
-    counts = torch.bincount(indices.reshape(-1), minlength=n_experts)  # [E]
+    counts = torch.bincount(indices.reshape(-1), minlength=n_expert)  # [E]
     probs = torch.softmax(gate_logits, dim=-1)  # [N, E]
     return load_balancing_loss(probs, counts), router_z_loss(gate_logits), counts
 
@@ -407,6 +407,6 @@ def tokens_per_expert(model: MoELanguageModel, idx: torch.Tensor, layer: int = 0
     x = x + block.attn(block.ln1(x), causal=True)[0]
     _, gate_logits = block.moe(block.ln2(x))  # [B*T, E]
     first_choice = gate_logits.argmax(dim=-1)  # [B*T]
-    table = torch.zeros(model.config.n_experts, model.config.vocab_size)
+    table = torch.zeros(model.config.n_expert, model.config.vocab_size)
     table.index_put_((first_choice, idx.reshape(-1)), torch.ones(idx.numel()), accumulate=True)
     return table

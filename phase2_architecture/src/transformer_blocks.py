@@ -60,6 +60,7 @@ class TransformerBlock(nn.Module):
         causal: True = each token attends to itself and earlier tokens only (decoder-only LM).
         n_kv_heads: key/value heads (grouped-query attention; None = n_heads, 1 = multi-query).
         rope_max_len: if given, attention rotates queries and keys by RoPE for positions up to this.
+        gelu_approximate: "none" (exact GELU) or "tanh" (GPT-2's approximation); GELU FFN only.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class TransformerBlock(nn.Module):
         causal: bool = True,
         n_kv_heads: int | None = None,
         rope_max_len: int | None = None,
+        gelu_approximate: str = "none",
     ):
         super().__init__()
         self.norm_first = norm_first
@@ -89,7 +91,9 @@ class TransformerBlock(nn.Module):
             )
         self.resid_drop = nn.Dropout(dropout)
         self.ln2 = make_norm(norm, d_model, bias=bias)
-        self.ffn = make_feed_forward(ffn, d_model, d_ff, dropout=dropout, bias=bias)
+        self.ffn = make_feed_forward(
+            ffn, d_model, d_ff, dropout=dropout, bias=bias, gelu_approximate=gelu_approximate
+        )
 
     def _attend(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         out, _ = self.attn(x, causal=self.causal, mask=mask)  # [B, T, C]

@@ -175,3 +175,22 @@ def test_bad_inputs_raise_clear_errors():
         GPTConfig(vocab_size=0, block_size=8)
     with pytest.raises(ValueError, match="norm"):
         GPTConfig(vocab_size=10, block_size=8, norm="batchnorm")
+
+
+def test_gelu_approximate_tanh_uses_gpt2_gelu_in_every_block_and_changes_the_output():
+    # GPT-2 was trained with the tanh approximation of GELU; the default stays the exact erf GELU.
+    torch.manual_seed(0)
+    exact = GPT(tiny_config())
+    tanh = GPT(tiny_config(gelu_approximate="tanh"))
+    tanh.load_state_dict(exact.state_dict())  # same weights, only the activation differs
+    for block in exact.blocks:
+        x = torch.randn(50) * 3
+        assert torch.allclose(block.ffn.act(x), F.gelu(x), atol=1e-6)
+    for block in tanh.blocks:
+        x = torch.randn(50) * 3
+        assert torch.allclose(block.ffn.act(x), F.gelu(x, approximate="tanh"), atol=1e-6)
+        assert not torch.allclose(block.ffn.act(x), F.gelu(x), atol=1e-5)
+    with pytest.raises(ValueError, match="gelu_approximate"):
+        tiny_config(gelu_approximate="fast")
+    with pytest.raises(ValueError, match="ffn='gelu' only"):
+        tiny_config(ffn="swiglu", gelu_approximate="tanh")

@@ -100,12 +100,12 @@ def test_the_gate_learns_through_the_routing_weights():
 
 def test_capacity_drops_the_latest_pairs_in_slot_major_order():
     indices = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])  # expert 0 chosen 4 times, 3 as first choice
-    keep = capacity_keep_mask(indices, n_experts=3, capacity=2)
+    keep = capacity_keep_mask(indices, n_expert=3, capacity=2)
     # queue: first choices 0, 0, 0, 1 then second choices 1, 2, 1, 0. Expert 0 keeps tokens 0, 1;
     # expert 1 keeps token 3 (first choice) and token 0 (second choice), drops token 2's second choice.
     assert keep.tolist() == [[True, True], [True, True], [False, False], [True, False]]
     assert capacity_keep_mask(indices, 3, None).all()
-    assert expert_capacity(n_tokens=10, top_k=2, n_experts=4, capacity_factor=1.0) == 5
+    assert expert_capacity(n_tokens=10, top_k=2, n_expert=4, capacity_factor=1.0) == 5
     assert expert_capacity(10, 2, 4, 1.25) == 7  # ceil(6.25)
     with pytest.raises(ValueError, match="capacity_factor"):
         expert_capacity(10, 2, 4, 0.0)
@@ -160,7 +160,7 @@ def test_router_z_loss_by_hand_and_it_grows_with_the_logits():
 def test_moe_language_model_is_causal_and_reports_gate_logits():
     torch.manual_seed(0)
     config = MoEConfig(
-        vocab_size=13, block_size=10, n_layer=2, n_head=2, d_model=16, n_experts=4, top_k=2, d_ff=24
+        vocab_size=13, block_size=10, n_layer=2, n_head=2, d_model=16, n_expert=4, top_k=2, d_ff=24
     )
     model = MoELanguageModel(config)
     idx = torch.randint(0, 13, (2, 10))
@@ -178,7 +178,7 @@ def test_moe_language_model_is_causal_and_reports_gate_logits():
 
 def test_moe_layer_uses_the_sorted_dispatch_with_its_parameters():
     torch.manual_seed(0)
-    layer = MoEFeedForward(d_model=8, d_ff=16, n_experts=4, top_k=2, capacity_factor=1.0)
+    layer = MoEFeedForward(d_model=8, d_ff=16, n_expert=4, top_k=2, capacity_factor=1.0)
     x = torch.randn(3, 5, 8)
     y, gate_logits = layer(x)
     flat = x.reshape(-1, 8)

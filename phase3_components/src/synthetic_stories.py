@@ -600,12 +600,56 @@ PLOTS = (
 )
 
 
-def generate_story(rng: random.Random) -> str:
-    """One story: three paragraphs (beginning, problem, ending) separated by a blank line."""
+@dataclass(frozen=True)
+class LabelledStory:
+    """A story with what the generator knows about it: free labels for classification and evaluation.
+
+    plot: which template wrote it ("lost", "share", "brave", ... : `PLOT_NAMES`);
+    hero_name / hero_kind ("girl", "boy" or an animal) / hero_pronoun ("he" or "she"); place ("the park").
+    """
+
+    text: str
+    plot: str
+    hero_name: str
+    hero_kind: str
+    hero_pronoun: str
+    place: str
+
+    @property
+    def paragraphs(self) -> list[str]:
+        """[beginning, problem, ending]"""
+        return self.text.split("\n\n")
+
+
+PLOT_NAMES = tuple(plot.__name__.removeprefix("story_") for plot in PLOTS)
+
+
+def generate_labelled_story(rng: random.Random) -> LabelledStory:
+    """One story and its labels (the random draws are those of `generate_story`, in the same order)."""
     hero, intro = make_character(rng)
     prep, place, things = rng.choice(PLACES)
     plot = rng.choice(PLOTS)
-    return "\n\n".join(plot(rng, hero, intro, prep, place, things))
+    text = "\n\n".join(plot(rng, hero, intro, prep, place, things))
+    return LabelledStory(text, plot.__name__.removeprefix("story_"), hero.name, hero.kind, hero.he, place)
+
+
+def generate_story(rng: random.Random) -> str:
+    """One story: three paragraphs (beginning, problem, ending) separated by a blank line."""
+    return generate_labelled_story(rng).text
+
+
+def generate_labelled_stories(n_stories: int, seed: int = 0) -> list[LabelledStory]:
+    """`generate_stories(n_stories, seed)` with each story's labels: the same texts, in the same order."""
+    _check_n_stories(n_stories)
+    rng = random.Random(seed)
+    return [generate_labelled_story(rng) for _ in range(n_stories)]
+
+
+def _check_n_stories(n_stories: int) -> None:
+    if isinstance(n_stories, bool) or not isinstance(n_stories, int):
+        raise TypeError(f"n_stories must be an int, got {type(n_stories).__name__}")
+    if n_stories < 0:
+        raise ValueError(f"n_stories must be >= 0, got {n_stories}")
 
 
 def generate_stories(n_stories: int, seed: int = 0) -> list[str]:
@@ -614,10 +658,7 @@ def generate_stories(n_stories: int, seed: int = 0) -> list[str]:
     Each story is three paragraphs separated by a blank line ("\\n\\n"). Use different seeds
     for the training and validation splits (the MoE pipeline uses `seed` and `seed + 1`).
     """
-    if isinstance(n_stories, bool) or not isinstance(n_stories, int):
-        raise TypeError(f"n_stories must be an int, got {type(n_stories).__name__}")
-    if n_stories < 0:
-        raise ValueError(f"n_stories must be >= 0, got {n_stories}")
+    _check_n_stories(n_stories)
     rng = random.Random(seed)
     return [generate_story(rng) for _ in range(n_stories)]
 

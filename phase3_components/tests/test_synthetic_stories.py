@@ -124,3 +124,23 @@ def test_bad_arguments():
         generate_stories(-1)
     with pytest.raises(TypeError, match="n_stories must be an int"):
         generate_stories(2.5)
+
+
+def test_labelled_stories_are_the_same_stories_with_labels_that_hold():
+    from phase3_components.src.synthetic_stories import PLOT_NAMES, generate_labelled_stories
+
+    labelled = generate_labelled_stories(300, seed=3)
+    assert [s.text for s in labelled] == generate_stories(300, seed=3)  # same draws, same order
+    assert {s.plot for s in labelled} == set(PLOT_NAMES)  # every plot occurs
+    for s in labelled:
+        assert len(s.paragraphs) == 3
+        assert s.hero_name in s.paragraphs[0] and s.hero_kind in s.paragraphs[0]
+        assert s.hero_pronoun in ("he", "she") and s.place.startswith("the ")
+    # the plot label says what happens: the "broken" stories fix something, the "rain" stories have rain
+    for s in labelled:
+        if s.plot == "broken":
+            assert "fix" in s.paragraphs[2]
+        if s.plot == "rain":
+            assert "rain" in s.paragraphs[1]
+        if s.plot == "seed":
+            assert "grow" in s.text
