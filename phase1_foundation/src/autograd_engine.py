@@ -332,6 +332,7 @@ def save_graph(graph: graphviz.Digraph, path, fmt: str = "svg") -> Path:
         rendered = graph.render(outfile=path.with_suffix(f".{fmt}"), format=fmt, cleanup=True)
         return Path(rendered)
     except graphviz.ExecutableNotFound:
+        path.with_suffix(".gv").unlink(missing_ok=True)  # render() wrote its source file before failing
         dot_path = path.with_suffix(".dot")
         dot_path.write_text(graph.source)
         print(f"{NO_DOT_HELP}\nWrote the DOT source to {dot_path} instead.")
