@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phase1_foundation.src.validation import check_int
+
 
 def causal_mask(T: int, device=None) -> torch.Tensor:
     """Boolean [T, T] mask, True where query i may attend key j, i.e. j <= i (lower triangle).
@@ -58,8 +60,7 @@ def causal_mask(T: int, device=None) -> torch.Tensor:
     never the future. That is what makes a language model's prediction at position i depend
     only on tokens 0..i.
     """
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"causal_mask needs a positive integer length T, got {T!r}.")
+    check_int("causal_mask's length T", T, minimum=1)
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()  # [T, T]
 
 
@@ -172,8 +173,7 @@ class MultiHeadAttention(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1:
-            raise ValueError(f"n_kv_heads must be a positive integer or None, got {n_kv_heads!r}.")
+        check_int("n_kv_heads", n_kv_heads, minimum=1)  # (None means n_heads)
         if n_heads % n_kv_heads != 0:
             raise ValueError(
                 f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}; every key/value head serves "

@@ -1,6 +1,6 @@
 """Argument checks shared by every phase: one clear error that names the value and the fix.
 
-    check_int("n_layer", 0, minimum=1)     ValueError: n_layer must be an int >= 1, got 0
+    check_int("n_layer", 0, minimum=1)     ValueError: n_layer must be a positive integer, got 0
     check_number("lr", float("inf"), above=0)
                                             ValueError: lr must be a finite number > 0, got inf
 
@@ -17,11 +17,13 @@ import numbers
 
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """`value` must be an int (not a bool) in [minimum, maximum]; returns it."""
-    bounds = _describe(low=minimum, high=maximum)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int{bounds}, got {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be an int{bounds}, got {value!r}")
+    if maximum is None and minimum in (0, 1):
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+    else:
+        kind = "an integer" + _describe(low=minimum, high=maximum)
+    wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if wrong_type or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     return int(value)
 
 

@@ -208,7 +208,7 @@ def test_bad_shapes_raise_clear_errors():
         scaled_dot_product_attention(q, q, q, torch.zeros(4, 4))
     with pytest.raises(ValueError, match="does not broadcast"):
         scaled_dot_product_attention(q, q, q, torch.ones(3, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="positive integer length"):
+    with pytest.raises(ValueError, match="length T must be a positive integer"):
         causal_mask(0)
 
 

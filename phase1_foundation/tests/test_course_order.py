@@ -22,13 +22,15 @@ PHASES = [
     "phase5_production",
 ]
 PRODUCTION = "sparse_moe_transformer"
-# Phase 5 serves and evaluates the production MoE too (its server loads MoE checkpoints), and the
-# tests of those files build one: these alone may import it.
+# Phase 5 serves and evaluates the production MoE too (its server loads MoE checkpoints, its harness
+# scores one), and the tests and notebook of those build one: these alone may import it.
 MAY_IMPORT_PRODUCTION = {
     "phase5_production/src/server.py",
     "phase5_production/src/served_models.py",
     "phase5_production/src/evaluation.py",
     "phase5_production/tests/test_server_moe.py",
+    "phase5_production/tests/test_multiple_choice_eval.py",
+    "phase5_production/notebooks/multiple_choice_eval.ipynb",
 }
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.norms import LayerNorm
 from phase2_architecture.src.positional_encoding import SinusoidalPositionalEncoding
 from phase2_architecture.src.transformer_blocks import DecoderBlock, EncoderBlock
@@ -52,8 +53,7 @@ class EncoderDecoderConfig:
     def __post_init__(self):
         for name in ("src_vocab_size", "tgt_vocab_size", "max_len", "n_layer", "n_head", "d_model"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"EncoderDecoderConfig.{name} must be a positive integer, got {value!r}.")
+            check_int(f"EncoderDecoderConfig.{name}", value, minimum=1)
         if self.d_model % self.n_head != 0:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}).")
 

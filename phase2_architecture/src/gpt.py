@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.feed_forward import swiglu_hidden_size
 from phase2_architecture.src.norms import make_norm
 from phase2_architecture.src.positional_encoding import LearnedPositionalEmbedding
@@ -66,8 +67,7 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}.")
+            check_int(f"GPTConfig.{name}", value, minimum=1)
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head}) "
@@ -233,12 +233,11 @@ class GPT(nn.Module):
         temperature = 0 picks the most likely token (greedy); top_k keeps only the k most likely.
         Dropout is switched off while generating and the previous train/eval mode restored after.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}.")
+        if top_k is not None:
+            check_int("top_k (or None)", top_k, minimum=1)
         self._check_idx(idx, check_length=False)  # longer prompts are cropped below
         was_training = self.training
         self.eval()

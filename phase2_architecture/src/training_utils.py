@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.atomic_files import atomic_write
 
 GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
@@ -35,8 +36,7 @@ def estimate_loss(
     A single batch's loss is noisy; averaging a few gives a curve you can compare between runs.
     The model's train/eval mode is restored afterwards.
     """
-    if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1:
-        raise ValueError(f"eval_batches must be a positive integer, got {eval_batches!r}.")
+    check_int("eval_batches", eval_batches, minimum=1)
     was_training = model.training
     model.eval()
     try:
@@ -114,8 +114,7 @@ def train_model(
     History entries: {"step", "lr", "loss" (this batch), "grad_norm", "time_s"} and, every
     `eval_every` steps and at the last step, {"train_loss", "val_loss"} from `estimate_loss`.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    check_int("steps", steps, minimum=1)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}.")
     if min_lr is not None and not 0 <= min_lr <= lr:

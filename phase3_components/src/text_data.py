@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.atomic_files import atomic_write
 
 IGNORE_INDEX = -100  # the target value torch's cross_entropy skips (ignore_index default)
@@ -122,8 +123,7 @@ def get_random_batch(
 
 
 def _check_stream(tokens, block_size: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_int("block_size", block_size, minimum=1)
     if getattr(tokens, "ndim", 1) != 1:
         raise ValueError(f"expected a 1-D token stream, got shape {tokens.shape}: pack the documents first")
     if len(tokens) < block_size + 1:

@@ -29,10 +29,11 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from phase1_foundation.src.validation import check_int
+
 
 def _check_lora_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}; typical values are 4, 8 or 16")
+    check_int("rank (typical values: 4, 8 or 16)", rank, minimum=1)
     if not isinstance(alpha, (int, float)) or alpha <= 0:
         raise ValueError(
             f"alpha must be a positive number, got {alpha!r}; a common choice is alpha = 2 * rank"

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.gpt import GPT
 from phase3_components.src.char_tokenizer import CharTokenizer
 from phase4_training.src.log_probs import check_frozen, token_log_probs
@@ -159,8 +160,7 @@ class PPOConfig:
     def __post_init__(self):
         for name in ("iterations", "batch_size", "max_new_tokens", "ppo_epochs", "minibatch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PPOConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"PPOConfig.{name}", value, minimum=1)
         if self.minibatch_size > self.batch_size:
             raise ValueError(f"minibatch_size ({self.minibatch_size}) exceeds batch_size ({self.batch_size})")
         if not 0 < self.clip_eps < 1:

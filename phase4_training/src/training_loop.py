@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.training_utils import estimate_loss, load_checkpoint, make_adamw, save_checkpoint
 from phase3_components.src.gradient_clipping import clip_grad_norm, global_grad_norm
 from phase3_components.src.lr_schedules import set_learning_rate, warmup_cosine_lr
@@ -79,12 +80,10 @@ class TrainingConfig:
     def __post_init__(self):
         for name in ("max_steps", "grad_accum_steps", "eval_batches"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainingConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"TrainingConfig.{name}", value, minimum=1)
         for name in ("warmup_steps", "eval_interval", "save_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainingConfig.{name} must be an int >= 0, got {value!r}")
+            check_int(f"TrainingConfig.{name}", value, minimum=0)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
         if not self.max_lr > 0:

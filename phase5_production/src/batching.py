@@ -56,6 +56,7 @@ from typing import Callable, Iterator
 import torch
 
 from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.gpt import GPT
 from phase2_architecture.src.rotary_attention import RotaryMultiHeadAttention
 from phase5_production.src.kv_cache import KVCache, forward_with_cache
@@ -249,8 +250,7 @@ class BatchingEngine:
         max_batch_size: int = 16,
         lock: threading.Lock | None = None,
     ):
-        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}.")
+        check_int("max_batch_size", max_batch_size, minimum=1)
         self.next_token_logits = next_token_logits
         self.max_batch_size = max_batch_size
         self.lock = lock or threading.Lock()

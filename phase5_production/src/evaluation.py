@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phase1_foundation.src.validation import check_int
+
 
 @torch.no_grad()
 def total_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
@@ -77,10 +79,8 @@ def stream_to_windows(
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()  # [N]
     if ids.numel() < 2:
         raise ValueError(f"need at least 2 tokens to score one prediction, got {ids.numel()}.")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_int("block_size", block_size, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
     xs, ys = [], []
     for start in range(0, ids.numel() - 1, block_size):
         chunk = ids[start : start + block_size + 1]  # up to block_size + 1 tokens

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.gpt import GPT
 from phase2_architecture.src.rotary_attention import RotaryMultiHeadAttention
 from phase5_production.src.sampling import sample_next_token
@@ -160,8 +161,7 @@ def forward_with_cache(model: GPT, idx_new: torch.Tensor, cache: KVCache) -> tor
 
 
 def _check_generation_args(max_new_tokens) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+    check_int("max_new_tokens", max_new_tokens, minimum=0)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.gpt import GPT
 from phase5_production.src.kv_cache import KVCache, forward_with_cache
 from phase5_production.src.sampling import apply_temperature, top_k_filter, top_p_filter
@@ -97,10 +98,8 @@ def _check_args(target: GPT, draft: GPT, idx: torch.Tensor, max_new_tokens: int,
             f"target and draft must share a vocabulary, got vocab_size {target.config.vocab_size} "
             f"and {draft.config.vocab_size}; train the draft with the target's tokenizer."
         )
-    if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
-        raise ValueError(f"num_draft must be a positive integer, got {num_draft!r}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+    check_int("num_draft", num_draft, minimum=1)
+    check_int("max_new_tokens", max_new_tokens, minimum=0)
     target._check_idx(idx, check_length=False)
     if idx.shape[0] != 1:
         raise ValueError(

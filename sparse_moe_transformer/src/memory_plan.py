@@ -71,6 +71,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from phase1_foundation.src.validation import check_int
+
 GB = 1024**3  # the plan counts binary gigabytes (GiB): a "4 GB" card has 4 GiB
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -210,8 +212,7 @@ def plan_memory(
     if precision not in PRECISION_BYTES:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_params", n_params)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value, minimum=1)
     d = _dims(config)
     if seq_len > d["block_size"]:
         raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {d['block_size']}")

@@ -426,9 +426,9 @@ def test_short_corpus_and_bad_sampler_arguments():
         BlockBatchSampler(200, 256, 1)
     with pytest.raises(ValueError, match="fewer than one global batch .*smaller"):
         BlockBatchSampler(1_000, 100, 8, world_size=2)
-    with pytest.raises(ValueError, match="rank must be an int >= 0 and <= 1"):
+    with pytest.raises(ValueError, match="rank must be an integer >= 0 and <= 1"):
         BlockBatchSampler(10_000, 10, 2, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         BlockBatchSampler(10_000, 10, 0)
     with pytest.raises(ValueError, match="validation split .* shorter than one block"):
         next(iter_eval_batches(np.zeros(50, dtype=np.uint16), 64, 2))

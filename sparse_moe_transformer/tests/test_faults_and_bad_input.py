@@ -63,7 +63,7 @@ def losses(out_dir) -> dict[int, float]:
         (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
         (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
         (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
-        (["--log-interval", "0"], "--log-interval must be an int >= 1"),
+        (["--log-interval", "0"], "--log-interval must be a positive integer"),
         (
             ["--set", "capacity_factor=inf"],
             "Config.capacity_factor (None = dropless) must be a finite number",
@@ -98,7 +98,7 @@ def test_a_validation_split_shorter_than_one_sequence_fails_before_the_first_ste
 
 def test_eval_mode_refuses_negative_eval_batches(tmp_path, cache_dir, capsys):
     err = error_of(["--mode", "eval", "--checkpoint", str(tmp_path), "--eval-batches", "-1"], capsys)
-    assert "--eval-batches must be an int >= 0" in err
+    assert "--eval-batches must be a non-negative integer" in err
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -193,7 +193,7 @@ def test_bad_inputs_give_clear_errors(bpe, tmp_path):
         build_tokenizer("wordpiece")
     with pytest.raises(ValueError, match="pass train_texts"):
         build_tokenizer("bpe")
-    with pytest.raises(ValueError, match="vocab_size .* must be an int >= 257"):
+    with pytest.raises(ValueError, match="vocab_size .* must be an integer >= 257"):
         train_bpe_tokenizer(["some text"], vocab_size=100)
     with pytest.raises(TypeError, match="got a single str"):
         train_bpe_tokenizer("a whole corpus as one string", vocab_size=300)
