@@ -27,7 +27,6 @@ Each optimizer has an `lr` attribute that a schedule may change between steps
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -249,10 +248,3 @@ class AdamW(Adam):
 
     def _l2_coefficient(self) -> float:
         return 0.0
-
-
-def adam_bias_correction(beta: float, t: int) -> float:
-    """1 - beta^t: how much smaller than the true average the zero-initialised running mean is at step t."""
-    if t < 1:
-        raise ValueError(f"t counts steps from 1, got {t}")
-    return 1.0 - math.pow(beta, t)
