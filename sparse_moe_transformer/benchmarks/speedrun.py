@@ -430,7 +430,9 @@ def main(argv=None) -> dict | None:
                 )
     summary = report(results)
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": sys.argv, "runs": results, "report": summary}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"command": sys.argv, "runs": results, "report": summary}, indent=1)
+        )
         print(f"saved {args.json}")
     return summary
 

@@ -50,7 +50,11 @@ def test_variant_overrides_and_iters_scale_the_schedule():
         speedrun.parse_variant("baseline:n_expert=4", iters=None)  # the GPT has no experts
     with pytest.raises(ValueError, match="unknown variant"):
         speedrun.parse_variant("nanogpt", iters=None)
-    assert speedrun.split_variants("baseline,ours:a=1,b=2,cpu-small") == ["baseline", "ours:a=1,b=2", "cpu-small"]
+    assert speedrun.split_variants("baseline,ours:a=1,b=2,cpu-small") == [
+        "baseline",
+        "ours:a=1,b=2",
+        "cpu-small",
+    ]
 
 
 def test_speedrun_end_to_end_on_tiny_models_reports_L_star_and_ratios(tmp_path):
