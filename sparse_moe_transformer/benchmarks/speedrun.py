@@ -63,8 +63,12 @@ RECIPES = {
         ),
     ),
     "cpu-small": dict(model="moe", preset="cpu-small", config={}, settings={}),
-    # the recipe under test (preliminary: see BENCHMARKS.md, "Time to quality")
-    "ours": dict(model="moe", preset="cpu-small", config={}, settings={}),
+    # the recipe under test (preliminary, not tuned: BENCHMARKS.md, "Time to quality")
+    "ours": dict(
+        model="moe", preset="cpu-small",
+        config=dict(pos="rope", qk_norm=True, zero_init_proj=True, logit_softcap=30.0, dropout=0.0),
+        settings=dict(optimizer="muon", muon_lr=0.02),
+    ),
 }  # fmt: skip
 
 

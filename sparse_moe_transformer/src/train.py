@@ -121,6 +121,7 @@ class Config:
     qk_norm: bool = False  # RMS-normalise every head's queries and keys (no weights) before the dot product
     zero_init_proj: bool = False  # the residual projections (attention out, expert w2) start at 0
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None = no cap
+    expert_activation: str = "gelu"  # "gelu" or "relu2" (relu(h)^2) inside every expert
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "n_expert", "top_k", "d_ff"):
@@ -151,6 +152,10 @@ class Config:
             )
         if self.logit_softcap is not None:
             check_number("Config.logit_softcap (None = off)", self.logit_softcap, above=0)
+        if self.expert_activation not in ("gelu", "relu2"):
+            raise ValueError(
+                f"Config.expert_activation must be 'gelu' or 'relu2', got {self.expert_activation!r}."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -331,7 +336,9 @@ def moe_losses(
 
 
 class SparseMoEFFN(nn.Module):
-    """y = sum over the top_k experts e chosen for x of  g_e(x) * (GELU(x W1_e + b1_e) W2_e + b2_e).
+    """y = sum over the top_k experts e chosen for x of  g_e(x) * (act(x W1_e + b1_e) W2_e + b2_e).
+
+    act = GELU, or ReLU^2 with Config.expert_activation="relu2".
 
     Gate logits z = x W_g + b_g [N, E]; the top_k logits are softmaxed among themselves into the
     routing weights g. Only top_k of n_expert expert FFNs run per token (moe_dispatch.py).
@@ -342,6 +349,7 @@ class SparseMoEFFN(nn.Module):
         super().__init__()
         C, E, Fh = config.d_model, config.n_expert, config.d_ff
         self.n_expert, self.top_k, self.capacity_factor = E, config.top_k, config.capacity_factor
+        self.activation = config.expert_activation
         self.gate = nn.Linear(C, E)
         self.w1 = nn.Parameter(torch.empty(E, C, Fh))  # [E, C, F]
         self.b1 = nn.Parameter(torch.zeros(E, Fh))  # [E, F]
@@ -356,7 +364,7 @@ class SparseMoEFFN(nn.Module):
         gate_logits = self.gate(x)  # [N, E]
         capacity = expert_capacity(x.shape[0], self.top_k, self.n_expert, self.capacity_factor)
         routing = route_tokens(gate_logits, self.top_k, capacity)
-        out = expert_ffn(x, self.w1, self.b1, self.w2, self.b2, routing)  # [N, C]
+        out = expert_ffn(x, self.w1, self.b1, self.w2, self.b2, routing, self.activation)  # [N, C]
         return out.reshape(shape), gate_logits, routing
 
 

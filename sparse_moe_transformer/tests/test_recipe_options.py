@@ -24,6 +24,7 @@ RECIPES = [
     dict(pos="rope"),
     dict(qk_norm=True),
     dict(pos="rope", qk_norm=True, logit_softcap=15.0),
+    dict(pos="rope", qk_norm=True, expert_activation="relu2"),
 ]
 
 
@@ -137,7 +138,7 @@ def test_zero_init_proj_starts_every_layer_as_the_identity():
 
 
 def test_default_config_is_the_original_model_and_old_configs_load():
-    new_fields = ("pos", "qk_norm", "zero_init_proj", "logit_softcap")
+    new_fields = ("pos", "qk_norm", "zero_init_proj", "logit_softcap", "expert_activation")
     saved = {k: v for k, v in asdict(Config.from_preset("cpu-small")).items() if k not in new_fields}
     config = Config.from_saved(saved)  # a config written before the options existed
     assert config == Config.from_preset("cpu-small")
