@@ -337,6 +337,21 @@ def report(results: list[dict]) -> dict:
         med["reached_L_star"] = sum(row["time_to_L_star_s"] is not None for row in rows)
         print(_format_row(name, "med", med))
         summary["variants"][name] = {"runs": rows, "median": med}
+    base_at = summary["variants"]["baseline"]["median"]["loss_at_baseline_time"]
+    print("\nagainst the issue's targets (medians over seeds):")
+    for name, v in summary["variants"].items():
+        if name == "baseline":
+            continue
+        med = v["median"]
+        ratio = "never reached" if med["time_ratio"] is None else f"{med['time_ratio']:.3f}"
+        gap = med["loss_at_baseline_time"] - base_at
+        med["loss_gap_at_baseline_time"] = gap
+        print(
+            f"  {name}: time to L* / baseline time = {ratio} (target <= 0.333; reached in "
+            f"{med['reached_L_star']} of {len(v['runs'])} runs), loss at the baseline's wall-clock "
+            f"{gap:+.3f} nats against the baseline (target <= -0.10), tokens/s "
+            f"{med['tokens_per_s_vs_baseline']:.2f}x the baseline's (target >= 1.0)"
+        )
     peaks = [r["matmul_peak_flops"] for r in results]
     summary["matmul_peak_gflops_median"] = median(peaks) / 1e9
     print(
@@ -374,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     p.add_argument("--tiny", action="store_true", help="tiny models and batches (the smoke test)")
     p.add_argument("--json", default=None, help="write every curve and the report to this file")
+    p.add_argument("--report", default=None, metavar="JSON", help="print the report of a saved --json run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a recipe, as JSON
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -398,6 +414,8 @@ def main(argv=None) -> dict | None:
     if args.worker is not None:
         worker(args)
         return None
+    if args.report is not None:
+        return report(json.loads(Path(args.report).read_text())["runs"])
     if args.dataset is None and args.data_files is None:
         data_args = default_data_args()
         argv = [*(argv if argv is not None else sys.argv[1:]), *data_args]

@@ -68,6 +68,8 @@ def test_speedrun_end_to_end_on_tiny_models_reports_L_star_and_ratios(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     assert re.search(r"L\* \(median final validation loss of the baseline\) = [\d.]+", out)
     assert re.search(r"fp32 matmul peak .*: median [\d.]+ GFLOP/s", out)
+    target_line = r"cpu-small:max_lr=3e-3: time to L\* / baseline time = .*tokens/s [\d.]+x the baseline's"
+    assert re.search(target_line, out)
     saved = json.loads(out_json.read_text())
     runs, rep = saved["runs"], saved["report"]
     # alternating: seed 0 of both variants, then seed 1 of both
@@ -83,6 +85,7 @@ def test_speedrun_end_to_end_on_tiny_models_reports_L_star_and_ratios(tmp_path):
     for row in rep["variants"]["cpu-small:max_lr=3e-3"]["runs"]:
         if row["time_to_L_star_s"] is not None:
             assert row["time_ratio"] == pytest.approx(row["time_to_L_star_s"] / rep["baseline_train_time_s"])
+    assert speedrun.main(["--report", str(out_json)])["L_star"] == rep["L_star"]  # a saved run re-reports
     # the baseline run that ends at or below L* reaches it by its own end
     best = min(rep["variants"]["baseline"]["runs"], key=lambda row: row["final_loss"])
     assert best["time_to_L_star_s"] is not None and best["time_to_L_star_s"] <= best["train_time_s"] + 1e-9
