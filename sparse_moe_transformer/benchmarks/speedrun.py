@@ -444,6 +444,8 @@ def main(argv=None) -> dict | None:
                 subprocess.run(cmd, check=True)
                 result = json.loads(result_file.read_text())
                 results.append(result)
+                if args.json:  # after every run, so that an interrupted campaign keeps what it measured
+                    save_json(args.json, results, None)
                 print(
                     f"{recipe['name']} seed {seed}: {result['steps']} steps, final val loss "
                     f"{result['curve'][-1]['val_loss']:.4f}, {result['train_time_s']:.1f} s training "
@@ -452,11 +454,13 @@ def main(argv=None) -> dict | None:
                 )
     summary = report(results)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"command": sys.argv, "runs": results, "report": summary}, indent=1)
-        )
+        save_json(args.json, results, summary)
         print(f"saved {args.json}")
     return summary
+
+
+def save_json(path: str, results: list[dict], summary: dict | None) -> None:
+    Path(path).write_text(json.dumps({"command": sys.argv, "runs": results, "report": summary}, indent=1))
 
 
 if __name__ == "__main__":
