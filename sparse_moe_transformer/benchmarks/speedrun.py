@@ -236,6 +236,10 @@ def worker(args) -> None:
             if not math.isfinite(loss):
                 raise RuntimeError(f"{recipe['name']}: the validation loss is {loss} at step {step}")
             curve.append({"step": step, "train_time_s": train_time, "val_loss": loss})
+            print(
+                f"  {recipe['name']} step {step}/{s.max_steps}: val loss {loss:.4f}, {train_time:.1f} s",
+                flush=True,
+            )
         if stop:
             break
     tokens = step * s.batch_size * s.seq_len
