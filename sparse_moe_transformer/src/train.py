@@ -11,7 +11,8 @@ Model (the first half)
                                 computed from what the model returns (nothing is kept on a module)
     SparseMoEFFN                gate -> top-k -> softmax over the chosen logits -> experts, with the
                                 sorted dispatch of moe_dispatch.py; returns (out, gate logits, routing)
-    CausalSelfAttention         F.scaled_dot_product_attention, causal, with Phase 5's KVCache
+    CausalSelfAttention         F.scaled_dot_product_attention, causal, with Phase 5's KVCache;
+                                options: RoPE (Phase 2's), QK-norm
     SparseMoETransformerLayer   pre-norm: x + attn(ln1(x)); x + moe(ln2(x))
     SparseMoETransformer        embeddings, layers, final norm, untied head; forward(idx, targets)
                                 -> MoEOutput; generate / stream_generate (Phase 5's sampling)
@@ -19,7 +20,8 @@ Model (the first half)
 Training (the second half)
 
     TrainSettings, TRAINING_PRESETS   batch, accumulation, schedule, intervals per preset
-    make_optimizer              AdamW; weight decay on the parameters the model lists as decayed
+    make_optimizer              AdamW; weight decay on the parameters the model lists as decayed;
+                                or Muon for the hidden matrices + that AdamW (moe_optimizer.py)
     setup_runtime               device, precision (bf16 only where the GPU has it natively), DDP
     train_step                  gradient accumulation, autocast + fp16 GradScaler, NaN guard, clip
     evaluate, sample_text       validation loss over real tokens; a short sample
