@@ -13,9 +13,10 @@ Every token picks `top_k` experts, so a batch of N tokens makes M = N * top_k (t
         earlier token's second choice; with a capacity factor the model is therefore not strictly
         causal. Dropless routing (the default) is.
 
-    expert_ffn(x, w1, b1, w2, b2, routing)       -> out [N, C]
+    expert_ffn(x, w1, b1, w2, b2, routing, activation="gelu")   -> out [N, C]
         a custom torch.autograd.Function. Forward: gather the sorted token rows once, and for
-        every expert e with a non-empty slice s:t run  y[s:t] = GELU(x_s @ w1[e] + b1[e]) @ w2[e] + b2[e]
+        every expert e with a non-empty slice s:t run  y[s:t] = act(x_s @ w1[e] + b1[e]) @ w2[e] + b2[e]
+        (act = GELU, or ReLU^2 = relu(h)^2 as in the modded-nanogpt speedrun)
         as two addmm calls that write into preallocated [M, F] / [M, C] buffers, scale by the
         routing weight and add the rows back to their tokens once (see _combine). Backward does
         the same in reverse by hand (dX, dW1, db1, dW2, db2 and d(routing weight)) on the same slices.
@@ -121,19 +122,25 @@ class _SortedExpertFFN(torch.autograd.Function):
     """out = sum over kept pairs p of weight[p] * FFN_{expert[p]}(x[token[p]]); backward by hand."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, weight, token_index, expert_index, unsort_index, counts, top_k):
+    def forward(
+        ctx, x, w1, b1, w2, b2, weight, token_index, expert_index, unsort_index, counts, top_k, activation
+    ):
         M, (N, C), Fh = token_index.numel(), x.shape, w1.shape[2]
         xs = x.index_select(0, token_index)  # [M, C] sorted token rows, gathered once
         h = x.new_empty(M, Fh)  # [M, F] pre-activation
         for e, s, t in _slices(counts):
             torch.addmm(b1[e], xs[s:t], w1[e], out=h[s:t])  # [m, C] @ [C, F] + [F]
-        a = F.gelu(h)  # [M, F]
+        if activation == "gelu":
+            a = F.gelu(h)  # [M, F]
+        else:  # relu2: a = relu(h)^2; h's buffer keeps relu(h), all the backward needs (d a/d h = 2 relu(h))
+            h = h.clamp_(min=0)
+            a = h.square()  # [M, F]
         y = x.new_empty(M, C)  # [M, C] expert outputs
         for e, s, t in _slices(counts):
             torch.addmm(b2[e], a[s:t], w2[e], out=y[s:t])  # [m, F] @ [F, C] + [C]
         out = _combine(y, unsort_index, top_k, N, weight)  # [N, C] weighted, scattered back once
         ctx.save_for_backward(xs, h, a, y, w1, w2, weight, token_index, expert_index, unsort_index)
-        ctx.counts, ctx.top_k, ctx.n_tokens = counts, top_k, N
+        ctx.counts, ctx.top_k, ctx.n_tokens, ctx.activation = counts, top_k, N, activation
         return out
 
     @staticmethod
@@ -153,7 +160,10 @@ class _SortedExpertFFN(torch.autograd.Function):
         for e, s, t in _slices(counts):
             torch.mm(a[s:t].t(), dy[s:t], out=dw2[e])  # [F, m] @ [m, C]
             torch.mm(dy[s:t], w2[e].t(), out=da[s:t])  # [m, C] @ [C, F]
-        dh = torch.ops.aten.gelu_backward.grad_input(da, h, grad_input=da)  # [M, F] da * GELU'(h), in da
+        if ctx.activation == "gelu":
+            dh = torch.ops.aten.gelu_backward.grad_input(da, h, grad_input=da)  # [M, F] da * GELU'(h), in da
+        else:
+            dh = da.mul_(h).mul_(2.0)  # [M, F] da * 2 relu(h), in da (h holds relu(h))
         db1 = per_expert_sum(dh, expert_index, len(counts))  # [E, F]
         need_dx = ctx.needs_input_grad[0]
         dxs = dy if need_dx else None  # [M, C] dy is no longer needed: its buffer takes dx per pair
@@ -162,7 +172,7 @@ class _SortedExpertFFN(torch.autograd.Function):
             if need_dx:
                 torch.mm(dh[s:t], w1[e].t(), out=dxs[s:t])  # [m, F] @ [F, C]
         dx = _combine(dxs, unsort_index, ctx.top_k, ctx.n_tokens) if need_dx else None  # [N, C]
-        return dx, dw1, db1, dw2, db2, grad_weight, None, None, None, None, None
+        return dx, dw1, db1, dw2, db2, grad_weight, None, None, None, None, None, None
 
 
 def per_expert_sum(
@@ -223,12 +233,16 @@ def expert_ffn(
     w2: torch.Tensor,
     b2: torch.Tensor,
     routing: Routing,
+    activation: str = "gelu",
 ) -> torch.Tensor:
     """x [N, C], stacked experts w1 [E, C, F], b1 [E, F], w2 [E, F, C], b2 [E, C] -> out [N, C].
 
-    Each token's output is sum_j weight_j * (GELU(x @ w1[e_j] + b1[e_j]) @ w2[e_j] + b2[e_j])
-    over its kept choices j; a token whose pairs were all dropped gets 0.
+    Each token's output is sum_j weight_j * (act(x @ w1[e_j] + b1[e_j]) @ w2[e_j] + b2[e_j])
+    over its kept choices j (act: "gelu" or "relu2" = relu(h)^2); a token whose pairs were all
+    dropped gets 0.
     """
+    if activation not in ("gelu", "relu2"):
+        raise ValueError(f"unknown expert activation {activation!r}: choose gelu or relu2")
     top_k = routing.topk_index.shape[1]
     weight = routing.weight
     if w1.dtype != x.dtype or weight.dtype != x.dtype:  # mixed precision: compute in x's dtype;
@@ -246,4 +260,5 @@ def expert_ffn(
             routing.unsort_index,
             routing.counts,
             top_k,
+            activation,
         )

@@ -11,7 +11,8 @@ Model (the first half)
                                 expert counts) and router_z_loss (ST-MoE), taught in its MoE lesson
     SparseMoEFFN                gate -> top-k -> softmax over the chosen logits -> experts, with the
                                 sorted dispatch of moe_dispatch.py; returns (out, gate logits, routing)
-    CausalSelfAttention         F.scaled_dot_product_attention, causal, with Phase 5's KVCache
+    CausalSelfAttention         F.scaled_dot_product_attention, causal, with Phase 5's KVCache;
+                                options: RoPE (Phase 2's), QK-norm
     SparseMoETransformerLayer   pre-norm: x + attn(ln1(x)); x + moe(ln2(x))
     SparseMoETransformer        embeddings, layers, final norm, untied head; forward(idx, targets)
                                 -> MoEOutput; generate / stream_generate (Phase 5's sampling)
@@ -19,7 +20,8 @@ Model (the first half)
 Training (the second half)
 
     TrainSettings, TRAINING_PRESETS   batch, accumulation, schedule, intervals per preset
-    make_optimizer              AdamW; weight decay on the parameters the model lists as decayed
+    make_optimizer              AdamW; weight decay on the parameters the model lists as decayed;
+                                or Muon for the hidden matrices + that AdamW (moe_optimizer.py)
     setup_runtime               device, precision (bf16 only where the GPU has it natively), DDP
     train_step                  gradient accumulation, autocast + fp16 GradScaler, NaN guard, clip
     evaluate, sample_text       validation loss over real tokens; a short sample
@@ -52,7 +54,13 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from phase1_foundation.src.validation import check_int, check_number
 from phase2_architecture.src.mixture_of_experts import expert_capacity, load_balancing_loss, router_z_loss
-from phase3_components.src.lr_schedules import set_learning_rate, warmup_cosine_lr
+from phase2_architecture.src.positional_encoding import RotaryEmbedding
+from phase3_components.src.lr_schedules import (
+    linear_decay_lr,
+    linear_warmup_lr,
+    set_learning_rate,
+    warmup_cosine_lr,
+)
 from phase4_training.src.training_loop import (
     PRECISIONS,
     autocast_context,
@@ -83,6 +91,7 @@ from sparse_moe_transformer.src.data_pipeline import (
 )
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
 from sparse_moe_transformer.src.moe_dispatch import Routing, expert_ffn, route_tokens
+from sparse_moe_transformer.src.moe_optimizer import MuonAdamW
 from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
 from sparse_moe_transformer.src.training_plots import METRICS_FILE, make_plots
 
@@ -109,6 +118,13 @@ class Config:
     aux_loss_coef: float = 0.01  # Switch load-balancing loss coefficient
     z_loss_coef: float = 1e-3  # router z-loss coefficient
     init_std: float = 0.02
+    # Recipe options from the modded-nanogpt speedrun (issue 15); the defaults are the original recipe,
+    # so configs saved before these fields existed load unchanged.
+    pos: str = "learned"  # "learned": a table of block_size position vectors; "rope": rotary, in attention
+    qk_norm: bool = False  # RMS-normalise every head's queries and keys (no weights) before the dot product
+    zero_init_proj: bool = False  # the residual projections (attention out, expert w2) start at 0
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None = no cap
+    expert_activation: str = "gelu"  # "gelu" or "relu2" (relu(h)^2) inside every expert
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "n_expert", "top_k", "d_ff"):
@@ -130,6 +146,19 @@ class Config:
         for name in ("aux_loss_coef", "z_loss_coef"):
             check_number(f"Config.{name}", getattr(self, name), low=0)
         check_number("Config.init_std", self.init_std, low=0, high=1)
+        if self.pos not in ("learned", "rope"):
+            raise ValueError(f"Config.pos must be 'learned' or 'rope', got {self.pos!r}.")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"Config.pos='rope' rotates feature pairs: head_dim = d_model / n_head = {self.head_dim} "
+                "must be even; change d_model or n_head."
+            )
+        if self.logit_softcap is not None:
+            check_number("Config.logit_softcap (None = off)", self.logit_softcap, above=0)
+        if self.expert_activation not in ("gelu", "relu2"):
+            raise ValueError(
+                f"Config.expert_activation must be 'gelu' or 'relu2', got {self.expert_activation!r}."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -210,7 +239,7 @@ def count_parameters(c: Config) -> int:
     """Total parameters: embeddings + layers (all experts) + final norm + untied head."""
     p = _layer_param_counts(c)
     layer = p["attention"] + p["norms"] + p["gate"] + c.n_expert * p["one_expert"]
-    embeddings = c.vocab_size * c.d_model + c.block_size * c.d_model
+    embeddings = c.vocab_size * c.d_model + (c.block_size * c.d_model if c.pos == "learned" else 0)
     return embeddings + c.n_layer * layer + 2 * c.d_model + c.d_model * c.vocab_size
 
 
@@ -225,7 +254,7 @@ def count_active_parameters(c: Config, include_embeddings: bool = False) -> int:
     layer = p["attention"] + p["norms"] + p["gate"] + c.top_k * p["one_expert"]
     active = c.n_layer * layer + 2 * c.d_model
     if include_embeddings:
-        active += 2 * c.d_model + c.d_model * c.vocab_size
+        active += (2 if c.pos == "learned" else 1) * c.d_model + c.d_model * c.vocab_size
     return active
 
 
@@ -290,7 +319,9 @@ def moe_losses(
 
 
 class SparseMoEFFN(nn.Module):
-    """y = sum over the top_k experts e chosen for x of  g_e(x) * (GELU(x W1_e + b1_e) W2_e + b2_e).
+    """y = sum over the top_k experts e chosen for x of  g_e(x) * (act(x W1_e + b1_e) W2_e + b2_e).
+
+    act = GELU, or ReLU^2 with Config.expert_activation="relu2".
 
     Gate logits z = x W_g + b_g [N, E]; the top_k logits are softmaxed among themselves into the
     routing weights g. Only top_k of n_expert expert FFNs run per token (moe_dispatch.py).
@@ -301,6 +332,7 @@ class SparseMoEFFN(nn.Module):
         super().__init__()
         C, E, Fh = config.d_model, config.n_expert, config.d_ff
         self.n_expert, self.top_k, self.capacity_factor = E, config.top_k, config.capacity_factor
+        self.activation = config.expert_activation
         self.gate = nn.Linear(C, E)
         self.w1 = nn.Parameter(torch.empty(E, C, Fh))  # [E, C, F]
         self.b1 = nn.Parameter(torch.zeros(E, Fh))  # [E, F]
@@ -315,7 +347,7 @@ class SparseMoEFFN(nn.Module):
         gate_logits = self.gate(x)  # [N, E]
         capacity = expert_capacity(x.shape[0], self.top_k, self.n_expert, self.capacity_factor)
         routing = route_tokens(gate_logits, self.top_k, capacity)
-        out = expert_ffn(x, self.w1, self.b1, self.w2, self.b2, routing)  # [N, C]
+        out = expert_ffn(x, self.w1, self.b1, self.w2, self.b2, routing, self.activation)  # [N, C]
         return out.reshape(shape), gate_logits, routing
 
 
@@ -323,9 +355,15 @@ class SparseMoEFFN(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """softmax(q k^T / sqrt(Dh)) v per head, causal. Options: qk_norm (queries and keys RMS-normalised
+    per head, which bounds the attention logits) and pos="rope" (queries and keys rotated by their
+    positions, Phase 2's RoPE, so the scores depend on relative positions only)."""
+
     def __init__(self, config: Config):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.qk_norm = config.n_head, config.qk_norm
+        # RoPE's cos/sin tables are buffers left out of the state dict (recomputed, never saved)
+        self.rope = RotaryEmbedding(config.head_dim, config.block_size) if config.pos == "rope" else None
         # Dropout on the attention probabilities. On the CPU, SDPA has no fused kernel with dropout
         # and falls back to the unfused math path (about 30% slower training at d_model 128).
         self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
@@ -342,6 +380,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (
             t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
         )  # [B,H,T,Dh]
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.shape[-1],)), F.rms_norm(k, (k.shape[-1],))  # each head vector: RMS 1
+        if self.rope is not None:
+            q, k = self.rope(q, start), self.rope(k, start)  # rotated by positions start .. start+T-1
         mask, is_causal = None, T > 1
         if start > 0:  # new queries see every cached key and, among themselves, the past
             mask = shifted_causal_mask(T, start, device=x.device)  # [T, start + T]
@@ -401,7 +443,8 @@ class SparseMoETransformer(nn.Module):
             raise TypeError(f"SparseMoETransformer needs a Config, got {type(config).__name__}.")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.block_size, config.d_model)  # learned positions
+        if config.pos == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.d_model)  # learned positions
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(SparseMoETransformerLayer(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -414,6 +457,9 @@ class SparseMoETransformer(nn.Module):
         for layer in self.layers:
             nn.init.normal_(layer.attn.out_proj.weight, std=residual_std)
             nn.init.normal_(layer.moe.w2, std=residual_std)
+            if config.zero_init_proj:  # modded-nanogpt: every layer starts as the identity
+                nn.init.zeros_(layer.attn.out_proj.weight)
+                nn.init.zeros_(layer.moe.w2)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -432,6 +478,14 @@ class SparseMoETransformer(nn.Module):
             decayed += [layer.attn.qkv.weight, layer.attn.out_proj.weight, layer.moe.gate.weight]
             decayed += [layer.moe.w1, layer.moe.w2]
         return decayed
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """What Muon updates (TrainSettings.optimizer "muon"): the attention projections and the expert
+        stacks (each expert orthogonalised separately); not the embeddings, router or head."""
+        hidden = []
+        for layer in self.layers:
+            hidden += [layer.attn.qkv.weight, layer.attn.out_proj.weight, layer.moe.w1, layer.moe.w2]
+        return hidden
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         for layer in self.layers:
@@ -463,14 +517,19 @@ class SparseMoETransformer(nn.Module):
         start = 0 if cache is None else cache.length
         self._check_idx(idx, start)
         T = idx.shape[1]
-        pos = torch.arange(start, start + T, device=idx.device)  # [T]
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B, T, C]
+        x = self.tok_emb(idx)  # [B, T, C]
+        if self.config.pos == "learned":
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))  # + [T, C]
+        x = self.drop(x)
         router_logits, routing = [], []
         for i, layer in enumerate(self.layers):
             x, gate_logits, layer_routing = layer(x, cache, i, start)
             router_logits.append(gate_logits)
             routing.append(layer_routing)
         logits = self.lm_head(self.ln_f(x))  # [B, T, V]
+        if self.config.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             if targets.shape != idx.shape:
@@ -640,6 +699,13 @@ class TrainSettings:
     compile: bool = False
     sample_tokens: int = 48  # tokens of the sample printed at each evaluation (0 = none)
     world_size: int = 1  # ranks the run was launched with (global batch = batch * accum * world)
+    # Recipe options (issue 15); the defaults are the original recipe, so older checkpoints resume as before.
+    lr_schedule: str = "cosine"  # "cosine": warmup + cosine; "wsd": warmup, constant, linear cool-down
+    cooldown_frac: float = 0.4  # wsd: the last fraction of max_steps that decays linearly to min_lr
+    optimizer: str = "adamw"  # "adamw"; "muon": Muon for attention and expert matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak lr (follows the schedule: muon_lr * lr_at(step) / max_lr)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # Muon's decoupled decay, times Muon's lr
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "seq_len", "max_steps", "log_interval"):
@@ -656,6 +722,14 @@ class TrainSettings:
             check_number(f"TrainSettings.{name}", getattr(self, name), low=0, below=1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown --precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise ValueError(f"unknown --lr-schedule {self.lr_schedule!r}: choose cosine or wsd")
+        check_number("--cooldown-frac", self.cooldown_frac, low=0, high=1)
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"unknown --optimizer {self.optimizer!r}: choose adamw or muon")
+        check_number("--muon-lr", self.muon_lr, above=0)
+        check_number("--muon-momentum", self.muon_momentum, low=0, below=1)
+        check_number("--muon-weight-decay", self.muon_weight_decay, low=0)
 
     @property
     def tokens_per_step(self) -> int:
@@ -672,20 +746,38 @@ SETTINGS_RENAMES = {"lr": "max_lr", "grad_accum": "grad_accum_steps", "block_siz
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
-    """The learning rate of optimizer step `step` (0-based): warmup, then cosine to min_lr."""
+    """The learning rate of optimizer step `step` (0-based): warmup, then cosine to min_lr; or
+    (lr_schedule "wsd") warmup, max_lr until the last cooldown_frac of the steps, then linear to min_lr."""
+    if s.lr_schedule == "wsd":
+        cooldown = round(s.cooldown_frac * s.max_steps)
+        if step < s.warmup_steps:
+            return linear_warmup_lr(step, max_lr=s.max_lr, warmup_steps=s.warmup_steps)
+        if step < s.max_steps - cooldown:
+            return s.max_lr
+        done = step - (s.max_steps - cooldown)  # steps into the cool-down
+        return linear_decay_lr(done, max_lr=s.max_lr, min_lr=s.min_lr, total_steps=max(cooldown, 1))
     return warmup_cosine_lr(
         step, max_lr=s.max_lr, min_lr=s.min_lr, warmup_steps=s.warmup_steps, total_steps=s.max_steps
     )
 
 
-def make_optimizer(model: SparseMoETransformer, s: TrainSettings, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on the model's decayed_parameters() and none on the rest."""
+def make_optimizer(
+    model: SparseMoETransformer, s: TrainSettings, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the model's decayed_parameters() and none on the rest; or (optimizer
+    "muon") Muon for the model's hidden_matrices() and that AdamW for the others (moe_optimizer.py)."""
     decayed = {id(p) for p in model.decayed_parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
+    muon = {id(p) for p in model.hidden_matrices()} if s.optimizer == "muon" else set()
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in muon]
     groups = [
         {"params": [p for p in params if id(p) in decayed], "weight_decay": s.weight_decay},
         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
+    if s.optimizer == "muon":
+        return MuonAdamW(
+            model.hidden_matrices(), groups, lr=s.max_lr, lr_ratio=s.muon_lr / s.max_lr,
+            momentum=s.muon_momentum, muon_weight_decay=s.muon_weight_decay, betas=(s.beta1, s.beta2),
+        )  # fmt: skip
     fused = device.type == "cuda"  # one kernel for all parameters on GPUs; foreach on the CPU
     return torch.optim.AdamW(groups, lr=s.max_lr, betas=(s.beta1, s.beta2), fused=fused, foreach=not fused)
 
@@ -931,6 +1023,11 @@ def resolve_run(args) -> Run:
     for f in fields(TrainSettings):
         flag = getattr(args, f.name, None)
         if flag is not None:
+            if f.name == "optimizer" and saved.get("optimizer", "adamw") != flag and ckpt is not None:
+                raise ValueError(
+                    f"--optimizer {flag} differs from the checkpoint's ({saved.get('optimizer', 'adamw')}): "
+                    "its optimizer state cannot carry over; drop --optimizer or train into a new --out-dir"
+                )
             if f.name in saved and saved[f.name] != flag and f.name != "world_size":
                 changed.append(f"{f.name} {saved[f.name]!r} -> {flag!r}")
             values[f.name] = flag
@@ -1069,7 +1166,7 @@ def save(run: Run, state: TrainState, is_best: bool) -> None:
         sampler=state.sampler.state_dict(),
         rng=rng,
         scheduler={
-            "kind": "warmup_cosine",
+            "kind": "warmup_cosine" if s.lr_schedule == "cosine" else "warmup_stable_decay",
             "max_lr": s.max_lr,
             "min_lr": s.min_lr,
             "warmup_steps": s.warmup_steps,
