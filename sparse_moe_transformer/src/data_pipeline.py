@@ -436,6 +436,10 @@ def prepare_data(
     the cache (concurrent calls are safe, but each would do the same work).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueError(f"--cache-dir {cache_dir} is a file: pass a folder for the token cache")
+    if cache_dir.is_dir():
+        remove_abandoned_staging_dirs(cache_dir)
     source_id = source.identity()
     docs = None  # loaded lazily: a full cache hit never reads the text
 
@@ -534,6 +538,28 @@ def tokenize_to_file(
     return n_tokens
 
 
+def remove_abandoned_staging_dirs(cache_dir: Path) -> list[Path]:
+    """Delete the half-built `NAME.tmp-PID-*` folders whose process no longer exists (killed with -9
+    while tokenizing); a folder that another live process is still building is left alone."""
+    removed = []
+    for path in cache_dir.glob("*.tmp-*-*"):
+        pid = path.name.split(".tmp-")[-1].split("-")[0]
+        if path.is_dir() and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 class _staging_dir:
     """Build a cache folder under a temporary name; rename it into place only when complete."""
 
@@ -542,7 +568,8 @@ class _staging_dir:
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=self.final.name + ".tmp-"))
+        prefix = f"{self.final.name}.tmp-{os.getpid()}-"  # the pid lets a later run see it was abandoned
+        self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=prefix))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
