@@ -7,7 +7,7 @@
 
 Part 1, saved for the backward pass: one training forward per precision (fp32; bf16 autocast),
 with and without activation checkpointing. The bytes autograd keeps (measure_saved_bytes: distinct
-storages, parameters left out, the logits the loop holds added) beside the plan's activations +
+storages, parameters left out) beside the plan's activations +
 autocast weight copies for a CPU run. With checkpointing, the figure is what the forward keeps plus
 one rebuilt layer (the largest layer of the plain run), as the plan counts it.
 
@@ -264,7 +264,7 @@ def main(argv=None):
     print(f"preset {args.preset} {overrides or ''}, batch {args.batch_size} x {args.block_size}, CPU")
     rows = saved_bytes_table(*shape, args.precisions)
     result["saved_for_backward"] = rows
-    print("\nsaved for the backward pass (activations + autocast weight copies, logits included):")
+    print("\nsaved for the backward pass (activations + autocast weight copies):")
     print(f"  {'precision':<10}{'checkpointing':<15}{'measured':>12}{'plan':>12}{'plan/measured':>15}")
     for r in rows:
         print(

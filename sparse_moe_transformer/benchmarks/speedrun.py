@@ -55,7 +55,7 @@ BASELINE_ITERS = 1500  # nanoGPT's schedule length: the reference every --iters 
 # "config" are Config fields over the preset (the MoE) or GPTConfig fields (the baseline).
 RECIPES = {
     "baseline": dict(
-        model="gpt",
+        model="gpt", fused_attention=True,  # F.scaled_dot_product_attention, as nanoGPT (fuse_attention)
         config=dict(n_layer=4, n_head=4, d_model=128, block_size=256, dropout=0.0, tie_weights=True),
         settings=dict(
             batch_size=16, grad_accum_steps=1, seq_len=256, max_steps=1500, max_lr=1e-3, min_lr=1e-4,
@@ -114,7 +114,9 @@ def parse_variant(spec: str, iters: int | None, tiny: bool = False) -> dict:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"variant {spec!r}: expected field=value, got {item!r}")
-        if key in settings_fields:
+        if key == "fused_attention" and recipe["model"] == "gpt":
+            recipe[key] = text.lower() in ("1", "true", "yes")
+        elif key in settings_fields:
             recipe["settings"][key] = _parse_value(key, text, settings_fields[key])
         elif key in config_fields:
             recipe["config"][key] = _parse_value(key, text, config_fields[key])
@@ -126,6 +128,31 @@ def parse_variant(spec: str, iters: int | None, tiny: bool = False) -> dict:
         s["max_steps"] = max(1, round(s["max_steps"] * scale))
         s["warmup_steps"] = min(s["max_steps"], round(s["warmup_steps"] * scale))
     return recipe
+
+
+# ----------------------------------------------------------------------------- nanoGPT's attention
+
+
+def fuse_attention(model) -> None:
+    """Make every attention layer of a Phase 2 GPT (learned positions, no GQA) compute
+    F.scaled_dot_product_attention(is_causal=True), as nanoGPT does, instead of the lesson's explicit
+    softmax(QK^T / sqrt(d)) V with a materialised mask. Same weights, same function (tested): only the
+    speed changes, so the baseline is nanoGPT's recipe at nanoGPT's speed."""
+    import types
+
+    import torch.nn.functional as F
+
+    def forward(attn, x, context=None, causal=False, mask=None):
+        assert context is None and mask is None and causal, "the fused baseline is causal self-attention"
+        q = attn.split_heads(attn.q_proj(x))  # [B, H, T, Dh]
+        k = attn.split_heads(attn.k_proj(x))
+        v = attn.split_heads(attn.v_proj(x))
+        p = attn.attn_dropout.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # [B, H, T, Dh]
+        return attn.out_proj(attn.merge_heads(out)), None  # [B, T, C]; no weights are materialised
+
+    for block in model.blocks:
+        block.attn.forward = types.MethodType(forward, block.attn)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -187,6 +214,8 @@ def build(recipe: dict, vocab_size: int):
     if recipe["model"] == "gpt":
         config = GPTConfig(vocab_size=vocab_size, **recipe["config"])
         model = GPT(config)
+        if recipe["fused_attention"]:
+            fuse_attention(model)
         optimizer = make_adamw(model, s.max_lr, s.weight_decay, (s.beta1, s.beta2))
 
         def one_step(x, y):

@@ -7,11 +7,12 @@ Model state (P parameters, AdamW, "mixed precision" = torch autocast):
     parameters       4 P bytes   fp32; under autocast they are also the master weights (no second copy)
     gradients        4 P bytes   fp32 (.grad has the parameter's dtype)
     optimizer state  8 P bytes   AdamW's exp_avg and exp_avg_sq, fp32
-    autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, gate, head) that
+    autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, gate) that
                                  the forward pass saves for the backward; 0 in fp32. On a GPU the
                                  autocast cast cache keeps every copy until the autocast region ends;
                                  the CPU has no cache, so under activation checkpointing only the
-                                 head's and the rebuilt layer's copies exist there
+                                 rebuilt layer's copies exist there. (The head's cast is made and
+                                 freed inside the chunked loss: a transient.)
 
 Activations: the tensors autograd saves for the backward pass, per token, in bytes. C = d_model,
 F = expert hidden size, E = experts, k = top_k, H = heads, T = sequence length, V = vocabulary;
@@ -39,18 +40,21 @@ softmax in fp32).
                       output in fp32, its .float() copy under autocast) that logsumexp saves, the
                       router probabilities 4E that the Switch loss's softmax saves, logsumexp 4
     embeddings        token ids 8, embedding dropout mask m(4) C
-    head              final LayerNorm input 4C + 8, head input aC, fp32 log-softmax saved by the
-                      cross-entropy 4V, labels 8, and the logits aV, which autograd does not save
-                      but the training loop holds through the backward pass
+    head              final LayerNorm input 4C + 8, and the gradient of the head's input 4C that the
+                      chunked loss (chunked_loss.py) computes in the forward pass; no [N, V] logits
+                      or log-softmax are kept
 
 Not per token: the position ids 8T, each layer's expert fractions f (E floats the Switch loss saves)
-and the cross-entropy's total weight (a float scalar): `fixed_activation_bytes`.
+and the head weight's gradient 4VC (fp32, computed by the chunked loss in the forward pass):
+`fixed_activation_bytes`.
 
 With activation checkpointing each layer keeps only its input (4C per token; torch.utils.checkpoint
 holds it to rerun the layer), and the backward pass rebuilds one layer's activations at a time.
 
-Transient peak at the start of the backward pass: the fp32 gradients of the log-softmax and of the
-logits (8V per token), plus one layer's activation gradients. Runtime overhead: the CUDA context and
+Transient peak (an upper bound): the chunked loss's temporaries at the end of the forward pass (the head
+weight's cast 2VC under autocast, per chunk of R = CHUNK_ELEMENTS / V rows about 24 R V bytes of fp32
+logits, softmax and gradient work, and a [V, C] partial gradient, 6VC), plus one layer's activation
+gradients in the backward pass. Runtime overhead: the CUDA context and
 cuBLAS workspaces (about 0.35 GB; `cuda_overhead_gb`), and 10% allocator fragmentation on the
 activations and transients (the model state is a few large long-lived blocks).
 
@@ -141,7 +145,7 @@ def activation_bytes_per_token(
     """Saved-for-backward bytes per token of one layer's parts, the router losses of one layer
     (saved outside the layers), the embeddings and the head."""
     d = _dims(config)
-    C, F, E, k, H, V = d["C"], d["F"], d["E"], d["k"], d["H"], d["V"]
+    C, F, E, k, H = d["C"], d["F"], d["E"], d["k"], d["H"]
     a = act_bytes
 
     def mask(dtype_bytes: int) -> int:  # bytes per element of a dropout mask (module docstring)
@@ -163,7 +167,7 @@ def activation_bytes_per_token(
     # moe_losses, per layer: fp32 gate logits and softmax probs [N, E], logsumexp [N] (in fp32 always)
     router_losses = 4 * E + 4 * E + 4
     embeddings = 8 + mask(4) * C  # token ids, dropout mask
-    head = layer_norm + a * C + 4 * V + 8 + a * V  # + head input, fp32 log-softmax, labels, logits
+    head = layer_norm + 4 * C  # + the head input's gradient (fp32), from the chunked loss
     return {
         "attention": attention,
         "moe": moe,
@@ -176,10 +180,22 @@ def activation_bytes_per_token(
 
 def fixed_activation_bytes(config, seq_len: int) -> int:
     """Saved bytes that do not grow with the batch: the position ids [T] (int64), each layer's
-    expert fractions f [E] (fp32, saved by the Switch loss's f * P) and the cross-entropy's total
-    weight (a float32 scalar)."""
+    expert fractions f [E] (fp32, saved by the Switch loss's f * P) and the head weight's gradient
+    [V, C] (fp32, computed by the chunked loss in the forward pass)."""
     d = _dims(config)
-    return 8 * seq_len + d["L"] * 4 * d["E"] + 4
+    return 8 * seq_len + d["L"] * 4 * d["E"] + 4 * d["V"] * d["C"]
+
+
+def chunked_loss_transient_bytes(config, act_bytes: int) -> int:
+    """The chunked loss's temporaries (module docstring): the head weight's cast under autocast, and
+    per chunk the fp32 logits / softmax / gradient work (about 6 fp32 [R, V] tensors) and the [V, C]
+    partial weight gradient (in the matmul dtype, then fp32)."""
+    from sparse_moe_transformer.src.chunked_loss import chunk_rows
+
+    d = _dims(config)
+    V, C = d["V"], d["C"]
+    cast = 0 if act_bytes == 4 else act_bytes * V * C
+    return cast + 24 * chunk_rows(V) * V + (act_bytes + 4) * V * C
 
 
 def matmul_params_per_layer(config) -> int:
@@ -228,10 +244,10 @@ def plan_memory(
         kept = L * per_token["layer"]
     outside = L * per_token["router_losses"] + per_token["embeddings"] + per_token["head"]
     activations = int(tokens * (kept + outside)) + fixed_activation_bytes(config, seq_len)
-    transient = int(tokens * (8 * d["V"] + per_token["layer"]))
+    transient = int(tokens * per_token["layer"]) + chunked_loss_transient_bytes(config, act)
     layer_matmul = matmul_params_per_layer(config)
     if n_matmul_params is None:
-        n_matmul_params = L * layer_matmul + d["C"] * d["V"]  # attention, gate, head weights
+        n_matmul_params = L * layer_matmul  # attention and gate weights (the head's cast is transient)
     if activation_checkpointing and not on_gpu:  # no cast cache: L - 1 layers' copies are gone
         n_matmul_params -= (L - 1) * layer_matmul
     copies = 0 if act == 4 else 2 * n_matmul_params
@@ -286,7 +302,7 @@ def format_memory_plan(plan: MemoryPlan, budget_gb: float | None = None) -> str:
 class SavedBytes:
     """Bytes of the distinct storages one training forward and its losses leave for the backward pass."""
 
-    outside_layers: int  # embeddings, head, the logits the training loop holds, every layer's router losses
+    outside_layers: int  # embeddings, head (the chunked loss's gradients), every layer's router losses
     per_layer: list[int]  # saved inside each layer; under activation checkpointing, the layer's input
 
     @property
@@ -294,14 +310,12 @@ class SavedBytes:
         return self.outside_layers + sum(self.per_layer)
 
 
-def _forward_logits(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """What train_step backpropagates: the forward and the MoE losses computed from its output.
-    Returns the logits [B, T, V] (the one place that knows the model's interface)."""
+def _training_forward(model, idx: torch.Tensor, targets: torch.Tensor) -> None:
+    """What train_step backpropagates: the forward (the chunked head and loss) and the MoE losses
+    computed from its output (the one place that knows the model's interface)."""
     from sparse_moe_transformer.src.train import moe_losses  # train.py imports this module
 
-    out = model(idx, targets)
-    moe_losses(out, model.config)
-    return out.logits
+    moe_losses(model(idx, targets, return_logits=False), model.config)
 
 
 def measure_saved_bytes(model, idx: torch.Tensor, targets: torch.Tensor, autocast_dtype=None) -> SavedBytes:
@@ -310,8 +324,7 @@ def measure_saved_bytes(model, idx: torch.Tensor, targets: torch.Tensor, autocas
 
     Every tensor autograd saves goes through a saved-tensor hook; its storage is counted once (q, k
     and v are views of one projection output). Parameters are left out (they are the model state;
-    their autocast casts are new tensors and are counted). The logits are added: autograd does not
-    save them, but the training loop holds them through the backward pass. Forward hooks on the
+    their autocast casts are new tensors and are counted). Forward hooks on the
     layers attribute each storage to the layer that saved it; everything else is `outside_layers`.
     That includes the router losses: `moe_losses` computes them after the forward from each layer's
     gate logits, so their saved tensors (the fp32 gate logits, the softmax probabilities, logsumexp:
@@ -346,13 +359,10 @@ def measure_saved_bytes(model, idx: torch.Tensor, targets: torch.Tensor, autocas
     autocast = nullcontext() if autocast_dtype is None else torch.autocast(idx.device.type, autocast_dtype)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-            logits = _forward_logits(model, idx, targets)
+            _training_forward(model, idx, targets)
     finally:
         for handle in handles:
             handle.remove()
-    storage = logits.untyped_storage()
-    if storage.data_ptr() not in saved:
-        saved[storage.data_ptr()], owner[storage.data_ptr()] = storage.nbytes(), -1
     per_layer = [0] * len(layers)
     for address, nbytes in saved.items():
         if owner[address] >= 0:

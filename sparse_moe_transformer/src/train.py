@@ -15,7 +15,8 @@ Model (the first half)
                                 options: RoPE (Phase 2's), QK-norm
     SparseMoETransformerLayer   pre-norm: x + attn(ln1(x)); x + moe(ln2(x))
     SparseMoETransformer        embeddings, layers, final norm, untied head; forward(idx, targets)
-                                -> MoEOutput; generate / stream_generate (Phase 5's sampling)
+                                -> MoEOutput (training: the head and loss chunk by chunk,
+                                chunked_loss.py); generate / stream_generate (Phase 5's sampling)
 
 Training (the second half)
 
@@ -81,6 +82,7 @@ from sparse_moe_transformer.src.checkpointing import (
     remove_stale_temp_files,
     save_run_checkpoints,
 )
+from sparse_moe_transformer.src.chunked_loss import linear_cross_entropy
 from sparse_moe_transformer.src.cpu_memory import keep_freed_memory
 from sparse_moe_transformer.src.data_pipeline import (
     BlockBatchSampler,
@@ -430,7 +432,7 @@ class SparseMoETransformerLayer(nn.Module):
 
 @dataclass
 class MoEOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None from forward(..., return_logits=False)
     loss: torch.Tensor | None  # LM cross-entropy (targets -100 ignored); None without targets
     router_logits: list[torch.Tensor]  # per layer, [B*T, E]: the input of the MoE losses
     routing: list[Routing]  # per layer: which experts each token used (routing.routed_counts [E])
@@ -510,10 +512,18 @@ class SparseMoETransformer(nn.Module):
             )
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool = True,
     ) -> MoEOutput:
         """idx [B, T] -> MoEOutput. targets [B, T] (already shifted: targets[t] is the token after
-        position t, -100 = ignore). With a cache, positions continue from cache.length."""
+        position t, -100 = ignore). With a cache, positions continue from cache.length.
+
+        return_logits=False (training and evaluation, with targets): the head and the cross-entropy
+        run chunk by chunk (chunked_loss.linear_cross_entropy, the same loss), the [B, T, V] logits
+        are never materialised, and MoEOutput.logits is None."""
         start = 0 if cache is None else cache.length
         self._check_idx(idx, start)
         T = idx.shape[1]
@@ -526,16 +536,23 @@ class SparseMoETransformer(nn.Module):
             x, gate_logits, layer_routing = layer(x, cache, i, start)
             router_logits.append(gate_logits)
             routing.append(layer_routing)
-        logits = self.lm_head(self.ln_f(x))  # [B, T, V]
+        x = self.ln_f(x)  # [B, T, C]
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(
+                f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}."
+            )
+        if not return_logits:
+            if targets is None:
+                raise ValueError("return_logits=False computes the loss only: pass targets")
+            cap = self.config.logit_softcap
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), cap)
+            return MoEOutput(None, loss, router_logits, routing)
+        logits = self.lm_head(x)  # [B, T, V]
         if self.config.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(
-                    f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}."
-                )
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return MoEOutput(logits, loss, router_logits, routing)
 
@@ -893,7 +910,7 @@ def train_step(model, optimizer, scaler, batches, s: TrainSettings, rt: Runtime)
         last = i == len(batches) - 1
         with nullcontext() if (last or not rt.distributed) else model.no_sync():
             with rt.autocast():
-                out = model(x, y)
+                out = model(x, y, return_logits=False)  # the chunked head + loss: no [B, T, V] logits
                 losses = moe_losses(out, config, reduce_counts)
             scaler.scale(losses.total / len(batches)).backward()
         stats += torch.stack([losses.lm, losses.aux, losses.z, losses.total]).detach().float()
@@ -939,7 +956,7 @@ def evaluate(
         device=rt.device,
     ):
         with rt.autocast():
-            out = unwrap(model)(x, y)
+            out = unwrap(model)(x, y, return_logits=False)
         sums += torch.stack([out.loss.double() * y.numel(), torch.tensor(y.numel(), device=rt.device)])
     if rt.distributed:
         torch_dist.all_reduce(sums)

@@ -57,6 +57,33 @@ def test_variant_overrides_and_iters_scale_the_schedule():
     ]
 
 
+def test_fused_baseline_computes_the_lessons_attention_exactly():
+    """The baseline's F.scaled_dot_product_attention (nanoGPT's path) = the Phase 2 GPT's explicit
+    causal attention: same logits, same loss, same gradients; only the speed may differ."""
+    import torch
+
+    from phase2_architecture.src.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, d_model=32, tie_weights=True)
+    explicit, fused = GPT(config), GPT(config)
+    fused.load_state_dict(explicit.state_dict())
+    speedrun.fuse_attention(fused)
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    (logits_e, loss_e), (logits_f, loss_f) = explicit(idx, targets), fused(idx, targets)
+    torch.testing.assert_close(logits_f, logits_e, atol=1e-5, rtol=1e-5)
+    loss_e.backward()
+    loss_f.backward()
+    for (name, p_e), p_f in zip(explicit.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_f.grad, p_e.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # causal: changing the last token leaves every earlier position's logits unchanged
+    changed = idx.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 50
+    torch.testing.assert_close(fused(changed)[0][:, :-1], logits_f[:, :-1], atol=1e-6, rtol=0)
+    assert speedrun.parse_variant("baseline", iters=None)["fused_attention"] is True
+    assert speedrun.parse_variant("baseline:fused_attention=false", iters=None)["fused_attention"] is False
+
+
 def test_speedrun_end_to_end_on_tiny_models_reports_L_star_and_ratios(tmp_path):
     out_json = tmp_path / "speedrun.json"
     cmd = [
