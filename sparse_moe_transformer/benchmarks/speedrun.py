@@ -2,18 +2,19 @@
 
     python sparse_moe_transformer/benchmarks/speedrun.py                       # the issue's setting
     python sparse_moe_transformer/benchmarks/speedrun.py --iters 300 --seeds 0  # scaled down
-    python sparse_moe_transformer/benchmarks/speedrun.py --variants baseline,cpu-small,"cpu-small:pos=rope"
+    python sparse_moe_transformer/benchmarks/speedrun.py --variants baseline,ours,"ours:pos=learned"
 
 Contenders (--variants; each trains on the same token stream, tokenizer and sampler):
 
-    baseline    the Phase 2 GPT in nanoGPT's configuration and recipe: 4 layers, 4 heads, d 128,
-                block 256, learned positions, GELU, LayerNorm, bias, tied head, no dropout; batch 16,
-                AdamW (0.9, 0.95), weight decay 0.1 on matrices, lr 1e-3, 100 warm-up steps, cosine
-                to 1e-4 at 1,500 iterations, clipping 1.0
-    cpu-small   the MoE's cpu-small preset with its training preset (today's recipe)
-    ours        the MoE recipe under test (RECIPES["ours"] below)
-    NAME:k=v,…  any of them with Config / TrainSettings fields replaced (for ablations), e.g.
-                "ours:optimizer=adamw" or "cpu-small:pos=rope,qk_norm=true"
+    baseline     the Phase 2 GPT in nanoGPT's configuration and recipe: 4 layers, 4 heads, d 128,
+                 block 256, learned positions, GELU, LayerNorm, bias, tied head, no dropout; batch 16,
+                 AdamW (0.9, 0.95), weight decay 0.1 on matrices, lr 1e-3, 100 warm-up steps, cosine
+                 to 1e-4 at 1,500 iterations, clipping 1.0; attention by F.scaled_dot_product_attention
+                 as in nanoGPT (fuse_attention; "baseline:fused_attention=false" = the lesson's kernel)
+    ours         the MoE's cpu-small preset: the winning recipe (train.RECIPE, train.TRAINING_RECIPE)
+    nanogpt-moe  the same MoE with nanoGPT's 2022 recipe (the cpu-small preset before issue 15)
+    NAME:k=v,…   any of them with Config / TrainSettings fields replaced (for ablations), e.g.
+                 "ours:optimizer=adamw" or "nanogpt-moe:pos=rope"
 
 Every run is a fresh process (no allocator or thread-pool state carries over), and the runs
 alternate: seed 0 of every variant, then seed 1 of every variant, ... Each run records
@@ -62,12 +63,14 @@ RECIPES = {
             warmup_steps=100,
         ),
     ),
-    "cpu-small": dict(model="moe", preset="cpu-small", config={}, settings={}),
-    # the recipe under test (preliminary, not tuned: BENCHMARKS.md, "Time to quality")
-    "ours": dict(
+    # the winning recipe: the cpu-small preset as it is (train.RECIPE, train.TRAINING_RECIPE)
+    "ours": dict(model="moe", preset="cpu-small", config={}, settings={}),
+    # the same MoE with nanoGPT's 2022 recipe (the cpu-small preset before issue 15): learned positions,
+    # no QK-norm, GPT-2's init, no soft-cap, AdamW with warmup + cosine over 1,400 steps
+    "nanogpt-moe": dict(
         model="moe", preset="cpu-small",
-        config=dict(pos="rope", qk_norm=True, zero_init_proj=True, logit_softcap=30.0, dropout=0.0),
-        settings=dict(optimizer="muon", muon_lr=0.02),
+        config=dict(pos="learned", qk_norm=False, zero_init_proj=False, logit_softcap=None),
+        settings=dict(optimizer="adamw", lr_schedule="cosine", max_steps=1400, warmup_steps=100),
     ),
 }  # fmt: skip
 
@@ -331,17 +334,18 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def report(results: list[dict]) -> dict:
-    """L*, time to L*, ratios, loss at the baseline's wall-clock, throughput; medians over seeds."""
-    baseline = [r for r in results if r["variant"] == "baseline"]
+def report(results: list[dict], reference: str = "baseline") -> dict:
+    """L*, time to L*, ratios, loss at the baseline's wall-clock, throughput; medians over seeds.
+    `reference`: the variant that plays the baseline (for ablations: "ours", each part removed)."""
+    baseline = [r for r in results if r["variant"] == reference]
     if not baseline:
-        raise ValueError("the report needs the baseline: add it to --variants")
+        raise ValueError(f"the report needs the reference {reference!r}: add it to --variants")
     target = median([r["curve"][-1]["val_loss"] for r in baseline])  # L*
     base_time = median([r["train_time_s"] for r in baseline])
     base_tokens = median([r["tokens_per_s"] for r in baseline])
     summary = {"L_star": target, "baseline_train_time_s": base_time, "variants": {}}
-    print(f"\nL* (median final validation loss of the baseline) = {target:.4f}")
-    print(f"baseline wall-clock (median training seconds)    = {base_time:.1f} s\n")
+    print(f"\nL* (median final validation loss of {reference}) = {target:.4f}")
+    print(f"{reference} wall-clock (median training seconds) = {base_time:.1f} s\n")
     header = (
         f"{'variant':<34} {'seed':>4} {'final':>7} {'train s':>8} {'t(L*) s':>8} {'t/base':>7} "
         f"{'L@base t':>8} {'tok/s':>7} {'MFU':>6}"
@@ -370,10 +374,10 @@ def report(results: list[dict]) -> dict:
         med["reached_L_star"] = sum(row["time_to_L_star_s"] is not None for row in rows)
         print(_format_row(name, "med", med))
         summary["variants"][name] = {"runs": rows, "median": med}
-    base_at = summary["variants"]["baseline"]["median"]["loss_at_baseline_time"]
+    base_at = summary["variants"][reference]["median"]["loss_at_baseline_time"]
     print("\nagainst the issue's targets (medians over seeds):")
     for name, v in summary["variants"].items():
-        if name == "baseline":
+        if name == reference:
             continue
         med = v["median"]
         ratio = "never reached" if med["time_ratio"] is None else f"{med['time_ratio']:.3f}"
@@ -393,6 +397,26 @@ def report(results: list[dict]) -> dict:
         "tokens/s / that peak. t(L*): '-' = never reached. L@base t: loss at the baseline's wall-clock."
     )
     return summary
+
+
+def markdown_table(summary: dict) -> str:
+    """The report as the Markdown table BENCHMARKS.md quotes (medians over seeds; each seed's final loss)."""
+    lines = [
+        "| variant | final loss (each seed) | median final | training s | time to L\\* ÷ reference time "
+        "| loss at the reference's wall-clock | vs the reference | tokens/s ÷ reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in summary["variants"].items():
+        med = v["median"]
+        seeds = " / ".join(f"{row['final_loss']:.4f}" for row in v["runs"])
+        ratio = "never" if med["time_ratio"] is None else f"{med['time_ratio']:.3f}"
+        gap = med.get("loss_gap_at_baseline_time")
+        lines.append(
+            f"| `{name}` | {seeds} | {med['final_loss']:.4f} | {med['train_time_s']:.0f} | {ratio} | "
+            f"{med['loss_at_baseline_time']:.4f} | {'–' if gap is None else f'{gap:+.3f}'} | "
+            f"{med['tokens_per_s_vs_baseline']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def _format_row(name: str, seed: str, row: dict) -> str:
@@ -421,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", type=int, default=20, help="evaluations of the whole validation split per run")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     p.add_argument("--tiny", action="store_true", help="tiny models and batches (the smoke test)")
+    p.add_argument(
+        "--reference", default="baseline", help="the variant the others are measured against (L*, time)"
+    )
+    p.add_argument("--markdown", action="store_true", help="also print the report as a Markdown table")
     p.add_argument("--json", default=None, help="write every curve and the report to this file")
     p.add_argument("--report", default=None, metavar="JSON", help="print the report of a saved --json run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a recipe, as JSON
@@ -448,7 +476,10 @@ def main(argv=None) -> dict | None:
         worker(args)
         return None
     if args.report is not None:
-        return report(json.loads(Path(args.report).read_text())["runs"])
+        summary = report(json.loads(Path(args.report).read_text())["runs"], args.reference)
+        if args.markdown:
+            print("\n" + markdown_table(summary))
+        return summary
     if args.dataset is None and args.data_files is None:
         data_args = default_data_args()
         argv = [*(argv if argv is not None else sys.argv[1:]), *data_args]
@@ -485,7 +516,9 @@ def main(argv=None) -> dict | None:
                     f"({time.perf_counter() - start:.0f} s with evaluations)",
                     flush=True,
                 )
-    summary = report(results)
+    summary = report(results, args.reference)
+    if args.markdown:
+        print("\n" + markdown_table(summary))
     if args.json:
         save_json(args.json, results, summary)
         print(f"saved {args.json}")

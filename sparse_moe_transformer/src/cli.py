@@ -43,6 +43,7 @@ from sparse_moe_transformer.src.train import (
     TrainingDiverged,
     TrainSettings,
     count_active_parameters,
+    count_hidden_matrix_parameters,
     count_parameters,
     evaluate,
     forward_flops_per_token,
@@ -330,16 +331,18 @@ def plan_main(args) -> dict:
     precision = args.precision or "auto"
     if precision == "auto":
         precision = "fp16" if args.plan_device == "cuda" else "fp32"
+    optimizer = args.optimizer or TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"]).get("optimizer")
     plan = plan_memory(
         config,
         batch,
         block,
         n_params=count_parameters(config),
+        n_muon_params=count_hidden_matrix_parameters(config) if optimizer == "muon" else 0,
         precision=precision,
         activation_checkpointing=bool(args.activation_checkpointing),
     )
     print(
-        f"preset {preset}, batch {batch} x {block} tokens, {precision}"
+        f"preset {preset}, batch {batch} x {block} tokens, {precision}, {optimizer or 'adamw'}"
         f"{', activation checkpointing' if args.activation_checkpointing else ''}"
     )
     print(format_memory_plan(plan, budget_gb=args.gpu_memory_gb))

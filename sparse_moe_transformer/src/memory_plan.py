@@ -6,7 +6,8 @@ Training memory = model state + activations + transient buffers + runtime overhe
 Model state (P parameters, AdamW, "mixed precision" = torch autocast):
     parameters       4 P bytes   fp32; under autocast they are also the master weights (no second copy)
     gradients        4 P bytes   fp32 (.grad has the parameter's dtype)
-    optimizer state  8 P bytes   AdamW's exp_avg and exp_avg_sq, fp32
+    optimizer state  8 P bytes   AdamW's exp_avg and exp_avg_sq, fp32; with Muon, 4 bytes (one momentum
+                                 buffer) for each of its P_muon hidden-matrix parameters: 8 P - 4 P_muon
     autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, gate) that
                                  the forward pass saves for the backward; 0 in fp32. On a GPU the
                                  autocast cast cache keeps every copy until the autocast region ends;
@@ -210,6 +211,7 @@ def plan_memory(
     seq_len: int,
     *,
     n_params: int,
+    n_muon_params: int = 0,
     n_matmul_params: int | None = None,
     precision: str = "fp32",
     activation_checkpointing: bool = False,
@@ -219,6 +221,7 @@ def plan_memory(
     """Predict the memory of one training micro-batch of `batch_size` x `seq_len` tokens.
 
     `n_params`: the model's parameter count (the model's own counting function);
+    `n_muon_params`: how many of them Muon updates (one fp32 state each instead of AdamW's two);
     `n_matmul_params`: parameters autocast casts to half precision (default: all but the
     embeddings and the expert weights, which the dispatch Function uses in their own dtype);
     `on_gpu`: a CUDA run (default: precision != "fp32"): adds the CUDA runtime overhead, uses the
@@ -229,6 +232,7 @@ def plan_memory(
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_params", n_params)):
         check_int(name, value, minimum=1)
+    check_int("n_muon_params", n_muon_params, minimum=0, maximum=n_params)
     d = _dims(config)
     if seq_len > d["block_size"]:
         raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {d['block_size']}")
@@ -258,7 +262,7 @@ def plan_memory(
         activation_checkpointing=activation_checkpointing,
         parameters=4 * n_params,
         gradients=4 * n_params,
-        optimizer_state=8 * n_params,
+        optimizer_state=8 * n_params - 4 * n_muon_params,
         autocast_weight_copies=copies,
         activations=activations,
         backward_transient=transient,
@@ -272,7 +276,7 @@ def format_memory_plan(plan: MemoryPlan, budget_gb: float | None = None) -> str:
     rows = [
         ("parameters (fp32)", plan.parameters),
         ("gradients (fp32)", plan.gradients),
-        ("AdamW state (2 x fp32)", plan.optimizer_state),
+        ("optimizer state (AdamW 2, Muon 1 x fp32)", plan.optimizer_state),
         ("autocast weight copies", plan.autocast_weight_copies),
         (
             f"activations ({plan.tokens_per_micro_batch:,} tokens, {plan.precision}"

@@ -42,13 +42,45 @@ def test_t1000_defaults_fit_4_gb():
     plan = plan_memory(config, 4, 256, n_params=n_params, precision="fp16")
     assert 150e6 < n_params < 170e6
     assert plan.total < 4 * GB, format_memory_plan(plan, budget_gb=4)
-    assert plan.model_state > 0.6 * plan.total  # AdamW state dominates, as it should at batch 4
+    assert plan.model_state > 0.6 * plan.total  # optimizer state dominates, as it should at batch 4
+    muon = plan_memory(
+        config, 4, 256, n_params=n_params, n_muon_params=cli.count_hidden_matrix_parameters(config),
+        precision="fp16",
+    )  # fmt: skip
+    assert plan.optimizer_state - muon.optimizer_state == 4 * 106_954_752  # one fp32 buffer, not two
     checkpointed = plan_memory(
         config, 4, 256, n_params=n_params, precision="fp16", activation_checkpointing=True
     )
     assert checkpointed.activations < plan.activations
     bigger = plan_memory(config, 64, 256, n_params=n_params, precision="fp16")
     assert bigger.total > 4 * GB and "does NOT fit" in format_memory_plan(bigger, budget_gb=4)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_state_equals_the_bytes_the_optimizer_keeps(optimizer):
+    """AdamW keeps two fp32 moments per parameter; Muon one momentum buffer per hidden-matrix parameter
+    (count_hidden_matrix_parameters = what hidden_matrices() hands to Muon)."""
+    config = cli.Config.from_preset("tiny")
+    torch.manual_seed(0)
+    model = cli.SparseMoETransformer(config)
+    n_muon = cli.count_hidden_matrix_parameters(config)
+    assert n_muon == sum(p.numel() for p in model.hidden_matrices())
+    s = cli.TrainSettings(**{**cli.TRAINING_PRESETS["tiny"], "seq_len": 16, "optimizer": optimizer})
+    opt = cli.make_optimizer(model, s, torch.device("cpu"))
+    x = torch.randint(0, config.vocab_size, (2, 17))
+    cli.moe_losses(model(x[:, :-1], x[:, 1:]), config).total.backward()
+    opt.step()
+    kept = sum(
+        t.numel() * t.element_size()
+        for state in opt.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.dim() > 0  # moment buffers, not the step counters
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    plan = plan_memory(
+        config, 2, 16, n_params=n_params, n_muon_params=n_muon if optimizer == "muon" else 0, on_gpu=False
+    )
+    assert plan.optimizer_state == kept
 
 
 def test_bad_arguments():

@@ -38,7 +38,8 @@ def test_analytic_counts_match_the_module(preset):
     assert count_parameters(c) == module_param_count(c)
     # active = total minus the idle experts' weights, minus embeddings and head
     one_expert = 2 * c.d_model * c.d_ff + c.d_ff + c.d_model
-    embeddings_and_head = 2 * c.vocab_size * c.d_model + c.block_size * c.d_model
+    positions = c.block_size * c.d_model if c.pos == "learned" else 0  # RoPE has no table
+    embeddings_and_head = 2 * c.vocab_size * c.d_model + positions
     idle = c.n_layer * (c.n_expert - c.top_k) * one_expert
     assert count_active_parameters(c) == count_parameters(c) - idle - embeddings_and_head
 

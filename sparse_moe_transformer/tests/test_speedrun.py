@@ -41,7 +41,7 @@ def test_loss_at_interpolates_and_holds_the_last_loss_after_a_run_ended():
 
 
 def test_variant_overrides_and_iters_scale_the_schedule():
-    r = speedrun.parse_variant("cpu-small:dropout=0.0,max_lr=2e-3", iters=300)
+    r = speedrun.parse_variant("nanogpt-moe:dropout=0.0,max_lr=2e-3", iters=300)
     assert r["config"]["dropout"] == 0.0 and r["settings"]["max_lr"] == 2e-3
     assert r["settings"]["max_steps"] == 280 and r["settings"]["warmup_steps"] == 20  # 1400, 100 x 0.2
     base = speedrun.parse_variant("baseline", iters=300)
@@ -50,10 +50,10 @@ def test_variant_overrides_and_iters_scale_the_schedule():
         speedrun.parse_variant("baseline:n_expert=4", iters=None)  # the GPT has no experts
     with pytest.raises(ValueError, match="unknown variant"):
         speedrun.parse_variant("nanogpt", iters=None)
-    assert speedrun.split_variants("baseline,ours:a=1,b=2,cpu-small") == [
+    assert speedrun.split_variants("baseline,ours:a=1,b=2,nanogpt-moe") == [
         "baseline",
         "ours:a=1,b=2",
-        "cpu-small",
+        "nanogpt-moe",
     ]
 
 
@@ -89,19 +89,19 @@ def test_speedrun_end_to_end_on_tiny_models_reports_L_star_and_ratios(tmp_path):
     cmd = [
         sys.executable, str(SCRIPT), "--dataset", "synthetic", "--synthetic-stories", "60",
         "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache"), "--tiny", "--iters", "6",
-        "--evals", "2", "--seeds", "0", "1", "--variants", "baseline,cpu-small:max_lr=3e-3",
+        "--evals", "2", "--seeds", "0", "1", "--variants", "baseline,nanogpt-moe:max_lr=3e-3",
         "--threads", "1", "--json", str(out_json),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
-    assert re.search(r"L\* \(median final validation loss of the baseline\) = [\d.]+", out)
+    assert re.search(r"L\* \(median final validation loss of baseline\) = [\d.]+", out)
     assert re.search(r"fp32 matmul peak .*: median [\d.]+ GFLOP/s", out)
-    target_line = r"cpu-small:max_lr=3e-3: time to L\* / baseline time = .*tokens/s [\d.]+x the baseline's"
+    target_line = r"nanogpt-moe:max_lr=3e-3: time to L\* / baseline time = .*tokens/s [\d.]+x the baseline's"
     assert re.search(target_line, out)
     saved = json.loads(out_json.read_text())
     runs, rep = saved["runs"], saved["report"]
     # alternating: seed 0 of both variants, then seed 1 of both
     assert [(r["variant"], r["seed"]) for r in runs] == [
-        ("baseline", 0), ("cpu-small:max_lr=3e-3", 0), ("baseline", 1), ("cpu-small:max_lr=3e-3", 1),
+        ("baseline", 0), ("nanogpt-moe:max_lr=3e-3", 0), ("baseline", 1), ("nanogpt-moe:max_lr=3e-3", 1),
     ]  # fmt: skip
     for r in runs:
         times = [p["train_time_s"] for p in r["curve"]]
@@ -109,10 +109,18 @@ def test_speedrun_end_to_end_on_tiny_models_reports_L_star_and_ratios(tmp_path):
         assert r["steps"] == 6 and 0 < r["model_flops_per_s"] and 0 < r["matmul_peak_flops"]
     base_finals = [r["curve"][-1]["val_loss"] for r in runs if r["variant"] == "baseline"]
     assert rep["L_star"] == pytest.approx(statistics.median(base_finals))
-    for row in rep["variants"]["cpu-small:max_lr=3e-3"]["runs"]:
+    for row in rep["variants"]["nanogpt-moe:max_lr=3e-3"]["runs"]:
         if row["time_to_L_star_s"] is not None:
             assert row["time_ratio"] == pytest.approx(row["time_to_L_star_s"] / rep["baseline_train_time_s"])
     assert speedrun.main(["--report", str(out_json)])["L_star"] == rep["L_star"]  # a saved run re-reports
+    # any variant can be the reference (the ablations measure against "ours"); the Markdown table
+    other = "nanogpt-moe:max_lr=3e-3"
+    finals = [r["curve"][-1]["val_loss"] for r in runs if r["variant"] == other]
+    assert speedrun.main(["--report", str(out_json), "--reference", other])["L_star"] == pytest.approx(
+        statistics.median(finals)
+    )
+    table = speedrun.markdown_table(rep)
+    assert table.count("\n") == 3 and f"| `{other}` | " in table and "| `baseline` | " in table
     # the baseline run that ends at or below L* reaches it by its own end
     best = min(rep["variants"]["baseline"]["runs"], key=lambda row: row["final_loss"])
     assert best["time_to_L_star_s"] is not None and best["time_to_L_star_s"] <= best["train_time_s"] + 1e-9
