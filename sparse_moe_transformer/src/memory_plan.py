@@ -59,6 +59,11 @@ gradients in the backward pass. Runtime overhead: the CUDA context and
 cuBLAS workspaces (about 0.35 GB; `cuda_overhead_gb`), and 10% allocator fragmentation on the
 activations and transients (the model state is a few large long-lived blocks).
 
+Not counted yet: QK-norm (Config.qk_norm, on in the t1000 preset) saves normalised copies of q and k
+and their RMS statistics, and RoPE (pos="rope", off in the t1000 preset) the rotated q and k: each about
+2aC bytes per token per layer (a few MiB at the t1000's batch 4 x 256), so the plan undercounts by that
+much with them on; the byte-exact tests run with both off.
+
 `measure_saved_bytes` counts the bytes autograd really saves (saved-tensor hooks) for what training
 backpropagates (the forward and `moe_losses`), per layer and outside the layers;
 `tests/test_memory_accounting.py` holds the plan equal to it to the byte per layer, outside the

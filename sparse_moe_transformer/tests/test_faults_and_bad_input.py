@@ -138,13 +138,18 @@ def test_non_finite_weights_are_never_saved_and_the_message_names_the_good_check
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_that_poisons)
     out_dir = tmp_path / "run"
-    err = error_of(argv(out_dir, cache_dir, "--save-interval", 2, steps=8), capsys, code=3)
+    # --optimizer adamw: the poisoned step is AdamW's (the presets' Muon+AdamW would not call AdamW.step)
+    run = argv(out_dir, cache_dir, "--save-interval", 2, "--optimizer", "adamw", steps=8)
+    err = error_of(run, capsys, code=3)
     good = read_checkpoint(out_dir / LATEST_NAME)
     assert good["step"] == 3 and all(torch.isfinite(t).all() for t in good["model"].values())
     assert "the weights are not finite; they were not saved" in err and str(out_dir / LATEST_NAME) in err
 
     calls["n"] = 0  # the same poisoned 4th step, now in a run that saves nothing before it
-    err = error_of(argv(tmp_path / "early", cache_dir, "--save-interval", 0, "--eval-interval", 0), capsys, 3)
+    early = argv(
+        tmp_path / "early", cache_dir, "--save-interval", 0, "--eval-interval", 0, "--optimizer", "adamw"
+    )
+    err = error_of(early, capsys, 3)
     assert "no checkpoint was saved" in err and not (tmp_path / "early" / LATEST_NAME).exists()
 
 
