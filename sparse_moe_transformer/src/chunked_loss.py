@@ -4,9 +4,9 @@
 
 The plain way materialises the logits z = h W^T, [N, V] with N = B x T tokens and V = vocabulary, and
 the cross-entropy keeps its log-softmax, also [N, V], for the backward pass; the backward then builds
-two more [N, V] tensors. At V = 4,096 the cross-entropy alone was about half of a `cpu-small` training
-step on this CPU (BENCHMARKS.md), and at the `t1000`'s V = 50,257 those tensors are about 0.7 GiB of a
-4 GB card. Here, for one chunk of rows at a time, the forward pass computes the loss AND the gradients
+two more [N, V] tensors: at the `t1000`'s V = 50,257 and batch 4 x 256 they are about 0.7 GiB of a 4 GB
+card. (On the CPU the chunked loss is about as fast as the plain one: BENCHMARKS.md.) Here, for one
+chunk of rows at a time, the forward pass computes the loss AND the gradients
 (z -> loss is a few lines of calculus), so nothing [N, V] outlives its chunk:
 
     z      = h_c W^T                                  [n, V]   (cap * tanh(z / cap) with a soft-cap)
@@ -121,6 +121,12 @@ def linear_cross_entropy(
         raise ValueError(f"need h [N, C] and weight [V, C], got {tuple(h.shape)} and {tuple(weight.shape)}")
     if targets.shape != h.shape[:1]:
         raise ValueError(f"targets must have shape [{h.shape[0]}], got {tuple(targets.shape)}")
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bad.any():
+        raise ValueError(
+            f"targets must be token ids in [0, {weight.shape[0]}) or {IGNORE_INDEX} (ignored), got "
+            f"{targets[bad][0].item()}; check that the tokenizer matches the model's vocab_size"
+        )
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, softcap)
     return _loss_only(h, weight, targets, softcap)

@@ -72,6 +72,11 @@ def test_bad_shapes_are_named():
         linear_cross_entropy(h, weight, targets[:-1])
     with pytest.raises(ValueError, match=r"need h \[N, C\]"):
         linear_cross_entropy(h, weight[:, :-1], targets)
+    for bad_id in (50, -3):  # V = 50: one past the vocabulary, and a negative id that is not -100
+        wrong = targets.clone()
+        wrong[1] = bad_id
+        with pytest.raises(ValueError, match=rf"token ids in \[0, 50\) or -100.*got {bad_id}"):
+            linear_cross_entropy(h, weight, wrong)
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
