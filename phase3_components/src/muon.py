@@ -14,7 +14,9 @@ Computing an SVD every step is slow; an odd polynomial iteration gets close in 5
 Each step applies p(s) = a s + b s³ + c s⁵ to every singular value s (U and V are untouched, since
 X Xᵀ X = U S³ Vᵀ). Newton–Schulz's classic cubic (1.5, -0.5, 0) converges to 1 slowly from small s;
 these coefficients make p steep at 0, so 5 steps map every s into roughly [0.7, 1.2]: not exactly
-U Vᵀ, which turns out not to matter. The iteration runs in bfloat16 (as in torch and the original).
+U Vᵀ, which turns out not to matter, and also why low precision is good enough: torch and the original
+iterate in bfloat16. Here the dtype is the machine's (hardware.py): bf16 where it is native and measured
+faster than fp32, fp32 elsewhere (a CPU without AVX512-BF16 or AMX emulates bf16 ~50x slower than fp32).
 Wide matrices are processed as they are, tall ones transposed (X Xᵀ is then the small Gram matrix).
 
 One Muon step, per matrix p with gradient g (torch.optim.Muon's conventions):
@@ -37,6 +39,7 @@ import math
 import torch
 from torch import nn
 
+from phase3_components.src.hardware import choose_newton_schulz_dtype
 from phase3_components.src.optimizers import Optimizer, _check_beta, _check_non_negative
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -47,26 +50,36 @@ def newton_schulz(
     steps: int = 5,
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     eps: float = 1e-7,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Approximately orthogonalise a matrix G [m, n]: U S Vᵀ -> U S' Vᵀ with S' ~ 1 (returned in `dtype`)."""
-    if G.dim() != 2:
-        raise ValueError(f"Newton–Schulz orthogonalises a matrix, got shape {tuple(G.shape)}.")
+    """Approximately orthogonalise G [..., m, n], each [m, n] matrix on its own: U S Vᵀ -> U S' Vᵀ, S' ~ 1.
+
+    Returned in `dtype`, the dtype the iteration runs in; None = the one this machine runs fastest
+    (hardware.choose_newton_schulz_dtype: bf16 where it is native and measured faster, else fp32).
+    The scaling to norm 1 happens in fp32 (or float64) BEFORE the cast: a gradient of size 1e-6 is
+    below fp16's normal range, and cast first it would lose most of its bits.
+    """
+    if G.dim() < 2:
+        raise ValueError(f"Newton–Schulz orthogonalises a matrix (or a stack), got shape {tuple(G.shape)}.")
+    if dtype is None:
+        dtype = choose_newton_schulz_dtype(device=G.device).dtype
     a, b, c = coefficients
-    X = G.to(dtype)
-    tall = G.shape[0] > G.shape[1]
+    X = G.to(torch.promote_types(dtype, torch.float32)).reshape(-1, *G.shape[-2:])  # [S, m, n]
+    tall = G.shape[-2] > G.shape[-1]
     if tall:
-        X = X.T  # work with the wide orientation: X Xᵀ is the smaller Gram matrix
-    X = X / X.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: every singular value <= 1
+        X = X.mT  # work with the wide orientation: X Xᵀ is the smaller Gram matrix
+    # Frobenius norm >= spectral norm: every singular value <= 1
+    X = (X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)).to(dtype)
     for _ in range(steps):
-        A = X @ X.T  # [m, m]  = U S² Uᵀ
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A²  (one fused op, as torch does it)
-        X = torch.addmm(X, B, X, beta=a)  # a X + B X   = U (a S + b S³ + c S⁵) Vᵀ
-    return X.T if tall else X
+        A = X @ X.mT  # [S, m, m]  = U S² Uᵀ
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A²  (one fused op, as torch does it)
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X   = U (a S + b S³ + c S⁵) Vᵀ
+    return (X.mT if tall else X).reshape(G.shape)
 
 
 class Muon(Optimizer):
-    """Muon for 2-D parameters; equal to torch.optim.Muon (default "original" learning-rate scale)."""
+    """Muon for 2-D parameters; torch.optim.Muon's update (its default "original" learning-rate scale), with
+    Newton–Schulz in `ns_dtype` (None: the machine's choice; torch.optim.Muon always uses bf16)."""
 
     def __init__(
         self,
@@ -76,6 +89,7 @@ class Muon(Optimizer):
         nesterov: bool = True,
         weight_decay: float = 0.0,
         ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
     ):
         super().__init__(params, lr)
         for p in self.params:
@@ -88,6 +102,10 @@ class Muon(Optimizer):
         _check_non_negative("weight_decay", weight_decay)
         self.momentum, self.nesterov = momentum, nesterov
         self.weight_decay, self.ns_steps = weight_decay, ns_steps
+        # None: the machine's fastest accurate dtype, decided once (hardware.choose_newton_schulz_dtype)
+        if ns_dtype is None:
+            ns_dtype = choose_newton_schulz_dtype(device=self.params[0].device).dtype
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self) -> None:
@@ -100,7 +118,7 @@ class Muon(Optimizer):
             B = state["momentum"]
             B.mul_(self.momentum).add_(g, alpha=1 - self.momentum)  # running average of gradients
             update = (1 - self.momentum) * g + self.momentum * B if self.nesterov else B
-            O = newton_schulz(update, self.ns_steps)  # [out, in] singular values ~ 1
+            O = newton_schulz(update, self.ns_steps, dtype=self.ns_dtype)  # [out, in] singular values ~ 1
             out_features, in_features = p.shape
             scale = math.sqrt(max(1.0, out_features / in_features))
             p.mul_(1 - self.lr * self.weight_decay)

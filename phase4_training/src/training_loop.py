@@ -52,10 +52,10 @@ from tqdm.auto import tqdm
 from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.training_utils import estimate_loss, load_checkpoint, make_adamw, save_checkpoint
 from phase3_components.src.gradient_clipping import clip_grad_norm, global_grad_norm
+from phase3_components.src.hardware import PRECISIONS, choose_precision
 from phase3_components.src.lr_schedules import set_learning_rate, warmup_cosine_lr
 
 GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -114,44 +114,15 @@ class TrainingConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def native_bf16(device: torch.device | str) -> bool:
-    """True when the CUDA GPU computes in bf16 natively: compute capability 8.0 (Ampere) or newer.
-
-    torch.cuda.is_bf16_supported() answers True on older cards too (Turing, 7.5) because bf16 can be
-    emulated there, slowly; a Quadro T1000 must train in fp16 with a GradScaler instead.
-    """
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
 def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype for `precision` on this device; None means plain fp32 (no autocast).
 
-    auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 + GradScaler on older
-    GPUs, fp32 on CPUs. fp16 and bf16 can be asked for anywhere: CPU autocast supports both, and
-    torch.amp.GradScaler("cpu") scales fp16 losses there too (slow, but it tests the same code path).
+    The choice is Phase 3's hardware.choose_precision, the one place that asks the machine: auto is fp32 on
+    CPUs, bf16 on GPUs with native bf16 (compute capability >= 8.0), and below that fp16 with a GradScaler
+    only where fp16 matmuls are measured faster than fp32. fp16 and bf16 can be asked for anywhere: CPU
+    autocast supports both, and torch.amp.GradScaler("cpu") scales fp16 losses there too.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "auto":
-        if device.type != "cuda":
-            return None  # CPUs (and MPS) train in fp32 unless bf16/fp16 is asked for
-        return torch.bfloat16 if native_bf16(device) else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def explain_precision(precision: str, device: torch.device | str) -> str:
-    """Why resolve_precision chose what it chose, for the run header."""
-    device = torch.device(device)
-    if precision != "auto":
-        return f"--precision {precision}"
-    if device.type != "cuda":
-        return "auto: fp32 on a CPU"
-    major, minor = torch.cuda.get_device_capability(device)
-    if native_bf16(device):
-        return f"auto: compute capability {major}.{minor} has native bf16"
-    return f"auto: compute capability {major}.{minor} < 8.0 has no native bf16, so fp16 with a GradScaler"
+    return choose_precision(precision, device).autocast_dtype
 
 
 def autocast_context(device_type: str, amp_dtype: torch.dtype | None):

@@ -17,7 +17,6 @@ from phase4_training.src.training_loop import (
     TrainingConfig,
     autocast_context,
     capture_rng_state,
-    explain_precision,
     resolve_precision,
     restore_rng_state,
     train,
@@ -247,21 +246,3 @@ def test_config_validation_messages():
         TrainingConfig(max_steps=5, max_lr=1e-3, min_lr=1e-2)
     config = TrainingConfig(max_steps=5)  # no warmup, min_lr defaults to max_lr / 10
     assert config.lr_at(0) == 1e-3 and config.lr_at(5) == pytest.approx(1e-4)
-
-
-@pytest.mark.parametrize(
-    "capability, expected",
-    [((6, 1), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
-     ((9, 0), torch.bfloat16)],
-)  # fmt: skip
-def test_auto_precision_is_bf16_only_with_native_bf16(monkeypatch, capability, expected):
-    # torch.cuda.is_bf16_supported() says True on a Turing T1000 (7.5), where bf16 is only emulated:
-    # the choice must follow the compute capability, not that answer.
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert resolve_precision("auto", "cuda:0") is expected
-    reason = explain_precision("auto", "cuda:0")
-    assert f"{capability[0]}.{capability[1]}" in reason
-    assert ("GradScaler" in reason) == (expected is torch.float16)
-    assert resolve_precision("auto", "cpu") is None
-    assert explain_precision("auto", "cpu") == "auto: fp32 on a CPU"

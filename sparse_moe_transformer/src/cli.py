@@ -28,7 +28,7 @@ import torch
 import torch.distributed as torch_dist
 
 from phase1_foundation.src.validation import check_int, check_number
-from phase4_training.src.training_loop import PRECISIONS
+from phase3_components.src.hardware import PRECISIONS
 from sparse_moe_transformer.src.data_pipeline import (
     add_data_arguments,
     data_source_from_namespace,
@@ -430,8 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 + GradScaler on "
-        "older GPUs (a T1000), fp32 on CPUs",
+        help="auto: bf16 on GPUs with native bf16 (compute capability >= 8.0); on older GPUs (a T1000) "
+        "fp16 + GradScaler where fp16 matmuls are measured faster than fp32, else fp32; fp32 on CPUs",
+    )
+    g.add_argument(
+        "--ns-dtype",
+        choices=PRECISIONS,
+        help="Muon's Newton-Schulz dtype; auto (default): bf16 where native and measured faster, fp32 "
+        "elsewhere (a CPU without AVX512-BF16/AMX emulates bf16 ~50x slower than fp32)",
     )
     g.add_argument(
         "--activation-checkpointing",

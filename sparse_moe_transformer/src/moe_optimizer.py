@@ -5,14 +5,16 @@ momentum of its gradient:
 
     m   <- momentum * m + (1 - momentum) * g              (torch: m.lerp_(g, 1 - momentum))
     u   =  g + momentum * (m - g)  (Nesterov)  or  m
-    O   ~  U V^T  of u = U S V^T                          (5 Newton-Schulz steps, in bfloat16)
+    O   ~  U V^T  of u = U S V^T        (5 Newton-Schulz steps, Phase 3's, in the machine's dtype)
     W   <- W * (1 - lr * weight_decay) - lr * sqrt(max(1, A / B)) * O     for W [A, B]
 
 so every direction of the update has about the same size, whatever the gradient's spectrum.
 torch.optim.Muon takes 2-D parameters only; the experts of a MoE layer are stacked as one
 parameter w1 [E, C, F]. Here a parameter [..., A, B] is a stack of matrices, and each [A, B] slice
-(each expert) is orthogonalised separately by a batched Newton-Schulz: the result equals
+(each expert) is orthogonalised separately by Phase 3's batched Newton-Schulz: the result equals
 torch.optim.Muon run on E separate matrices (tests/test_moe_optimizer.py checks it step for step).
+Newton-Schulz iterates in bf16 where the machine has it natively and measures it faster than fp32,
+in fp32 elsewhere (Phase 3's hardware.py): emulated bf16 made a Muon step 4x an AdamW step.
 
 Embeddings, norms, biases, the router and the head keep AdamW (as in modded-nanogpt): they are
 not hidden matrices (a lookup table, vectors, or an output layer whose scale matters).
@@ -27,32 +29,17 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.adamw import adamw
 
-NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's (Keller Jordan's) quintic
-
-
-def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """G [..., A, B] -> about U V^T for each [A, B] slice (its singular values pushed towards 1).
-
-    X <- a X + (b X X^T + c (X X^T)^2) X, after scaling X to Frobenius norm 1 (so every singular
-    value is <= 1), on the wide orientation (A <= B, so X X^T is the small Gram matrix). bfloat16,
-    as in torch.optim.Muon: the iteration only needs the singular values to land near 1.
-    """
-    a, b, c = NS_COEFFICIENTS
-    X = G.bfloat16().reshape(-1, *G.shape[-2:])  # [S, A, B]: S slices
-    tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT  # [S, B, A]
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        gram = X @ X.mT  # [S, a, a], a = the short side
-        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b gram + c gram^2
-        X = torch.baddbmm(X, update, X, beta=a)  # a X + update @ X
-    return (X.mT if tall else X).reshape(G.shape)
+from phase3_components.src.muon import newton_schulz
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Param groups with use_muon=True get Muon (their lr x lr_ratio), the others AdamW (= torch's)."""
+    """Param groups with use_muon=True get Muon (their lr x lr_ratio), the others torch's AdamW kernel.
+
+    ns_dtype: the dtype Newton-Schulz iterates in; None = the machine's choice (Phase 3's hardware.py:
+    bf16 where native and measured faster, else fp32).
+    """
 
     def __init__(
         self,
@@ -66,6 +53,7 @@ class MuonAdamW(torch.optim.Optimizer):
         muon_weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        ns_dtype: torch.dtype | None = None,
     ):
         for p in muon_params:
             if p.dim() < 2:
@@ -78,6 +66,7 @@ class MuonAdamW(torch.optim.Optimizer):
             *(dict(g, use_muon=False) for g in adamw_groups),
         ]  # fmt: skip
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -86,9 +75,14 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    (self._muon if group["use_muon"] else self._adamw)(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["use_muon"]:
+                for p in params:
+                    self._muon(p, group)
+            else:
+                self._adamw(params, group)
         return loss
 
     def _muon(self, p: torch.Tensor, group: dict) -> None:
@@ -98,21 +92,28 @@ class MuonAdamW(torch.optim.Optimizer):
         m, beta = state["momentum_buffer"], group["momentum"]
         m.lerp_(g, 1 - beta)  # m = beta m + (1 - beta) g
         update = g.lerp(m, beta) if group["nesterov"] else m
-        update = newton_schulz(update)  # [..., A, B], each slice orthogonalised
+        update = newton_schulz(update, dtype=self.ns_dtype)  # [..., A, B], each slice orthogonalised
         lr = group["lr"] * group["lr_ratio"]
         A, B = p.shape[-2:]
         p.mul_(1 - lr * group["weight_decay"])
         p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1, A / B)))
 
-    def _adamw(self, p: torch.Tensor, group: dict) -> None:
-        g, state = p.grad, self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-        state["step"] += 1
-        t, (beta1, beta2), lr = state["step"], group["betas"], group["lr"]
-        state["exp_avg"].lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g
-        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
-        p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))  # bias-corrected m / sqrt(v)
+    def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
+        """One AdamW step for the whole group with torch's own kernel (fused on GPUs, foreach on CPUs):
+        m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p = p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)."""
+        fused = params[0].device.type == "cuda"
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] = 0
+            if not torch.is_tensor(state["step"]):  # a new state, or a checkpoint that stored an int
+                where = p.device if fused else "cpu"
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=where)
+        beta1, beta2 = group["betas"]
+        adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+            foreach=not fused, fused=fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )  # fmt: skip

@@ -56,20 +56,21 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from phase1_foundation.src.validation import check_int, check_number
 from phase2_architecture.src.mixture_of_experts import expert_capacity, load_balancing_loss, router_z_loss
 from phase2_architecture.src.positional_encoding import RotaryEmbedding
+from phase3_components.src.hardware import (
+    PRECISIONS,
+    Choice,
+    choose_newton_schulz_dtype,
+    choose_precision,
+    hardware_facts,
+    hardware_report,
+)
 from phase3_components.src.lr_schedules import (
     linear_decay_lr,
     linear_warmup_lr,
     set_learning_rate,
     warmup_cosine_lr,
 )
-from phase4_training.src.training_loop import (
-    PRECISIONS,
-    autocast_context,
-    capture_rng_state,
-    explain_precision,
-    resolve_precision,
-    restore_rng_state,
-)
+from phase4_training.src.training_loop import autocast_context, capture_rng_state, restore_rng_state
 from phase5_production.src.kv_cache import KVCache, shifted_causal_mask
 from phase5_production.src.sampling import sample_next_token
 from sparse_moe_transformer.src.checkpointing import (
@@ -742,6 +743,7 @@ class TrainSettings:
     muon_lr: float = 0.02  # Muon's peak lr (follows the schedule: muon_lr * lr_at(step) / max_lr)
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0  # Muon's decoupled decay, times Muon's lr
+    ns_dtype: str = "auto"  # Newton-Schulz dtype: auto (the fastest here: hardware.py) | fp32 | bf16 | fp16
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "seq_len", "max_steps", "log_interval"):
@@ -766,6 +768,8 @@ class TrainSettings:
         check_number("--muon-lr", self.muon_lr, above=0)
         check_number("--muon-momentum", self.muon_momentum, low=0, below=1)
         check_number("--muon-weight-decay", self.muon_weight_decay, low=0)
+        if self.ns_dtype not in PRECISIONS:
+            raise ValueError(f"unknown --ns-dtype {self.ns_dtype!r}: choose one of {', '.join(PRECISIONS)}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -813,6 +817,7 @@ def make_optimizer(
         return MuonAdamW(
             model.hidden_matrices(), groups, lr=s.max_lr, lr_ratio=s.muon_lr / s.max_lr,
             momentum=s.muon_momentum, muon_weight_decay=s.muon_weight_decay, betas=(s.beta1, s.beta2),
+            ns_dtype=choose_newton_schulz_dtype(s.ns_dtype, device).dtype,
         )  # fmt: skip
     fused = device.type == "cuda"  # one kernel for all parameters on GPUs; foreach on the CPU
     return torch.optim.AdamW(groups, lr=s.max_lr, betas=(s.beta1, s.beta2), fused=fused, foreach=not fused)
@@ -833,6 +838,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     precision_reason: str = ""  # why this precision (printed in the run header)
+    newton_schulz: Choice | None = None  # Muon's Newton-Schulz dtype and why (None: not decided here)
 
     @property
     def is_main(self) -> bool:
@@ -846,12 +852,18 @@ class Runtime:
     def precision(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
+    def hardware(self) -> dict:
+        """The machine's facts and this run's dtype decisions (run header, metrics.jsonl, benchmarks)."""
+        choices = [Choice("precision", self.precision, self.precision_reason)]
+        return hardware_report(self.device, *choices, *([self.newton_schulz] if self.newton_schulz else []))
+
     def autocast(self):
         return autocast_context(self.device.type, self.amp_dtype)
 
 
-def setup_runtime(device_name: str, precision: str) -> Runtime:
-    """Pick the device (CUDA when present), the autocast dtype, and join torchrun's process group.
+def setup_runtime(device_name: str, precision: str, ns_dtype: str = "auto") -> Runtime:
+    """Pick the device (CUDA when present), the autocast dtype and Newton-Schulz's dtype (asked of the
+    hardware: Phase 3's hardware.py), and join torchrun's process group.
 
     Under `torchrun --nproc_per_node N`, RANK/WORLD_SIZE/LOCAL_RANK are set: GPUs use NCCL (one GPU
     per process, cuda:LOCAL_RANK), CPUs use gloo.
@@ -873,14 +885,14 @@ def setup_runtime(device_name: str, precision: str) -> Runtime:
             torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
-    amp_dtype = resolve_precision(precision, device)
+    choice = choose_precision(precision, device)
     if device.type == "cpu":
         keep_freed_memory()  # reuse big per-step buffers instead of page-faulting them in (cpu_memory.py)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where present
-        torch.backends.cudnn.allow_tf32 = True
-    reason = explain_precision(precision, device)
-    return Runtime(device, amp_dtype, rank, world_size, local_rank, reason)
+    if device.type == "cuda":  # fp32 means IEEE fp32: TF32 would round matmul inputs to 10 mantissa bits
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    ns = choose_newton_schulz_dtype(ns_dtype, device)
+    return Runtime(device, choice.autocast_dtype, rank, world_size, local_rank, choice.reason, ns)
 
 
 def seed_everything(seed: int) -> None:
@@ -1068,7 +1080,7 @@ def resolve_run(args) -> Run:
                 changed.append(f"{f.name} {saved[f.name]!r} -> {flag!r}")
             values[f.name] = flag
     values["seed"] = args.seed = values.get("seed", 0)  # also the synthetic-story and hold-out seed
-    rt = setup_runtime(args.device, values.get("precision", "auto"))
+    rt = setup_runtime(args.device, values.get("precision", "auto"), values.get("ns_dtype", "auto"))
     values["world_size"] = rt.world_size
 
     # -- model config, checked before any data work -------------------------------------------
@@ -1250,11 +1262,17 @@ def print_header(run: Run, state: TrainState) -> None:
         + ("" if c.attn_dropout is None else f" (attention {c.attn_dropout})")
         + f"\n          {parameter_summary(c)}"
     )
+    print(f"hardware  {hardware_facts(rt.device).summary()}")
     print(
         f"device    {rt.device} x {rt.world_size} rank(s), precision {rt.precision} ({rt.precision_reason})"
+        f"{', TF32 off' if rt.device.type == 'cuda' else ''}"
         f"{', activation checkpointing' if s.activation_checkpointing else ''}"
         f"{', torch.compile' if s.compile else ''}"
     )
+    if s.optimizer == "muon":
+        print(f"optimizer Muon (Newton-Schulz in {rt.newton_schulz.reason}) + AdamW")
+    else:
+        print("optimizer AdamW")
     print(
         f"batch     {s.batch_size} x {s.grad_accum_steps} accum x {rt.world_size} rank(s) x {s.seq_len} "
         f"tokens = {s.tokens_per_step:,} tokens/step, {s.max_steps} steps"

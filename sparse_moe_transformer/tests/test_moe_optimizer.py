@@ -6,17 +6,40 @@ import pytest
 import torch
 
 from phase3_components.src.lr_schedules import set_learning_rate
+from phase3_components.src.muon import newton_schulz
 from sparse_moe_transformer.src.moe_optimizer import MuonAdamW
 from sparse_moe_transformer.src.train import Config, SparseMoETransformer, TrainSettings, make_optimizer
 
 
+@pytest.fixture
+def torch_muon_iterating_in(monkeypatch):
+    """torch.optim.Muon always iterates in bf16, normalised after the cast; ours normalises in fp32 first
+    and iterates in the machine's dtype (Phase 3's test compares the two iterations). Here torch's Muon
+    gets ours in a given dtype, so the comparisons below are about the optimizer step itself."""
+
+    def use(dtype):
+        monkeypatch.setattr(
+            torch.optim._muon, "_zeropower_via_newtonschulz",
+            lambda grad, coefficients, steps, eps: newton_schulz(grad, steps, coefficients, eps, dtype=dtype),
+        )  # fmt: skip
+        return dtype
+
+    return use
+
+
 @pytest.mark.parametrize("shape", [(4, 16, 24), (4, 24, 16), (3, 20, 20)])  # wide, tall, square experts
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_on_an_expert_stack_equals_torch_muon_on_each_expert_separately(shape, nesterov):
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_muon_on_an_expert_stack_equals_torch_muon_on_each_expert_separately(
+    torch_muon_iterating_in, shape, nesterov, ns_dtype
+):
+    torch_muon_iterating_in(ns_dtype)
     g = torch.Generator().manual_seed(0)
     stack = torch.nn.Parameter(torch.randn(*shape, generator=g))
     experts = [torch.nn.Parameter(stack.detach()[e].clone()) for e in range(shape[0])]
-    ours = MuonAdamW([stack], [], lr=1e-3, lr_ratio=20.0, nesterov=nesterov, muon_weight_decay=0.1)
+    ours = MuonAdamW(
+        [stack], [], lr=1e-3, lr_ratio=20.0, nesterov=nesterov, muon_weight_decay=0.1, ns_dtype=ns_dtype
+    )
     ref = torch.optim.Muon(experts, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov)
     for step in range(5):
         if step == 3:  # the schedule writes a new lr: Muon's is lr x lr_ratio
@@ -36,11 +59,12 @@ def test_muon_on_an_expert_stack_equals_torch_muon_on_each_expert_separately(sha
     ).abs().max() > 1e-3
 
 
-def test_muon_on_a_single_matrix_equals_torch_muon():
+def test_muon_on_a_single_matrix_equals_torch_muon(torch_muon_iterating_in):
+    ns_dtype = torch_muon_iterating_in(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     w = torch.nn.Parameter(torch.randn(48, 16, generator=g))  # like a fused qkv [3C, C]
     w_ref = torch.nn.Parameter(w.detach().clone())
-    ours = MuonAdamW([w], [], lr=0.02, lr_ratio=1.0)
+    ours = MuonAdamW([w], [], lr=0.02, lr_ratio=1.0, ns_dtype=ns_dtype)
     ref = torch.optim.Muon([w_ref], lr=0.02, weight_decay=0.0)
     for _ in range(4):
         w.grad = torch.randn(48, 16, generator=g)
