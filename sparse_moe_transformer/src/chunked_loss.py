@@ -12,9 +12,9 @@ chunk of rows at a time, the forward pass computes the loss AND the gradients
     z      = h_c W^T                                  [n, V]   (cap * tanh(z / cap) with a soft-cap)
     lse    = m + log sum_j exp(z_j - m),  m = max_j z_j        [n]
     loss  += sum over rows of  lse - z[target]                 (the mean is taken at the end)
-    dL/dz  = (softmax(z) - onehot(target)) / count             [n, V]   (x (1 - tanh^2) under the cap)
-    dL/dh_c = dL/dz W                                          [n, C]
-    dL/dW  += dL/dz^T h_c                                      [V, C]
+    G      = softmax(z) - onehot(target)                       [n, V]   (x (1 - tanh^2) under the cap)
+    dL/dh_c = G W / count                                      [n, C]
+    dL/dW  += G^T h_c / count                                  [V, C]
 
 count = the number of targets that are not ignore_index (-100), as F.cross_entropy's mean. The backward
 pass only scales the saved dL/dh [N, C] and dL/dW [V, C] by the incoming gradient (a scalar).
@@ -22,7 +22,10 @@ This is the "fused linear cross-entropy" of Liger-Kernel and of several LLM trai
 tests compare it with F.cross_entropy on the materialised logits, values and gradients).
 
 Precision: the matmuls run in the autocast dtype when autocast is on (as nn.Linear would), the softmax and
-its gradient in fp32 always; dL/dW is accumulated in fp32 (the weight's dtype).
+its gradient in fp32 always. G enters the half-precision matmuls unscaled, in [-1, 1]; 1/count and the
+incoming gradient (which carries the fp16 GradScaler's scale) are applied afterwards, in fp32. Applied
+before the cast, 1/count would push most of G below fp16's smallest subnormal (6e-8) at a GPT-2
+vocabulary. dL/dh and dL/dW are kept in fp32.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(mm_dtype)  # [V, C]
             count = (targets != IGNORE_INDEX).sum()
             scale = 1.0 / count.clamp(min=1).float()  # the mean over counted targets (0: the loss is 0/0)
-            grad_h = torch.empty_like(h)  # [N, C]
+            grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # [N, C]
             grad_w = torch.zeros_like(weight, dtype=torch.float32)  # [V, C]
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             rows = chunk_rows(V)
@@ -80,20 +83,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += torch.where(keep, lse - target_z, 0.0).sum()
                 g = e.div_(sum_e[:, None])  # softmax(z), in place of e
                 g[torch.arange(len(y), device=h.device), y_safe] -= 1.0  # - onehot(target)
-                g.mul_((keep.float() * scale)[:, None])  # / count; ignored rows -> 0
+                g.mul_(keep[:, None])  # ignored rows -> 0
                 if t is not None:
                     g.mul_(1.0 - t * t)  # d(cap tanh(z/cap))/dz = 1 - tanh^2
+                # g stays in [-1, 1] through the half-precision matmuls: scaled by 1/count first, its
+                # entries (~1e-8 at V = 50,257 and 1,024 tokens) would flush to 0 in fp16
                 g_mm = g.to(mm_dtype)
                 grad_h[s : s + rows] = g_mm @ w  # [n, C]
                 grad_w += (g_mm.t() @ h_c.to(mm_dtype)).float()  # [V, C]
+            grad_h.mul_(scale), grad_w.mul_(scale)  # the mean over counted targets, in fp32
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.dtypes = h.dtype, weight.dtype
         return total / count.float()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None
+        grad_h, grad_w = ctx.saved_tensors  # fp32; grad_loss carries a GradScaler's scale, if any
+        h_dtype, weight_dtype = ctx.dtypes
+        return (grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(weight_dtype), None, None
 
 
 @torch.no_grad()

@@ -8,17 +8,19 @@ Model state (P parameters, AdamW, "mixed precision" = torch autocast):
     gradients        4 P bytes   fp32 (.grad has the parameter's dtype)
     optimizer state  8 P bytes   AdamW's exp_avg and exp_avg_sq, fp32; with Muon, 4 bytes (one momentum
                                  buffer) for each of its P_muon hidden-matrix parameters: 8 P - 4 P_muon
-    autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, gate) that
-                                 the forward pass saves for the backward; 0 in fp32. On a GPU the
-                                 autocast cast cache keeps every copy until the autocast region ends;
-                                 the CPU has no cache, so under activation checkpointing only the
-                                 rebuilt layer's copies exist there. (The head's cast is made and
-                                 freed inside the chunked loss: a transient.)
+    autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, gate, and the
+                                 experts' w1 and w2) that the forward pass saves for the backward; 0 in
+                                 fp32. On a GPU the autocast cast cache keeps every attention and gate
+                                 copy until the autocast region ends; the CPU has no cache, so under
+                                 activation checkpointing only the rebuilt layer's copies exist there.
+                                 The expert dispatch casts its weights itself (no cache anywhere): under
+                                 checkpointing only the rebuilt layer's expert copies exist. (The head's
+                                 cast is made and freed inside the chunked loss: a transient.)
 
 Activations: the tensors autograd saves for the backward pass, per token, in bytes. C = d_model,
 F = expert hidden size, E = experts, k = top_k, H = heads, T = sequence length, V = vocabulary;
-a = 2 under fp16/bf16 autocast and 4 in fp32 (the dtype of matmul outputs); the residual stream,
-LayerNorm outputs and the expert FFN stay fp32 (4) in every precision. A dropout mask m(d) costs
+a = 2 under fp16/bf16 autocast and 4 in fp32 (the dtype of matmul outputs, the experts' included); the
+residual stream and LayerNorm outputs stay fp32 (4) in every precision. A dropout mask m(d) costs
 d bytes per element on the CPU (it is a float tensor of its input's dtype, d) and 1 byte on a GPU
 (a bool mask); 0 without dropout. Routing weights r: a on the CPU, 4 on a GPU (CUDA autocast runs
 softmax in fp32).
@@ -32,10 +34,10 @@ softmax in fp32).
                       dropped weights, fp32 each), the output projection's input aC
                       residual dropout mask m(a) C
     MoE block         LayerNorm input 4C + 8, gate input aC, top-k indices 8k and routing weights
-                      rk, sort index 8k; the expert Function (computing in its input's dtype, the fp32
-                      LayerNorm output) saves per routed pair the gathered input 4C, pre-activation
-                      4F, GELU output 4F, expert output 4C, weight 4 and three int64 indices 24,
-                      so k (8C + 8F + 28); residual dropout mask m(4) C
+                      rk, sort index 8k; the expert Function (computing in the autocast dtype) saves
+                      per routed pair the gathered input aC, pre-activation aF, GELU output aF,
+                      expert output aC, weight a and three int64 indices 24, so
+                      k (2aC + 2aF + a + 24); residual dropout mask m(a) C
     router losses     per layer, computed by `moe_losses` after the forward (outside the layers, so
                       they are counted outside, L times): the fp32 gate logits 4E (the gate's own
                       output in fp32, its .float() copy under autocast) that logsumexp saves, the
@@ -167,9 +169,10 @@ def activation_bytes_per_token(
         core = 3 * a * C + a * C + 4 * H
     attention = layer_norm + a * C + core + mask(a) * C  # + q/k/v input, + residual dropout mask
     router = 8 * k + r * k + 8 * k  # top-k indices and routing weights [N, k]; sort index [k*N]
-    # per routed pair, in fp32: gathered input, pre-activation, GELU output, output, weight, 3 indices
-    experts = k * (4 * C + 4 * F + 4 * F + 4 * C + 4 + 3 * 8)
-    moe = layer_norm + a * C + router + experts + mask(4) * C  # + gate input, + residual dropout mask
+    # per routed pair, in the compute dtype: gathered input, pre-activation, GELU output, output, weight;
+    # and 3 int64 indices
+    experts = k * (a * C + a * F + a * F + a * C + a + 3 * 8)
+    moe = layer_norm + a * C + router + experts + mask(a) * C  # + gate input, + residual dropout mask
     # moe_losses, per layer: fp32 gate logits and softmax probs [N, E], logsumexp [N] (in fp32 always)
     router_losses = 4 * E + 4 * E + 4
     embeddings = 8 + mask(4) * C  # token ids, dropout mask
@@ -205,9 +208,19 @@ def chunked_loss_transient_bytes(config, act_bytes: int) -> int:
 
 
 def matmul_params_per_layer(config) -> int:
-    """Weights autocast casts in one layer: the q/k/v and output projections and the gate."""
+    """Weights autocast casts in one layer: the q/k/v and output projections and the gate, and the
+    experts' w1 and w2 (cast by the dispatch itself)."""
+    return attention_and_gate_params_per_layer(config) + expert_matrix_params_per_layer(config)
+
+
+def attention_and_gate_params_per_layer(config) -> int:
     d = _dims(config)
     return 4 * d["C"] * d["C"] + d["C"] * d["E"]
+
+
+def expert_matrix_params_per_layer(config) -> int:
+    d = _dims(config)
+    return 2 * d["E"] * d["C"] * d["F"]
 
 
 def plan_memory(
@@ -217,7 +230,6 @@ def plan_memory(
     *,
     n_params: int,
     n_muon_params: int = 0,
-    n_matmul_params: int | None = None,
     precision: str = "fp32",
     activation_checkpointing: bool = False,
     cuda_overhead_gb: float = 0.35,
@@ -227,8 +239,6 @@ def plan_memory(
 
     `n_params`: the model's parameter count (the model's own counting function);
     `n_muon_params`: how many of them Muon updates (one fp32 state each instead of AdamW's two);
-    `n_matmul_params`: parameters autocast casts to half precision (default: all but the
-    embeddings and the expert weights, which the dispatch Function uses in their own dtype);
     `on_gpu`: a CUDA run (default: precision != "fp32"): adds the CUDA runtime overhead, uses the
     fused attention kernels and bool dropout masks; a CPU run with attention dropout keeps the
     attention weights (math kernel).
@@ -254,12 +264,13 @@ def plan_memory(
     outside = L * per_token["router_losses"] + per_token["embeddings"] + per_token["head"]
     activations = int(tokens * (kept + outside)) + fixed_activation_bytes(config, seq_len)
     transient = int(tokens * per_token["layer"]) + chunked_loss_transient_bytes(config, act)
-    layer_matmul = matmul_params_per_layer(config)
-    if n_matmul_params is None:
-        n_matmul_params = L * layer_matmul  # attention and gate weights (the head's cast is transient)
-    if activation_checkpointing and not on_gpu:  # no cast cache: L - 1 layers' copies are gone
-        n_matmul_params -= (L - 1) * layer_matmul
-    copies = 0 if act == 4 else 2 * n_matmul_params
+    # autocast copies: attention and gate weights in every layer, except on the CPU under checkpointing
+    # (no cast cache: only the rebuilt layer's); the experts' only in the rebuilt layer under checkpointing
+    attention_layers = 1 if activation_checkpointing and not on_gpu else L
+    expert_layers = 1 if activation_checkpointing else L
+    attention_casts = attention_layers * attention_and_gate_params_per_layer(config)
+    expert_casts = expert_layers * expert_matrix_params_per_layer(config)
+    copies = 0 if act == 4 else 2 * (attention_casts + expert_casts)
     return MemoryPlan(
         n_params=n_params,
         tokens_per_micro_batch=tokens,

@@ -244,10 +244,13 @@ def expert_ffn(
     if activation not in ("gelu", "relu2"):
         raise ValueError(f"unknown expert activation {activation!r}: choose gelu or relu2")
     top_k = routing.topk_index.shape[1]
-    weight = routing.weight
-    if w1.dtype != x.dtype or weight.dtype != x.dtype:  # mixed precision: compute in x's dtype;
-        w1, b1, w2, b2, weight = (t.to(x.dtype) for t in (w1, b1, w2, b2, weight))  # grads cast back
-    with torch.autocast(device_type=x.device.type, enabled=False):  # out= matmuls: dtypes fixed above
+    # Under autocast the experts compute in its dtype, as nn.Linear would (their input, a LayerNorm's
+    # output, is fp32 even under autocast); the casts are differentiable, so the gradients of the fp32
+    # weights come back in fp32.
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x, w1, b1, w2, b2, weight = (t.to(dtype) for t in (x, w1, b1, w2, b2, routing.weight))
+    with torch.autocast(device_type=device, enabled=False):  # out= matmuls: dtypes fixed above
         return _SortedExpertFFN.apply(
             x,
             w1,

@@ -101,3 +101,25 @@ def test_the_models_chunked_training_loss_equals_its_logits_loss(softcap):
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-5, msg=name)
     with pytest.raises(ValueError, match="pass targets"):
         model(x, return_logits=False)
+
+
+def test_fp16_autocast_gradients_match_fp32_at_gpt2_vocabulary_with_a_grad_scaler_sized_gradient():
+    """Under fp16 (a T1000's autocast), the per-token gradients (softmax - onehot) / count are ~2e-8 at
+    V = 50,257 and 1,024 tokens: below fp16's smallest subnormal (6e-8). Scaled by 1/count before the cast
+    to fp16 they would flush to 0 (the GradScaler's 65,536 only arrives in the backward pass); kept in
+    [-1, 1] through the matmuls and scaled in fp32 afterwards they survive."""
+    N, C, V, grad_scale = 1024, 64, 50_257, 65536.0
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(N, C, generator=g)
+    weight = torch.randn(V, C, generator=g) * (2.0 / C**0.5)  # logits with std 2, as in a trained model
+    targets = torch.randint(0, V, (N,), generator=g)
+    _, ref_h, ref_w = grads(reference, h, weight, targets, None, scale=grad_scale)  # fp32, materialised
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, got_h, got_w = grads(linear_cross_entropy, h, weight, targets, None, scale=grad_scale)
+    for name, got, ref in (("dL/dh", got_h, ref_h), ("dL/dW", got_w, ref_w)):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        relative_error = ((got - ref).norm() / ref.norm()).item()
+        assert relative_error <= 1e-2, f"{name}: relative error {relative_error:.3g}"
+        resolved = ref.abs() >= 2.0**-24  # the entries the scaled fp16 gradient can represent at all
+        agree = (torch.sign(got[resolved]) == torch.sign(ref[resolved])).float().mean().item()
+        assert agree >= 0.99, f"{name}: signs agree on {agree:.1%} of {int(resolved.sum()):,} resolved entries"

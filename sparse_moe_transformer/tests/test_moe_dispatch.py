@@ -113,3 +113,42 @@ def test_per_expert_sum_index_add_and_one_hot_matmul_agree_with_a_loop():
         got = per_expert_sum(rows, expert_index, 6, one_hot_matmul=one_hot_matmul)
         torch.testing.assert_close(got, want)
     assert (want[[1, 4]] == 0).all()
+
+
+class MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtypes of the tensors every matrix multiplication receives."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+               torch.ops.aten.addmm.out}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[set[torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.MATMULS:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            self.seen.append({t.dtype for t in tensors})
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_compute_in_the_autocast_dtype_forward_and_backward(dtype):
+    # The experts' input is a LayerNorm's output, which autocast keeps in fp32; the experts must still
+    # run their matmuls in the autocast dtype, as nn.Linear would, and give fp32 weight gradients.
+    config = Config.from_preset("tiny")
+    torch.manual_seed(0)
+    moe = SparseMoEFFN(config)
+    x = torch.randn(2, 16, config.d_model, requires_grad=True)
+    with MatmulDtypes() as forward_seen, torch.autocast("cpu", dtype=dtype):
+        out, _, routing = moe(x)
+    with MatmulDtypes() as backward_seen:
+        out.float().square().sum().backward()
+    used = sum(c > 0 for c in routing.counts)
+    assert len(forward_seen.seen) >= 1 + 2 * used  # the gate, then w1 and w2 of every used expert
+    assert len(backward_seen.seen) >= 3 * used
+    for dtypes in forward_seen.seen + backward_seen.seen:
+        assert dtypes == {dtype}, f"a matmul saw {dtypes} under {dtype} autocast"
+    assert moe.w1.grad.dtype == torch.float32 and moe.w1.grad.abs().sum() > 0
+    assert x.grad.dtype == torch.float32
