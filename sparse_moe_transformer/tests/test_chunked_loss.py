@@ -122,4 +122,4 @@ def test_fp16_autocast_gradients_match_fp32_at_gpt2_vocabulary_with_a_grad_scale
         assert relative_error <= 1e-2, f"{name}: relative error {relative_error:.3g}"
         resolved = ref.abs() >= 2.0**-24  # the entries the scaled fp16 gradient can represent at all
         agree = (torch.sign(got[resolved]) == torch.sign(ref[resolved])).float().mean().item()
-        assert agree >= 0.99, f"{name}: signs agree on {agree:.1%} of {int(resolved.sum()):,} resolved entries"
+        assert agree >= 0.99, f"{name}: signs agree on {agree:.1%} of {int(resolved.sum()):,} entries"
