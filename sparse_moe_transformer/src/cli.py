@@ -28,7 +28,7 @@ import torch
 import torch.distributed as torch_dist
 
 from phase1_foundation.src.validation import check_int, check_number
-from phase3_components.src.hardware import PRECISIONS
+from phase3_components.src.hardware import PRECISIONS, choose_newton_schulz_dtype, hardware_facts
 from sparse_moe_transformer.src.data_pipeline import (
     add_data_arguments,
     data_source_from_namespace,
@@ -39,6 +39,7 @@ from sparse_moe_transformer.src.train import (
     PRESETS,
     TRAINING_PRESETS,
     Config,
+    Runtime,
     SparseMoETransformer,
     TrainingDiverged,
     TrainSettings,
@@ -181,17 +182,17 @@ def settings_for(preset: str | None, saved: dict, config: Config, args, **fixed)
     values = {**TRAINING_PRESETS.get(preset or "cpu-demo", TRAINING_PRESETS["cpu-demo"])}
     values.update(TrainSettings.from_saved(saved))
     values.setdefault("seq_len", config.block_size)
-    values.update(
-        {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len)) if v is not None}
-    )
+    asked = {name: getattr(args, name, None) for name in ("batch_size", "seq_len", "optimizer", "ns_dtype")}
+    values.update({k: v for k, v in asked.items() if v is not None})
     values.update(world_size=1, **fixed)
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     return TrainSettings(**{k: v for k, v in values.items() if k in names})
 
 
 def benchmark_main(args) -> dict:
-    """Parameters, FLOPs/token, training tokens/s, generation latency per token (KV cache), peak memory."""
-    rt = setup_runtime(args.device, args.precision or "auto")
+    """Parameters, FLOPs/token, training tokens/s (and the step's forward / backward / optimizer split),
+    generation latency per token (KV cache), peak memory; with the hardware facts and dtype decisions."""
+    rt = setup_runtime(args.device, args.precision or "auto", args.ns_dtype or "auto")
     if args.checkpoint:
         model, _, checkpoint = load_trained_model(args.checkpoint, rt.device)
         config, preset = model.config, checkpoint.get("preset", "checkpoint")
@@ -232,27 +233,31 @@ def benchmark_main(args) -> dict:
     gaps = np.diff(stamps)  # gaps[0] = prefill + first token; the rest = one cached decoding step each
     inference_peak = _peak_memory_bytes(rt.device)
 
-    # -- training throughput: full optimizer steps (forward, backward, AdamW) on random token ids --
+    # -- training throughput: full optimizer steps (forward, backward, update) on random token ids --
     model.set_activation_checkpointing(bool(args.activation_checkpointing))
     step_model = torch.compile(model) if args.compile else model
     optimizer = make_optimizer(model, s, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     model.train()
-    step_times = []
-    for i in range(args.bench_warmup + args.bench_steps):
-        x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=gen).to(rt.device)
-        _sync(rt.device)
-        t0 = time.perf_counter()
-        train_step(step_model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], s, rt)
-        _sync(rt.device)
-        if i >= args.bench_warmup:
-            step_times.append(time.perf_counter() - t0)
+    step_times, stage_times = [], []
+    with StageTimer(model, optimizer, rt.device) as stages:
+        for i in range(args.bench_warmup + args.bench_steps):
+            x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=gen).to(rt.device)
+            stages.start()
+            train_step(step_model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], s, rt)
+            if i >= args.bench_warmup:
+                step_times.append(stages.stop())
+                stage_times.append(stages.split())
     step_s = float(np.median(step_times))
     model.set_activation_checkpointing(False)
     peak_kind = "CUDA max_memory_allocated" if rt.device.type == "cuda" else "process peak RSS"
 
+    seen = [t for t in stage_times if t]  # steps whose three stages were all timed
+    split = {k: float(np.median([t[k] for t in seen])) for k in seen[0]} if seen else {}
     result = {
         "preset": preset,
+        "hardware": rt.hardware(),
+        "optimizer": optimizer_name(s, rt),
         "device": str(rt.device) if rt.device.type == "cpu" else torch.cuda.get_device_name(rt.device),
         "cpu_threads": torch.get_num_threads(),
         "precision": rt.precision,
@@ -264,6 +269,7 @@ def benchmark_main(args) -> dict:
         "gflops_per_forward": forward_flops_per_token(config, seq) * seq / 1e9,
         "train_batch": [batch, seq],
         "train_step_s": step_s,
+        "train_step_split_s": split,
         "train_tokens_per_s": batch * seq / step_s,
         "prefill_and_first_token_ms": 1e3 * float(gaps[0]),
         "decode_ms_per_token_median": 1e3 * float(np.median(gaps[1:])) if len(gaps) > 1 else None,
@@ -278,8 +284,9 @@ def benchmark_main(args) -> dict:
             "activations); "
             f"GFLOPs per forward: analytic, one sequence of {seq} tokens (2 per multiply-add, attention "
             f"over the full {seq} x {seq} scores); training: median of {args.bench_steps} optimizer steps "
-            f"(forward + backward + clip + AdamW) after {args.bench_warmup} warm-up steps, batch {batch} x "
-            f"{seq} random token ids; peak memory: {peak_kind} of the whole run"
+            f"(forward + backward + clip + update) after {args.bench_warmup} warm-up steps, batch {batch} x "
+            f"{seq} random token ids, split at the end of the model's forward and around the optimizer's "
+            f"step; peak memory: {peak_kind} of the whole run"
         ),
     }
     rows = [
@@ -288,6 +295,8 @@ def benchmark_main(args) -> dict:
         ("forward FLOPs / token", f"{result['forward_flops_per_token'] / 1e9:,.4f} GFLOPs"),
         ("GFLOPs / forward", f"{result['gflops_per_forward']:,.2f} (one sequence of {seq} tokens)"),
         ("training tokens / s", f"{result['train_tokens_per_s']:,.0f}  (batch {batch} x {seq})"),
+        ("training step", f"{1e3 * step_s:,.1f} ms, median: " + _format_split(split)),
+        ("optimizer", result["optimizer"]),
         ("prefill + first token", f"{result['prefill_and_first_token_ms']:.2f} ms"),
         (
             "decode latency / token",
@@ -298,6 +307,8 @@ def benchmark_main(args) -> dict:
         ("peak inference memory", f"{result['inference_peak_memory_mb']:,.0f} MB ({peak_kind})"),
         ("peak memory (whole run)", f"{result['peak_memory_mb']:,.0f} MB ({peak_kind})"),
         ("device", f"{result['device']}, {result['precision']}, {result['cpu_threads']} CPU threads"),
+        ("hardware", hardware_facts(rt.device).summary()),
+        ("precision", rt.precision_reason),
     ]
     width = max(len(k) for k, _ in rows)
     print(f"Sparse MoE benchmark: {preset}")
@@ -309,6 +320,69 @@ def benchmark_main(args) -> dict:
     out.write_text(json.dumps(result, indent=2))
     print(f"saved {out}")
     return result
+
+
+class StageTimer:
+    """Times each training step and its three stages without touching train_step: the model's forward
+    ends at a forward hook, the update is the optimizer's step (wrapped), and the backward is what lies
+    between (the MoE losses, backward, unscaling and clipping). Under torch.compile the hook does not
+    fire and only whole steps are timed."""
+
+    def __init__(self, model, optimizer, device: torch.device):
+        self.model, self.optimizer, self.device, self.marks = model, optimizer, device, {}
+
+    def __enter__(self):
+        self.hook = self.model.register_forward_hook(lambda *_: self._mark("forward_end"))
+        inner = self.optimizer.step
+
+        def timed_step(*args, **kwargs):
+            self._mark("step_start")
+            result = inner(*args, **kwargs)
+            self._mark("step_end")
+            return result
+
+        self.optimizer.step = timed_step
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        del self.optimizer.step  # the class's step again
+
+    def _mark(self, name: str) -> None:
+        _sync(self.device)
+        self.marks[name] = time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = {}
+        self._mark("start")
+
+    def stop(self) -> float:
+        self._mark("end")
+        return self.marks["end"] - self.marks["start"]
+
+    def split(self) -> dict[str, float]:
+        """Seconds of forward, backward and optimizer in the last step ({} if a stage was not seen:
+        compiled, or an fp16 step the GradScaler skipped)."""
+        m = self.marks
+        if not {"forward_end", "step_start", "step_end"} <= m.keys():
+            return {}
+        return {
+            "forward": m["forward_end"] - m["start"],
+            "backward": m["step_start"] - m["forward_end"],
+            "optimizer": m["step_end"] - m["step_start"],
+        }
+
+
+def _format_split(split: dict) -> str:
+    if not split:
+        return "no split (compiled or skipped steps)"
+    return ", ".join(f"{k} {1e3 * v:,.1f} ms" for k, v in split.items())
+
+
+def optimizer_name(s: TrainSettings, rt: Runtime) -> str:
+    if s.optimizer == "muon":
+        return f"Muon (Newton-Schulz in {choose_newton_schulz_dtype(s.ns_dtype, rt.device).name}) + AdamW"
+    return "AdamW"
 
 
 def _peak_memory_bytes(device: torch.device) -> int:

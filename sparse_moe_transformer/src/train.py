@@ -1385,6 +1385,7 @@ def train_main(args) -> dict:
             dynamic_ncols=True,
         )
         metrics, last_eval, status = MetricsLog(run), None, "finished"
+        metrics.write({"kind": "hardware", "step": state.step, **rt.hardware()})  # what the figures ran on
         try:
             with StopRequest() as stop:
                 # evaluate the untrained model once, so the validation curve starts at step 0

@@ -54,6 +54,9 @@ def test_smoke_run_learns_and_writes_everything(trained):
         assert (out_dir / name).is_file(), name
     evals = _records(out_dir, "eval")
     assert [r["step"] for r in evals] == [0, 20, 40]
+    (hardware,) = _records(out_dir, "hardware")  # what every figure of the run was measured on
+    assert hardware["facts"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(hardware["decisions"]) == {"precision", "newton_schulz"}
     first, last = evals[0]["val_loss"], evals[-1]["val_loss"]
     assert first > math.log(512) - 0.5  # an untrained model is near-uniform over the vocabulary
     assert last < first - 1.0, f"validation loss did not fall clearly: {first:.3f} -> {last:.3f}"
@@ -158,7 +161,26 @@ def test_benchmark_reports_and_saves_json(trained, capsys):
         "peak_memory_mb",
     ):
         assert saved[key] > 0, key
-    assert "KV cache" in capsys.readouterr().out
+    split = saved["train_step_split_s"]  # forward + backward + optimizer = the step, up to the timer
+    assert set(split) == {"forward", "backward", "optimizer"} and all(v > 0 for v in split.values())
+    assert sum(split.values()) <= saved["train_step_s"] * 1.5
+    facts, decisions = saved["hardware"]["facts"], saved["hardware"]["decisions"]
+    assert facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "native_bf16" in facts
+    assert decisions["precision"] == {"dtype": "fp32", "reason": "auto: fp32 on a CPU"}
+    ns = decisions["newton_schulz"]["dtype"]
+    assert saved["optimizer"] in ("AdamW", f"Muon (Newton-Schulz in {ns}) + AdamW")
+    out = capsys.readouterr().out
+    assert "KV cache" in out and "native bf16" in out and "forward" in out
+
+
+def test_benchmark_names_the_newton_schulz_dtype_it_was_told_to_use(trained, capsys):
+    args = ["--mode", "benchmark", "--checkpoint", trained["out_dir"], "--bench-steps", 1,
+            "--bench-warmup", 0, "--max-new-tokens", 2, "--bench-json", trained["root"] / "b.json",
+            "--optimizer", "muon"]  # fmt: skip
+    result = run_cli([*args, "--ns-dtype", "fp32"])
+    assert result["optimizer"] == "Muon (Newton-Schulz in fp32) + AdamW"
+    assert result["hardware"]["decisions"]["newton_schulz"] == {"dtype": "fp32", "reason": "asked for fp32"}
+    assert run_cli([*args, "--optimizer", "adamw"])["optimizer"] == "AdamW"
 
 
 def test_plot_mode_redraws(trained):
