@@ -1,7 +1,8 @@
-"""The two benchmark scripts run end to end on tiny settings. Timings are printed, never asserted;
+"""The benchmark scripts run end to end on tiny settings. Timings are printed, never asserted;
 what is checked is that every report line is there and that the cached generation equals the
 recomputed one."""
 
+import json
 import re
 import subprocess
 import sys
@@ -38,3 +39,15 @@ def test_bench_generation_cached_tokens_equal_recomputed_tokens():
     out = run_script("bench_generation.py", "--new-tokens", "6", "--repeats", "1")
     assert re.search(r"with KV cache\s+[\d.]+ tokens/s", out)
     assert "same tokens: True" in out
+
+
+def test_bench_optimizer_step_times_every_variant_and_stores_the_hardware(tmp_path):
+    out_json = tmp_path / "optimizer_step.json"
+    out = run_script("bench_optimizer_step.py", "--presets", "tiny", "--rounds", "1", "--warmup", "0",
+                     "--variants", "adamw", "muon-fp32", "--json", str(out_json))  # fmt: skip
+    assert re.search(r"adamw\s+[\d.]+ ms\s+1\.00x AdamW", out)
+    assert re.search(r"muon-fp32\s+[\d.]+ ms\s+[\d.]+x AdamW", out)
+    assert "Newton-Schulz (auto):" in out and "native bf16" in out
+    report = json.loads(out_json.read_text())
+    assert report["hardware"]["decisions"]["newton_schulz"]["dtype"] in ("fp32", "bf16")
+    assert set(report["presets"][0]["median_step_s"]) == {"adamw", "muon-fp32"}
