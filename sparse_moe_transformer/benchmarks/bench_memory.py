@@ -57,14 +57,22 @@ def set_checkpointing(model, enabled: bool) -> None:
 
 
 def run_training_steps(
-    model, batches, precision: str, device: str = "cpu", activation_checkpointing=False, compile=False
+    model,
+    batches,
+    precision: str,
+    device: str = "cpu",
+    activation_checkpointing=False,
+    compile=False,
+    optimizer: str = "adamw",
+    ns_dtype: str = "auto",
 ) -> dict:
     """One optimizer step per (x, y) batch through the training loop's train_step, timed one by one.
 
-    Returns the LM loss and the seconds of every step. The model must already be on `device`."""
+    Returns the LM loss and the seconds of every step, and how many steps an fp16 GradScaler skipped
+    (its scale fell: a gradient overflowed). The model must already be on `device`."""
     from sparse_moe_transformer.src.train import TrainSettings, make_optimizer, setup_runtime, train_step
 
-    rt = setup_runtime(device, precision)
+    rt = setup_runtime(device, precision, ns_dtype)
     x0 = batches[0][0]
     settings = TrainSettings(
         batch_size=x0.shape[0],
@@ -77,21 +85,25 @@ def run_training_steps(
         precision=precision,
         activation_checkpointing=activation_checkpointing,
         compile=compile,
+        optimizer=optimizer,
+        ns_dtype=ns_dtype,
     )
     set_checkpointing(model, activation_checkpointing)
     step_model = torch.compile(model) if compile else model
-    optimizer = make_optimizer(model, settings, rt.device)
+    opt = make_optimizer(model, settings, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    losses, seconds = [], []
+    losses, seconds, skipped = [], [], 0
     for x, y in batches:
         x, y = x.to(rt.device), y.to(rt.device)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         sync(rt.device)
         t0 = time.perf_counter()
-        out = train_step(step_model, optimizer, scaler, [(x, y)], settings, rt)
+        out = train_step(step_model, opt, scaler, [(x, y)], settings, rt)
         losses.append(float(out["losses"][0]))  # waits for the step
         seconds.append(time.perf_counter() - t0)
+        skipped += scale is not None and scaler.get_scale() < scale
     set_checkpointing(model, False)
-    return {"losses": losses, "step_seconds": seconds}
+    return {"losses": losses, "step_seconds": seconds, "skipped_steps": int(skipped)}
 
 
 def sync(device: torch.device) -> None:
