@@ -14,7 +14,10 @@ Contenders (--variants; each trains on the same token stream, tokenizer and samp
     ours         the MoE's cpu-small preset: the winning recipe (train.RECIPE, train.TRAINING_RECIPE)
     nanogpt-moe  the same MoE with nanoGPT's 2022 recipe (the cpu-small preset before issue 15)
     NAME:k=v,…   any of them with Config / TrainSettings fields replaced (for ablations), e.g.
-                 "ours:optimizer=adamw" or "nanogpt-moe:pos=rope"
+                 "ours:optimizer=adamw", "nanogpt-moe:pos=rope", or "ours:ns_dtype=fp32" (Newton-Schulz in
+                 fp32, what a CPU without native bf16 gets; "ours" lets hardware.py choose)
+
+Every run stores the machine's facts and its dtype decisions (hardware.py) beside its figures.
 
 Every run is a fresh process (no allocator or thread-pool state carries over), and the runs
 alternate: seed 0 of every variant, then seed 1 of every variant, ... Each run records
@@ -288,8 +291,19 @@ def worker(args) -> None:
         "matmul_peak_flops": peak,
         "parameters": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
+        "hardware": worker_hardware(s),
     }
     Path(args.result).write_text(json.dumps(result))
+
+
+def worker_hardware(s) -> dict:
+    """The machine's facts and the dtype decisions this run trained under (Newton-Schulz's for Muon)."""
+    from phase3_components.src.hardware import choose_newton_schulz_dtype, choose_precision, hardware_report
+
+    choices = [choose_precision("fp32", "cpu")]
+    if s.optimizer == "muon":
+        choices.append(choose_newton_schulz_dtype(s.ns_dtype, "cpu"))
+    return hardware_report("cpu", *choices)
 
 
 def load_data(args):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speedrun.py"
 spec = importlib.util.spec_from_file_location("speedrun", SCRIPT)
@@ -89,32 +90,38 @@ def test_speedrun_end_to_end_on_tiny_models_reports_L_star_and_ratios(tmp_path):
     cmd = [
         sys.executable, str(SCRIPT), "--dataset", "synthetic", "--synthetic-stories", "60",
         "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache"), "--tiny", "--iters", "6",
-        "--evals", "2", "--seeds", "0", "1", "--variants", "baseline,nanogpt-moe:max_lr=3e-3",
+        "--evals", "2", "--seeds", "0", "1",
+        "--variants", "baseline,nanogpt-moe:max_lr=3e-3,optimizer=muon,ns_dtype=fp32",
         "--threads", "1", "--json", str(out_json),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     assert re.search(r"L\* \(median final validation loss of baseline\) = [\d.]+", out)
     assert re.search(r"fp32 matmul peak .*: median [\d.]+ GFLOP/s", out)
-    target_line = r"nanogpt-moe:max_lr=3e-3: time to L\* / baseline time = .*tokens/s [\d.]+x the baseline's"
+    other = "nanogpt-moe:max_lr=3e-3,optimizer=muon,ns_dtype=fp32"
+    target_line = re.escape(other) + r": time to L\* / baseline time = .*tokens/s [\d.]+x the baseline's"
     assert re.search(target_line, out)
     saved = json.loads(out_json.read_text())
     runs, rep = saved["runs"], saved["report"]
     # alternating: seed 0 of both variants, then seed 1 of both
-    assert [(r["variant"], r["seed"]) for r in runs] == [
-        ("baseline", 0), ("nanogpt-moe:max_lr=3e-3", 0), ("baseline", 1), ("nanogpt-moe:max_lr=3e-3", 1),
-    ]  # fmt: skip
+    expected = [("baseline", 0), (other, 0), ("baseline", 1), (other, 1)]
+    assert [(r["variant"], r["seed"]) for r in runs] == expected
     for r in runs:
         times = [p["train_time_s"] for p in r["curve"]]
         assert [p["step"] for p in r["curve"]] == [3, 6] and times == sorted(times)
         assert r["steps"] == 6 and 0 < r["model_flops_per_s"] and 0 < r["matmul_peak_flops"]
+        decisions = r["hardware"]["decisions"]  # every figure stored with the machine and its dtype choices
+        assert r["hardware"]["facts"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        if r["variant"] == other:
+            assert decisions["newton_schulz"] == {"dtype": "fp32", "reason": "asked for fp32"}
+        else:
+            assert "newton_schulz" not in decisions  # the baseline's AdamW has none
     base_finals = [r["curve"][-1]["val_loss"] for r in runs if r["variant"] == "baseline"]
     assert rep["L_star"] == pytest.approx(statistics.median(base_finals))
-    for row in rep["variants"]["nanogpt-moe:max_lr=3e-3"]["runs"]:
+    for row in rep["variants"][other]["runs"]:
         if row["time_to_L_star_s"] is not None:
             assert row["time_ratio"] == pytest.approx(row["time_to_L_star_s"] / rep["baseline_train_time_s"])
     assert speedrun.main(["--report", str(out_json)])["L_star"] == rep["L_star"]  # a saved run re-reports
     # any variant can be the reference (the ablations measure against "ours"); the Markdown table
-    other = "nanogpt-moe:max_lr=3e-3"
     finals = [r["curve"][-1]["val_loss"] for r in runs if r["variant"] == other]
     assert speedrun.main(["--report", str(out_json), "--reference", other])["L_star"] == pytest.approx(
         statistics.median(finals)
