@@ -1080,6 +1080,10 @@ def resolve_run(args) -> Run:
     if values["seq_len"] > config.block_size:
         raise ValueError(f"--seq-len {values['seq_len']} exceeds the model's block_size {config.block_size}")
     s = TrainSettings(**{k: v for k, v in values.items() if k in {f.name for f in fields(TrainSettings)}})
+    if ckpt is not None:
+        base = {**TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"]), **saved}
+        changed = [replan_note(c, s, int(ckpt["step"])) for c in changed]
+        check_schedule_on_resume(base, s, int(ckpt["step"]), args.stop_at_step)
     stop_at = min(s.max_steps, args.stop_at_step if args.stop_at_step is not None else s.max_steps)
 
     # -- data: rank 0 tokenizes (and trains the bpe tokenizer) once; the others read the cache ----
@@ -1127,6 +1131,65 @@ def resolve_run(args) -> Run:
     return Run(
         out_dir, preset, config, s, rt, data, data.tokenizer, args.sample_prompt, stop_at, ckpt, changed
     )
+
+
+# The flags that shape the schedule over the steps (not its height: a new --max-lr is the user's own
+# choice and is applied as asked). Changing them on resume re-plans the remaining steps.
+SCHEDULE_SHAPE = ("max_steps", "warmup_steps", "lr_schedule", "cooldown_frac")
+
+
+def check_schedule_on_resume(base: dict, s: TrainSettings, step: int, stop_at_step: int | None) -> None:
+    """Refuse a resume whose new schedule shape moves the learning rate of the next step.
+
+    Re-planning is allowed only where the learning rate continues without a jump (a wsd run extended
+    before its cool-down, or a warmup made longer is not): a cool-down that restarts at the peak would
+    undo the decay the run has already done, which is never what a longer run means."""
+    if s.max_steps < step:
+        raise ValueError(
+            f"--max-steps {s.max_steps} is below the step this run has reached ({step}): the run is past "
+            f"that schedule's end; pass --max-steps {step} or more, or evaluate its checkpoint as it is"
+        )
+    if stop_at_step is not None and stop_at_step <= step:
+        raise ValueError(
+            f"--stop-at-step {stop_at_step} is not after the step this run has reached ({step}): "
+            f"pass a later step, or drop --stop-at-step"
+        )
+    old = replace(s, **{k: base[k] for k in SCHEDULE_SHAPE if k in base})
+    new_lr, old_lr = lr_at(step, s), lr_at(step, old)
+    if math.isclose(new_lr, old_lr, rel_tol=1e-9, abs_tol=0.0):
+        return
+    moved = [k for k in SCHEDULE_SHAPE if getattr(old, k) != getattr(s, k)]
+    asked = ", ".join(f"--{k.replace('_', '-')} {getattr(s, k)}" for k in moved)
+    keep = ", ".join(f"--{k.replace('_', '-')} {getattr(old, k)}" for k in moved)
+    extend = ""
+    if old.lr_schedule == "wsd":
+        start = wsd_cooldown_start(old) + 1
+        extend = f"; a wsd run can be extended before its cool-down starts at step {start}"
+    raise ValueError(
+        f"{asked} on resume would move the learning rate of step {step + 1} from {old_lr:.3g} to "
+        f"{new_lr:.3g} (the schedule is planned over the whole run): keep {keep}, or train into a new "
+        f"--out-dir{extend}"
+    )
+
+
+def wsd_cooldown_start(s: TrainSettings) -> int:
+    """The 0-based index of the first wsd cool-down step (as lr_at computes it); the log numbers steps
+    from 1, so the log calls it step index + 1."""
+    return s.max_steps - round(s.cooldown_frac * s.max_steps)
+
+
+def replan_note(change: str, s: TrainSettings, step: int) -> str:
+    """A changed max_steps, announced with the re-planned schedule the remaining steps will follow."""
+    if not change.startswith("max_steps "):
+        return change
+    if s.lr_schedule == "wsd":
+        plan = (
+            f"lr {lr_at(step, s):.3g}, then a linear cool-down towards {s.min_lr:.3g} over steps "
+            f"{wsd_cooldown_start(s) + 1}-{s.max_steps}"
+        )
+    else:
+        plan = f"cosine from lr {lr_at(step, s):.3g} towards {s.min_lr:.3g} by step {s.max_steps}"
+    return f"{change} (schedule re-planned: {plan})"
 
 
 @dataclass
