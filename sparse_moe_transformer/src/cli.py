@@ -358,6 +358,81 @@ def plot_main(args) -> list[Path]:
 
 MODES = ("train", "eval", "generate", "benchmark", "plan", "plot")
 
+# ---------------------------------------------------------------------------------------------
+# Which flags each mode reads. A flag given to a mode that does not read it is an error: a user who
+# passes --preset to generate, or --checkpoint to --resume, expects it to act, and silence would
+# let the run do something else than asked.
+# ---------------------------------------------------------------------------------------------
+DATA_FLAGS = {"dataset", "data_files", "text_split", "text_column", "valid_fraction", "synthetic_stories",
+              "cache_dir"}  # fmt: skip
+TOKENIZER_FLAGS = {"tokenizer", "vocab_size"}
+TRAINING_FLAGS = {
+    "batch_size", "grad_accum_steps", "seq_len", "max_steps", "max_lr", "min_lr", "warmup_steps",
+    "weight_decay", "grad_clip", "lr_schedule", "cooldown_frac", "optimizer", "muon_lr", "muon_momentum",
+    "muon_weight_decay", "precision", "activation_checkpointing", "compile", "eval_interval",
+    "eval_batches", "log_interval", "save_interval", "sample_tokens", "sample_prompt", "resume",
+    "overwrite", "stop_at_step",
+}  # fmt: skip
+SAMPLING_FLAGS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                  "num_samples"}  # fmt: skip
+MODE_FLAGS = {
+    "train": {"out_dir", "device", "seed", "preset", "set", *DATA_FLAGS, *TOKENIZER_FLAGS, *TRAINING_FLAGS},
+    "eval": {"out_dir", "preset", "device", "seed", "checkpoint", *DATA_FLAGS, "precision", "batch_size",
+             "seq_len", "eval_batches"},
+    "generate": {"out_dir", "preset", "device", "seed", "checkpoint", *SAMPLING_FLAGS},
+    "benchmark": {"out_dir", "device", "seed", "checkpoint", "preset", "set", "precision", "batch_size",
+                  "seq_len", "activation_checkpointing", "compile", "max_new_tokens", "bench_steps",
+                  "bench_warmup", "bench_json"},
+    "plan": {"preset", "set", "batch_size", "seq_len", "precision", "optimizer", "activation_checkpointing",
+             "plan_device", "gpu_memory_gb"},
+    "plot": {"out_dir", "preset"},
+}  # fmt: skip
+# mode -> {flag: (the flags it makes unread, why)}. Without --out-dir, the run folder is runs/PRESET,
+# so --preset names the run of eval/generate/plot only while nothing else does.
+NAMES_THE_RUN = (("out_dir", "preset"), "--checkpoint names the run")
+REPLACED_BY = {
+    "eval": {"checkpoint": NAMES_THE_RUN, "out_dir": (("preset",), "--out-dir names the run")},
+    "generate": {"checkpoint": NAMES_THE_RUN, "out_dir": (("preset",), "--out-dir names the run")},
+    "plot": {"out_dir": (("preset",), "--out-dir names the run")},
+    "benchmark": {"checkpoint": (("preset", "set"), "--checkpoint names the model"),
+                  "bench_json": (("out_dir",), "--bench-json names the output file")},
+}  # fmt: skip
+# why a flag is not read, where the reason is not just "another mode's flag"
+NOT_READ_BECAUSE = {
+    ("train", "checkpoint"): "--resume continues OUT_DIR/latest.pt, no other file: name its folder --out-dir",
+    **{(mode, flag): "the checkpoint holds the model's config and its tokenizer"
+       for mode in ("eval", "generate") for flag in ("set", *TOKENIZER_FLAGS)},
+    ("generate", "precision"): "generation runs in fp32",
+}  # fmt: skip
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The dest names of the flags on the command line (a flag given with its default value counts)."""
+    unset = object()
+    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    names = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    # argparse fills in a default only where the namespace has no value yet: the marker survives
+    # exactly for the flags not given (append actions extend their value, so they start from None)
+    namespace = argparse.Namespace(**{d: None if d in appended else unset for d in names})
+    parser.parse_args(argv, namespace=namespace)
+    return {d for d, v in vars(namespace).items() if v is not unset and not (d in appended and v is None)}
+
+
+def check_mode_flags(mode: str, given: set[str]) -> None:
+    """A one-line error for the flags given to `mode` that it does not read (MODE_FLAGS, REPLACED_BY)."""
+    replaced = {}  # flag -> why it is not read
+    for flag, (flags, why) in REPLACED_BY.get(mode, {}).items():
+        if flag in given:
+            replaced.update({f: why for f in flags if f in given})
+    unread = sorted((given - MODE_FLAGS[mode] - {"mode"}) | set(replaced))
+    if not unread:
+        return
+    names = ", ".join(f"--{f.replace('_', '-')}" for f in unread)
+    reasons = sorted({NOT_READ_BECAUSE.get((mode, f), replaced.get(f, "")) for f in unread} - {""})
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    raise ValueError(f"--mode {mode} does not use {names}{why}: drop {'it' if len(unread) == 1 else 'them'}")
+
+
 EXAMPLES = """\
 examples:
   # offline demo on a fresh machine (synthetic stories, trained BPE, a few minutes on 2 CPU cores)
@@ -506,6 +581,7 @@ def check_flags(args) -> None:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
     if args.out_dir is None:
         args.out_dir = str(Path("runs") / (args.preset or "cpu-demo"))
     if args.seed is None and args.mode != "train":
@@ -519,6 +595,7 @@ def main(argv=None):
         "plot": plot_main,
     }
     try:
+        check_mode_flags(args.mode, given)
         check_flags(args)
         result = modes[args.mode](args)
     except TrainingDiverged as err:

@@ -1080,10 +1080,6 @@ def resolve_run(args) -> Run:
     if values["seq_len"] > config.block_size:
         raise ValueError(f"--seq-len {values['seq_len']} exceeds the model's block_size {config.block_size}")
     s = TrainSettings(**{k: v for k, v in values.items() if k in {f.name for f in fields(TrainSettings)}})
-    if ckpt is not None:
-        base = {**TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"]), **saved}
-        changed = [replan_note(c, s, int(ckpt["step"])) for c in changed]
-        check_schedule_on_resume(base, s, int(ckpt["step"]), args.stop_at_step)
     stop_at = min(s.max_steps, args.stop_at_step if args.stop_at_step is not None else s.max_steps)
 
     # -- data: rank 0 tokenizes (and trains the bpe tokenizer) once; the others read the cache ----
@@ -1115,6 +1111,9 @@ def resolve_run(args) -> Run:
     config = resolve_model_config(args.preset, overrides, saved_config, data.tokenizer.vocab_size)
     if ckpt is not None:
         check_same_config(saved_config, asdict(config), ckpt["path"])
+        base = {**TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"]), **saved}
+        check_schedule_on_resume(base, s, int(ckpt["step"]), args.stop_at_step)
+        changed = [replan_note(c, s, int(ckpt["step"])) for c in changed]
 
     # -- what would otherwise fail after the last step ---------------------------------------------
     if len(data.valid_tokens) < s.seq_len + 1:

@@ -57,8 +57,11 @@ def _one_line_error(argv, capsys) -> str:
 def test_generate_and_eval_refuse_non_finite_weights(run_dir, tmp_path, capsys, value, keep_checksum):
     bad = tmp_path / "bad.pt"
     name = _poison(run_dir / LATEST_NAME, bad, value, keep_checksum)
-    for mode in (["--mode", "generate", "--max-new-tokens", 4], ["--mode", "eval", *DATA]):
-        err = _one_line_error([*mode, "--checkpoint", bad, "--cache-dir", tmp_path / "cache"], capsys)
+    for mode in (
+        ["--mode", "generate", "--max-new-tokens", 4],
+        ["--mode", "eval", *DATA[:4], "--cache-dir", tmp_path],
+    ):
+        err = _one_line_error([*mode, "--checkpoint", bad], capsys)
         assert str(bad) in err and name in err and "NaN/inf" in err, err
 
 
