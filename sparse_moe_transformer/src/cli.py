@@ -9,7 +9,8 @@
 
 Run it as `python sparse_moe_transformer/src/train.py --mode MODE ...` (or this file): `--help`
 lists every flag. Errors a user can fix print one line and exit with code 2; a diverged run exits
-with 3; a run stopped by Ctrl-C or SIGTERM saves a checkpoint and exits with 130.
+with 3; a torchrun rank whose peer stopped answering exits with 4; a run stopped by Ctrl-C or SIGTERM
+saves a checkpoint and exits with 130.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
 import sys
@@ -35,6 +37,7 @@ from sparse_moe_transformer.src.data_pipeline import (
     prepare_data,
 )
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
+from sparse_moe_transformer.src.rank_checks import RanksStopped
 from sparse_moe_transformer.src.train import (
     PRESETS,
     TRAINING_PRESETS,
@@ -57,7 +60,7 @@ from sparse_moe_transformer.src.train import (
 )
 from sparse_moe_transformer.src.training_plots import make_plots
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE, EXIT_DIVERGED, EXIT_RANK_STOPPED, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -371,7 +374,7 @@ TRAINING_FLAGS = {
     "weight_decay", "grad_clip", "lr_schedule", "cooldown_frac", "optimizer", "muon_lr", "muon_momentum",
     "muon_weight_decay", "precision", "activation_checkpointing", "compile", "eval_interval",
     "eval_batches", "log_interval", "save_interval", "sample_tokens", "sample_prompt", "resume",
-    "overwrite", "stop_at_step",
+    "overwrite", "stop_at_step", "dist_timeout",
 }  # fmt: skip
 SAMPLING_FLAGS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                   "num_samples"}  # fmt: skip
@@ -524,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/latest.pt exactly")
     g.add_argument("--overwrite", action="store_true", help="start again even if OUT_DIR has a checkpoint")
     g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        help="torchrun: seconds a collective waits for the other ranks before the run stops, naming the "
+        "rank(s) that stopped answering (default 300)",
+    )
+    g.add_argument(
         "--stop-at-step",
         type=int,
         default=None,
@@ -563,7 +573,7 @@ INT_FLAGS = {
 FLOAT_FLAGS = {
     "max_lr": dict(above=0), "min_lr": dict(low=0), "weight_decay": dict(low=0), "grad_clip": dict(low=0),
     "temperature": dict(low=0), "top_p": dict(above=0, high=1), "repetition_penalty": dict(above=0),
-    "valid_fraction": dict(above=0, below=1), "gpu_memory_gb": dict(above=0),
+    "valid_fraction": dict(above=0, below=1), "gpu_memory_gb": dict(above=0), "dist_timeout": dict(above=0),
 }  # fmt: skip
 
 
@@ -601,6 +611,12 @@ def main(argv=None):
     except TrainingDiverged as err:
         print(f"error: training diverged at {err}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED) from None
+    except RanksStopped as err:
+        # No clean exit is possible: tearing down a process group with a collective still pending
+        # aborts the interpreter ("terminate called without an active exception"), so leave at once.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_RANK_STOPPED)
     except (ValueError, TypeError, OSError, RuntimeError, OverflowError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -94,6 +94,13 @@ from sparse_moe_transformer.src.data_pipeline import (
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
 from sparse_moe_transformer.src.moe_dispatch import Routing, expert_ffn, route_tokens
 from sparse_moe_transformer.src.moe_optimizer import MuonAdamW
+from sparse_moe_transformer.src.rank_checks import (
+    TIMEOUT_ENV,
+    RankHeartbeat,
+    check_same_inputs,
+    is_collective_failure,
+    process_group_timeout,
+)
 from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
 from sparse_moe_transformer.src.training_plots import METRICS_FILE, make_plots
 
@@ -870,7 +877,8 @@ def setup_runtime(device_name: str, precision: str) -> Runtime:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not torch_dist.is_initialized():
-            torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch_dist.init_process_group(backend=backend, timeout=process_group_timeout())
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
     amp_dtype = resolve_precision(precision, device)
@@ -1068,6 +1076,8 @@ def resolve_run(args) -> Run:
                 changed.append(f"{f.name} {saved[f.name]!r} -> {flag!r}")
             values[f.name] = flag
     values["seed"] = args.seed = values.get("seed", 0)  # also the synthetic-story and hold-out seed
+    if getattr(args, "dist_timeout", None) is not None:
+        os.environ[TIMEOUT_ENV] = str(args.dist_timeout)  # read by process_group_timeout()
     rt = setup_runtime(args.device, values.get("precision", "auto"))
     values["world_size"] = rt.world_size
 
@@ -1108,6 +1118,8 @@ def resolve_run(args) -> Run:
     )
     if rt.distributed and rt.is_main:
         torch_dist.barrier()
+    if rt.distributed:  # before the first step: ranks that averaged gradients of different data
+        check_same_inputs(rt, data.tokenizer, data)
     config = resolve_model_config(args.preset, overrides, saved_config, data.tokenizer.vocab_size)
     if ckpt is not None:
         check_same_config(saved_config, asdict(config), ckpt["path"])
@@ -1400,11 +1412,12 @@ def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> d
         )
     record = {"kind": "eval", "step": state.step, "tokens": state.tokens, "train_time_s": state.train_time}
     metrics.write({**record, **result, "sample": sample})
-    bar.write(
-        f"step {state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
-        + (" | best" if is_best else "")
-        + (f"\n    {sample!r}" if sample else "")
-    )
+    if rt.is_main:  # tqdm.write prints even where the bar is disabled: every rank has the same result
+        bar.write(
+            f"step {state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
+            + (" | best" if is_best else "")
+            + (f"\n    {sample!r}" if sample else "")
+        )
     return {**result, "is_best": is_best}
 
 
@@ -1415,7 +1428,7 @@ def train_main(args) -> dict:
     run = resolve_run(args)
     s, rt = run.settings, run.runtime
     log = print if rt.is_main else (lambda *a, **k: None)
-    with RunFolderLock(run.out_dir, enabled=rt.is_main):
+    with RunFolderLock(run.out_dir, enabled=rt.is_main), RankHeartbeat(rt.rank, rt.world_size) as heartbeat:
         state = build_state(run)
         if rt.is_main:
             start_run_folder(run, overwrite=args.overwrite)
@@ -1489,6 +1502,10 @@ def train_main(args) -> dict:
                 f"step {state.step + 1}: {err}: stopped without saving the damaged weights; {where}. "
                 "Lower --max-lr, keep --grad-clip on, or use --precision fp32/bf16 instead of fp16"
             ) from None
+        except RuntimeError as err:
+            if rt.distributed and is_collective_failure(err):
+                raise heartbeat.explain(err, state.step) from None
+            raise
         finally:
             bar.close()
             metrics.close()
