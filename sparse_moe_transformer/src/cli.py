@@ -367,7 +367,7 @@ MODES = ("train", "eval", "generate", "benchmark", "plan", "plot")
 # let the run do something else than asked.
 # ---------------------------------------------------------------------------------------------
 DATA_FLAGS = {"dataset", "data_files", "text_split", "text_column", "valid_fraction", "synthetic_stories",
-              "cache_dir"}  # fmt: skip
+              "cache_dir", "max_file_gb"}  # fmt: skip
 TOKENIZER_FLAGS = {"tokenizer", "vocab_size"}
 TRAINING_FLAGS = {
     "batch_size", "grad_accum_steps", "seq_len", "max_steps", "max_lr", "min_lr", "warmup_steps",
@@ -574,6 +574,7 @@ FLOAT_FLAGS = {
     "max_lr": dict(above=0), "min_lr": dict(low=0), "weight_decay": dict(low=0), "grad_clip": dict(low=0),
     "temperature": dict(low=0), "top_p": dict(above=0, high=1), "repetition_penalty": dict(above=0),
     "valid_fraction": dict(above=0, below=1), "gpu_memory_gb": dict(above=0), "dist_timeout": dict(above=0),
+    "max_file_gb": dict(above=0),
 }  # fmt: skip
 
 
