@@ -1152,9 +1152,10 @@ SCHEDULE_SHAPE = ("max_steps", "warmup_steps", "lr_schedule", "cooldown_frac")
 def check_schedule_on_resume(base: dict, s: TrainSettings, step: int, stop_at_step: int | None) -> None:
     """Refuse a resume whose new schedule shape moves the learning rate of the next step.
 
-    Re-planning is allowed only where the learning rate continues without a jump (a wsd run extended
-    before its cool-down, or a warmup made longer is not): a cool-down that restarts at the peak would
-    undo the decay the run has already done, which is never what a longer run means."""
+    Refusing rather than re-planning from the current lr: a cool-down that restarted at the peak would
+    undo the decay the run has already done, and bending the new schedule to start from today's lr is a
+    schedule no flag describes. Where the next lr is unchanged (a wsd run extended before its cool-down,
+    a cosine run still in its warmup) the new plan applies as it stands, and replan_note announces it."""
     if s.max_steps < step:
         raise ValueError(
             f"--max-steps {s.max_steps} is below the step this run has reached ({step}): the run is past "
