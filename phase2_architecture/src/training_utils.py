@@ -8,6 +8,7 @@ split "train" or "val". Phase 4 builds its full training loop on these pieces.
     train_model(model, get_batch, steps=..., lr=...)    AdamW + warmup/cosine LR + grad clipping
     save_checkpoint(path, model, optimizer, step, ...)  atomic: a crash never leaves a broken file
     load_checkpoint(path, model, optimizer)             safe: weights_only=True, map_location="cpu"
+    check_finite_weights(state_dict, path)              NaN / inf weights are refused at load
 """
 
 from __future__ import annotations
@@ -224,6 +225,25 @@ def save_checkpoint(
         torch.save(payload, f)
 
 
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint whose weights hold NaN or infinite values."""
+
+
+def check_finite_weights(state_dict: dict, path: str | os.PathLike) -> None:
+    """Raise NonFiniteWeightsError naming the file and the first tensor with a NaN or an inf.
+
+    A checksum only proves the bytes are the ones written; weights that diverged before the save (or a
+    file written without a checksum) would load and produce garbage, so every loader checks this."""
+    for name, tensor in state_dict.items():
+        floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+        if floating and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeightsError(
+                f"checkpoint {os.fspath(path)!r}: tensor {name!r} holds {bad} NaN/inf value(s) of "
+                f"{tensor.numel()}; the weights are unusable: load an earlier checkpoint or train again"
+            )
+
+
 def load_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> dict:
@@ -231,7 +251,8 @@ def load_checkpoint(
 
     Loads with weights_only=True (no arbitrary code from the file) onto the CPU; the state is then
     copied into the model's own tensors, wherever they live. Raises FileNotFoundError for a missing
-    file, ValueError for a corrupt or truncated file, or one that does not match the model.
+    file, ValueError for a corrupt or truncated file, one that does not match the model, or one whose
+    weights hold NaN/inf (NonFiniteWeightsError).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -245,6 +266,7 @@ def load_checkpoint(
         ) from err
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"{path!r} holds no 'model' state; it was not written by save_checkpoint.")
+    check_finite_weights(checkpoint["model"], path)  # before the model's own weights are touched
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:

@@ -198,3 +198,20 @@ def test_train_model_rejects_bad_arguments():
         train_model(model, make_get_batch(), steps=5, lr=1e-3, warmup_steps=10)
     with pytest.raises(ValueError, match="min_lr"):
         train_model(model, make_get_batch(), steps=5, lr=1e-3, min_lr=1.0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_load_refuses_non_finite_weights_and_leaves_the_model_untouched(tmp_path, value):
+    torch.manual_seed(0)
+    saved = GPT(CONFIG)
+    with torch.no_grad():
+        saved.blocks[1].ffn.down_proj.weight[2, 5] = value
+    path = tmp_path / "diverged.pt"
+    save_checkpoint(path, saved)
+    target = GPT(CONFIG)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(training_utils.NonFiniteWeightsError, match=r"blocks\.1\.ffn\.down_proj") as err:
+        load_checkpoint(path, target)
+    assert str(path) in str(err.value) and len(str(err.value).splitlines()) == 1
+    for k, v in target.state_dict().items():  # refused before any weight was copied in
+        assert torch.equal(v, before[k]), k

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from phase2_architecture.src.gpt import GPT, GPTConfig
-from phase2_architecture.src.training_utils import load_checkpoint, save_checkpoint
+from phase2_architecture.src.training_utils import NonFiniteWeightsError, load_checkpoint, save_checkpoint
 from phase3_components.src.char_tokenizer import CharTokenizer
 from phase5_production.src.batching import KVCachedGPTStep, PaddedBatchStep
 
@@ -69,7 +69,9 @@ def load_served_checkpoint(path) -> tuple[GPT, CharTokenizer]:
         )
     try:
         model = GPT(GPTConfig(**meta["config"]))
-        load_checkpoint(path, model)  # validates the weights against the model
+        load_checkpoint(path, model)  # validates the weights against the model, and that they are finite
+    except NonFiniteWeightsError:
+        raise  # its message already names the file and the tensor
     except (TypeError, ValueError, RuntimeError, KeyError) as err:  # a wrong config, missing weights
         detail = " ".join(str(err).split())[:200]
         raise ValueError(
@@ -192,6 +194,8 @@ def load_served_model(path, name: str | None = None) -> ServedModel:
 
     try:
         model, tokenizer, _ = load_trained_model(str(path), torch.device("cpu"))
+    except NonFiniteWeightsError:
+        raise  # its message already names the file and the tensor
     except ValueError as err:
         raise ValueError(
             f"{err} (this server reads Phase 2 checkpoints written by save_served_checkpoint and Sparse MoE "

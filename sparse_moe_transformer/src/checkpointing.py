@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from phase2_architecture.src.atomic_files import atomic_write
-from phase2_architecture.src.training_utils import save_checkpoint
+from phase2_architecture.src.training_utils import check_finite_weights, save_checkpoint
 
 CHECKPOINT_FORMAT = "llm-foundation/sparse-moe"
 CHECKPOINT_VERSION = 1
@@ -154,7 +154,8 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = BEST_NAME) -> Path
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint dict safely (weights_only=True, onto the CPU) and check it is ours.
 
-    FileNotFoundError for a missing file; ValueError for a corrupt, truncated or foreign file.
+    FileNotFoundError for a missing file; ValueError for a corrupt, truncated or foreign file, or one
+    whose weights hold NaN/inf (checksum or not).
     """
     path = resolve_checkpoint(path)
     try:
@@ -186,6 +187,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"on disk after the save); use the other checkpoint of the run ({BEST_NAME}/{LATEST_NAME}) "
             "or train again"
         )
+    check_finite_weights(checkpoint["model"], path)  # the checksum cannot tell: NaN saved is NaN read
     checkpoint["path"] = str(path)
     return checkpoint
 

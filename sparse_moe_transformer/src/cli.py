@@ -9,7 +9,8 @@
 
 Run it as `python sparse_moe_transformer/src/train.py --mode MODE ...` (or this file): `--help`
 lists every flag. Errors a user can fix print one line and exit with code 2; a diverged run exits
-with 3; a run stopped by Ctrl-C or SIGTERM saves a checkpoint and exits with 130.
+with 3; a torchrun rank whose peer stopped answering exits with 4; a run stopped by Ctrl-C or SIGTERM
+saves a checkpoint and exits with 130.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
 import sys
@@ -35,6 +37,7 @@ from sparse_moe_transformer.src.data_pipeline import (
     prepare_data,
 )
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
+from sparse_moe_transformer.src.rank_checks import RanksStopped
 from sparse_moe_transformer.src.train import (
     PRESETS,
     TRAINING_PRESETS,
@@ -58,7 +61,7 @@ from sparse_moe_transformer.src.train import (
 )
 from sparse_moe_transformer.src.training_plots import make_plots
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USAGE, EXIT_DIVERGED, EXIT_RANK_STOPPED, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -182,7 +185,7 @@ def settings_for(preset: str | None, saved: dict, config: Config, args, **fixed)
     values = {**TRAINING_PRESETS.get(preset or "cpu-demo", TRAINING_PRESETS["cpu-demo"])}
     values.update(TrainSettings.from_saved(saved))
     values.setdefault("seq_len", config.block_size)
-    asked = {name: getattr(args, name, None) for name in ("batch_size", "seq_len", "optimizer", "ns_dtype")}
+    asked = {name: getattr(args, name) for name in ("batch_size", "seq_len")}
     values.update({k: v for k, v in asked.items() if v is not None})
     values.update(world_size=1, **fixed)
     names = {f.name for f in dataclasses.fields(TrainSettings)}
@@ -203,17 +206,11 @@ def benchmark_main(args) -> dict:
         seed_everything(args.seed)
         model = SparseMoETransformer(config).to(rt.device)
         train_args = {}
+    asked = {k: v for k, v in (("optimizer", args.optimizer), ("ns_dtype", args.ns_dtype)) if v is not None}
     s = settings_for(
-        preset,
-        train_args,
-        config,
-        args,
-        grad_accum_steps=1,
-        max_steps=10**9,
-        max_lr=1e-4,
-        min_lr=1e-4,
-        warmup_steps=0,
-    )
+        preset, train_args, config, args, grad_accum_steps=1, max_steps=10**9, max_lr=1e-4, min_lr=1e-4,
+        warmup_steps=0, **asked,
+    )  # fmt: skip
     batch, seq = s.batch_size, s.seq_len
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -432,6 +429,81 @@ def plot_main(args) -> list[Path]:
 
 MODES = ("train", "eval", "generate", "benchmark", "plan", "plot")
 
+# ---------------------------------------------------------------------------------------------
+# Which flags each mode reads. A flag given to a mode that does not read it is an error: a user who
+# passes --preset to generate, or --checkpoint to --resume, expects it to act, and silence would
+# let the run do something else than asked.
+# ---------------------------------------------------------------------------------------------
+DATA_FLAGS = {"dataset", "data_files", "text_split", "text_column", "valid_fraction", "synthetic_stories",
+              "cache_dir", "max_file_gb"}  # fmt: skip
+TOKENIZER_FLAGS = {"tokenizer", "vocab_size"}
+TRAINING_FLAGS = {
+    "batch_size", "grad_accum_steps", "seq_len", "max_steps", "max_lr", "min_lr", "warmup_steps",
+    "weight_decay", "grad_clip", "lr_schedule", "cooldown_frac", "optimizer", "muon_lr", "muon_momentum",
+    "muon_weight_decay", "precision", "activation_checkpointing", "compile", "eval_interval",
+    "eval_batches", "log_interval", "save_interval", "sample_tokens", "sample_prompt", "resume",
+    "overwrite", "stop_at_step", "dist_timeout", "ns_dtype",
+}  # fmt: skip
+SAMPLING_FLAGS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                  "num_samples"}  # fmt: skip
+MODE_FLAGS = {
+    "train": {"out_dir", "device", "seed", "preset", "set", *DATA_FLAGS, *TOKENIZER_FLAGS, *TRAINING_FLAGS},
+    "eval": {"out_dir", "preset", "device", "seed", "checkpoint", *DATA_FLAGS, "precision", "batch_size",
+             "seq_len", "eval_batches"},
+    "generate": {"out_dir", "preset", "device", "seed", "checkpoint", *SAMPLING_FLAGS},
+    "benchmark": {"out_dir", "device", "seed", "checkpoint", "preset", "set", "precision", "batch_size",
+                  "seq_len", "activation_checkpointing", "compile", "max_new_tokens", "bench_steps",
+                  "bench_warmup", "bench_json", "optimizer", "ns_dtype"},
+    "plan": {"preset", "set", "batch_size", "seq_len", "precision", "optimizer", "activation_checkpointing",
+             "plan_device", "gpu_memory_gb"},
+    "plot": {"out_dir", "preset"},
+}  # fmt: skip
+# mode -> {flag: (the flags it makes unread, why)}. Without --out-dir, the run folder is runs/PRESET,
+# so --preset names the run of eval/generate/plot only while nothing else does.
+NAMES_THE_RUN = (("out_dir", "preset"), "--checkpoint names the run")
+REPLACED_BY = {
+    "eval": {"checkpoint": NAMES_THE_RUN, "out_dir": (("preset",), "--out-dir names the run")},
+    "generate": {"checkpoint": NAMES_THE_RUN, "out_dir": (("preset",), "--out-dir names the run")},
+    "plot": {"out_dir": (("preset",), "--out-dir names the run")},
+    "benchmark": {"checkpoint": (("preset", "set"), "--checkpoint names the model"),
+                  "bench_json": (("out_dir",), "--bench-json names the output file")},
+}  # fmt: skip
+# why a flag is not read, where the reason is not just "another mode's flag"
+NOT_READ_BECAUSE = {
+    ("train", "checkpoint"): "--resume continues OUT_DIR/latest.pt, no other file: name its folder --out-dir",
+    **{(mode, flag): "the checkpoint holds the model's config and its tokenizer"
+       for mode in ("eval", "generate") for flag in ("set", *TOKENIZER_FLAGS)},
+    ("generate", "precision"): "generation runs in fp32",
+}  # fmt: skip
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The dest names of the flags on the command line (a flag given with its default value counts)."""
+    unset = object()
+    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    names = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    # argparse fills in a default only where the namespace has no value yet: the marker survives
+    # exactly for the flags not given (append actions extend their value, so they start from None)
+    namespace = argparse.Namespace(**{d: None if d in appended else unset for d in names})
+    parser.parse_args(argv, namespace=namespace)
+    return {d for d, v in vars(namespace).items() if v is not unset and not (d in appended and v is None)}
+
+
+def check_mode_flags(mode: str, given: set[str]) -> None:
+    """A one-line error for the flags given to `mode` that it does not read (MODE_FLAGS, REPLACED_BY)."""
+    replaced = {}  # flag -> why it is not read
+    for flag, (flags, why) in REPLACED_BY.get(mode, {}).items():
+        if flag in given:
+            replaced.update({f: why for f in flags if f in given})
+    unread = sorted((given - MODE_FLAGS[mode] - {"mode"}) | set(replaced))
+    if not unread:
+        return
+    names = ", ".join(f"--{f.replace('_', '-')}" for f in unread)
+    reasons = sorted({NOT_READ_BECAUSE.get((mode, f), replaced.get(f, "")) for f in unread} - {""})
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    raise ValueError(f"--mode {mode} does not use {names}{why}: drop {'it' if len(unread) == 1 else 'them'}")
+
+
 EXAMPLES = """\
 examples:
   # offline demo on a fresh machine (synthetic stories, trained BPE, a few minutes on 2 CPU cores)
@@ -529,6 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/latest.pt exactly")
     g.add_argument("--overwrite", action="store_true", help="start again even if OUT_DIR has a checkpoint")
     g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        help="torchrun: seconds a collective waits for the other ranks before the run stops, naming the "
+        "rank(s) that stopped answering (default 300)",
+    )
+    g.add_argument(
         "--stop-at-step",
         type=int,
         default=None,
@@ -568,7 +647,8 @@ INT_FLAGS = {
 FLOAT_FLAGS = {
     "max_lr": dict(above=0), "min_lr": dict(low=0), "weight_decay": dict(low=0), "grad_clip": dict(low=0),
     "temperature": dict(low=0), "top_p": dict(above=0, high=1), "repetition_penalty": dict(above=0),
-    "valid_fraction": dict(above=0, below=1), "gpu_memory_gb": dict(above=0),
+    "valid_fraction": dict(above=0, below=1), "gpu_memory_gb": dict(above=0), "dist_timeout": dict(above=0),
+    "max_file_gb": dict(above=0),
 }  # fmt: skip
 
 
@@ -586,6 +666,7 @@ def check_flags(args) -> None:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
     if args.out_dir is None:
         args.out_dir = str(Path("runs") / (args.preset or "cpu-demo"))
     if args.seed is None and args.mode != "train":
@@ -599,11 +680,18 @@ def main(argv=None):
         "plot": plot_main,
     }
     try:
+        check_mode_flags(args.mode, given)
         check_flags(args)
         result = modes[args.mode](args)
     except TrainingDiverged as err:
         print(f"error: training diverged at {err}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED) from None
+    except RanksStopped as err:
+        # No clean exit is possible: tearing down a process group with a collective still pending
+        # aborts the interpreter ("terminate called without an active exception"), so leave at once.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_RANK_STOPPED)
     except (ValueError, TypeError, OSError, RuntimeError, OverflowError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -67,7 +68,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phase1_foundation.src.validation import check_int
+from phase1_foundation.src.validation import check_int, check_number
 from phase3_components.src.text_data import (
     load_text_dataset,
     open_token_file,
@@ -88,6 +89,14 @@ TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "js
 TINYSTORIES_HUB_NAME = "roneneldan/TinyStories"
 HUB_OFFLINE_ERROR = "cannot reach the Hugging Face hub: use --data-files or --dataset synthetic"
 DEFAULT_VALID_FRACTION = 0.05
+# Every document of a local file is held in memory (as Python strings, then token ids) while it is
+# tokenized, so a file is checked against a size limit before it is read (a stat, no bytes read);
+# --max-file-gb raises it for a machine with the memory.
+DEFAULT_MAX_FILE_GB = 2.0
+# A plain-text file is read as one string (a single Arrow row, sample_by="document", so that documents
+# can be cut by --text-split), and an Arrow string holds at most 2**31 - 1 bytes: a larger .txt fails
+# only after minutes of reading, whatever the limit above.
+TEXT_FILE_MAX_BYTES = 2**31 - 1
 PIPELINE_VERSION = 1  # bump when the cached bytes would change for the same inputs
 ENCODE_BATCH_DOCS = 2048  # documents per encode_batch call
 
@@ -118,6 +127,7 @@ class DataSource:
     valid_fraction: float = DEFAULT_VALID_FRACTION
     text_split: str = "auto"
     text_column: str = "text"
+    max_file_gb: float = DEFAULT_MAX_FILE_GB  # not in identity(): it decides whether, not what, is read
 
     def identity(self) -> dict:
         """Everything that determines the documents (the cache key's source part)."""
@@ -164,6 +174,7 @@ def make_data_source(
     text_column: str = "text",
     synthetic_train_stories: int = 20_000,
     synthetic_valid_stories: int = 1_000,
+    max_file_gb: float = DEFAULT_MAX_FILE_GB,
 ) -> DataSource:
     """The CLI's `--dataset NAME` or `--data-files TRAIN[,VALID]` -> a validated DataSource.
 
@@ -182,13 +193,15 @@ def make_data_source(
         ("synthetic_valid_stories", synthetic_valid_stories),
     ):
         check_int(name, n, minimum=1)
+    check_number("--max-file-gb", max_file_gb, above=0)
     common = dict(
-        seed=seed, valid_fraction=float(valid_fraction), text_split=text_split, text_column=text_column
-    )
+        seed=seed, valid_fraction=float(valid_fraction), text_split=text_split, text_column=text_column,
+        max_file_gb=float(max_file_gb),
+    )  # fmt: skip
     if data_files is not None:
         if dataset is not None:
             raise ValueError(f"use either --dataset ({dataset}) or --data-files, not both")
-        train_file, valid_file = parse_data_files(data_files)
+        train_file, valid_file = parse_data_files(data_files, max_file_gb)
         return DataSource("files", train_file=train_file, valid_file=valid_file, **common)
     dataset = "synthetic" if dataset is None else dataset
     if dataset not in DATASET_CHOICES:
@@ -204,19 +217,22 @@ def make_data_source(
     )
 
 
-def parse_data_files(data_files: str | Sequence[str]) -> tuple[str, str | None]:
+def parse_data_files(
+    data_files: str | Sequence[str], max_file_gb: float = DEFAULT_MAX_FILE_GB
+) -> tuple[str, str | None]:
     """'train.txt,valid.txt' (or a list) -> (train, valid or None), after checking both files."""
     parts = data_files.split(",") if isinstance(data_files, str) else list(data_files)
     parts = [p.strip() for p in parts]
     if not 1 <= len(parts) <= 2 or not all(parts):
         raise ValueError(f"--data-files takes TRAIN or TRAIN,VALID (one or two paths), got {data_files!r}")
     for p in parts:
-        check_data_file(p)
+        check_data_file(p, max_file_gb)
     return parts[0], (parts[1] if len(parts) == 2 else None)
 
 
-def check_data_file(path: str) -> str:
-    """The file exists, is a regular non-empty readable file with a supported suffix; returns its format."""
+def check_data_file(path: str, max_file_gb: float = DEFAULT_MAX_FILE_GB) -> str:
+    """The file exists, is a regular non-empty readable file with a supported suffix, of a size that can be
+    read (check_data_file_size); returns its format."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data file not found: {path} (check the path given to --data-files)")
@@ -232,7 +248,25 @@ def check_data_file(path: str) -> str:
         raise ValueError(f"data file is empty: {path} (it needs at least one document)")
     if not os.access(p, os.R_OK):
         raise PermissionError(f"cannot read data file {path}: permission denied (fix its permissions)")
+    check_data_file_size(path, TEXT_SUFFIXES[suffix], max_file_gb)
     return TEXT_SUFFIXES[suffix]
+
+
+def check_data_file_size(path: str, fmt: str, max_file_gb: float) -> None:
+    """A clear error for a file too large to read, from its size alone (before any byte is read)."""
+    size = Path(path).stat().st_size
+    if fmt == "text" and size > TEXT_FILE_MAX_BYTES:
+        raise ValueError(
+            f"data file {path} is {size / 2**30:.2f} GiB: a plain-text file is read as one string, at most "
+            f'2 GiB; convert it to .jsonl with one {{"text": ...}} object per line (one per document), which '
+            "is read in pieces"
+        )
+    if size > max_file_gb * 2**30:
+        raise ValueError(
+            f"data file {path} is {size / 2**30:.2f} GiB, above the limit of {max_file_gb:g} GiB: all its "
+            "documents are held in memory while they are tokenized; pass --max-file-gb "
+            f"{math.ceil(size / 2**30)} if this machine has the memory, or use a smaller file"
+        )
 
 
 def _file_identity(path: str) -> dict:
@@ -292,7 +326,7 @@ def load_file_documents(
 
     Returns (documents, number of empty documents skipped).
     """
-    fmt = check_data_file(path)
+    fmt = check_data_file(path, source.max_file_gb)
     try:
         if fmt == "text":
             # one row holding the whole file (sample_by="document"), cut by the documented rule
@@ -797,6 +831,11 @@ def add_data_arguments(parser) -> None:
         "--vocab-size", type=int, default=None, help="ids of the trained bpe tokenizer (default 4096)"
     )
     g.add_argument("--cache-dir", default=None, help=f"token cache folder (default: {default_cache_dir()})")
+    g.add_argument(
+        "--max-file-gb", type=float, default=None,
+        help=f"largest local data file read, in GiB (default {DEFAULT_MAX_FILE_GB:g}): its documents are "
+        "held in memory while tokenized",
+    )  # fmt: skip
 
 
 def data_source_from_namespace(args) -> DataSource:
@@ -812,6 +851,7 @@ def data_source_from_namespace(args) -> DataSource:
         text_column=args.text_column,
         synthetic_train_stories=n_train,
         synthetic_valid_stories=n_valid,
+        max_file_gb=getattr(args, "max_file_gb", None) or DEFAULT_MAX_FILE_GB,
     )
 
 

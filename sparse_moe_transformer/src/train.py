@@ -95,6 +95,13 @@ from sparse_moe_transformer.src.data_pipeline import (
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
 from sparse_moe_transformer.src.moe_dispatch import Routing, expert_ffn, route_tokens
 from sparse_moe_transformer.src.moe_optimizer import MuonAdamW
+from sparse_moe_transformer.src.rank_checks import (
+    TIMEOUT_ENV,
+    RankHeartbeat,
+    check_same_inputs,
+    is_collective_failure,
+    process_group_timeout,
+)
 from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
 from sparse_moe_transformer.src.training_plots import METRICS_FILE, make_plots
 
@@ -882,7 +889,8 @@ def setup_runtime(device_name: str, precision: str, ns_dtype: str = "auto") -> R
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not torch_dist.is_initialized():
-            torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch_dist.init_process_group(backend=backend, timeout=process_group_timeout())
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
     choice = choose_precision(precision, device)
@@ -1080,6 +1088,8 @@ def resolve_run(args) -> Run:
                 changed.append(f"{f.name} {saved[f.name]!r} -> {flag!r}")
             values[f.name] = flag
     values["seed"] = args.seed = values.get("seed", 0)  # also the synthetic-story and hold-out seed
+    if getattr(args, "dist_timeout", None) is not None:
+        os.environ[TIMEOUT_ENV] = str(args.dist_timeout)  # read by process_group_timeout()
     rt = setup_runtime(args.device, values.get("precision", "auto"), values.get("ns_dtype", "auto"))
     values["world_size"] = rt.world_size
 
@@ -1120,9 +1130,14 @@ def resolve_run(args) -> Run:
     )
     if rt.distributed and rt.is_main:
         torch_dist.barrier()
+    if rt.distributed:  # before the first step: ranks that averaged gradients of different data
+        check_same_inputs(rt, data.tokenizer, data)
     config = resolve_model_config(args.preset, overrides, saved_config, data.tokenizer.vocab_size)
     if ckpt is not None:
         check_same_config(saved_config, asdict(config), ckpt["path"])
+        base = {**TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"]), **saved}
+        check_schedule_on_resume(base, s, int(ckpt["step"]), args.stop_at_step)
+        changed = [replan_note(c, s, int(ckpt["step"])) for c in changed]
 
     # -- what would otherwise fail after the last step ---------------------------------------------
     if len(data.valid_tokens) < s.seq_len + 1:
@@ -1139,6 +1154,66 @@ def resolve_run(args) -> Run:
     return Run(
         out_dir, preset, config, s, rt, data, data.tokenizer, args.sample_prompt, stop_at, ckpt, changed
     )
+
+
+# The flags that shape the schedule over the steps (not its height: a new --max-lr is the user's own
+# choice and is applied as asked). Changing them on resume re-plans the remaining steps.
+SCHEDULE_SHAPE = ("max_steps", "warmup_steps", "lr_schedule", "cooldown_frac")
+
+
+def check_schedule_on_resume(base: dict, s: TrainSettings, step: int, stop_at_step: int | None) -> None:
+    """Refuse a resume whose new schedule shape moves the learning rate of the next step.
+
+    Refusing rather than re-planning from the current lr: a cool-down that restarted at the peak would
+    undo the decay the run has already done, and bending the new schedule to start from today's lr is a
+    schedule no flag describes. Where the next lr is unchanged (a wsd run extended before its cool-down,
+    a cosine run still in its warmup) the new plan applies as it stands, and replan_note announces it."""
+    if s.max_steps < step:
+        raise ValueError(
+            f"--max-steps {s.max_steps} is below the step this run has reached ({step}): the run is past "
+            f"that schedule's end; pass --max-steps {step} or more, or evaluate its checkpoint as it is"
+        )
+    if stop_at_step is not None and stop_at_step <= step:
+        raise ValueError(
+            f"--stop-at-step {stop_at_step} is not after the step this run has reached ({step}): "
+            f"pass a later step, or drop --stop-at-step"
+        )
+    old = replace(s, **{k: base[k] for k in SCHEDULE_SHAPE if k in base})
+    new_lr, old_lr = lr_at(step, s), lr_at(step, old)
+    if math.isclose(new_lr, old_lr, rel_tol=1e-9, abs_tol=0.0):
+        return
+    moved = [k for k in SCHEDULE_SHAPE if getattr(old, k) != getattr(s, k)]
+    asked = ", ".join(f"--{k.replace('_', '-')} {getattr(s, k)}" for k in moved)
+    keep = ", ".join(f"--{k.replace('_', '-')} {getattr(old, k)}" for k in moved)
+    extend = ""
+    if old.lr_schedule == "wsd":
+        start = wsd_cooldown_start(old) + 1
+        extend = f"; a wsd run can be extended before its cool-down starts at step {start}"
+    raise ValueError(
+        f"{asked} on resume would move the learning rate of step {step + 1} from {old_lr:.3g} to "
+        f"{new_lr:.3g} (the schedule is planned over the whole run): keep {keep}, or train into a new "
+        f"--out-dir{extend}"
+    )
+
+
+def wsd_cooldown_start(s: TrainSettings) -> int:
+    """The 0-based index of the first wsd cool-down step (as lr_at computes it); the log numbers steps
+    from 1, so the log calls it step index + 1."""
+    return s.max_steps - round(s.cooldown_frac * s.max_steps)
+
+
+def replan_note(change: str, s: TrainSettings, step: int) -> str:
+    """A changed max_steps, announced with the re-planned schedule the remaining steps will follow."""
+    if not change.startswith("max_steps "):
+        return change
+    if s.lr_schedule == "wsd":
+        plan = (
+            f"lr {lr_at(step, s):.3g}, then a linear cool-down towards {s.min_lr:.3g} over steps "
+            f"{wsd_cooldown_start(s) + 1}-{s.max_steps}"
+        )
+    else:
+        plan = f"cosine from lr {lr_at(step, s):.3g} towards {s.min_lr:.3g} by step {s.max_steps}"
+    return f"{change} (schedule re-planned: {plan})"
 
 
 @dataclass
@@ -1356,11 +1431,12 @@ def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> d
         )
     record = {"kind": "eval", "step": state.step, "tokens": state.tokens, "train_time_s": state.train_time}
     metrics.write({**record, **result, "sample": sample})
-    bar.write(
-        f"step {state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
-        + (" | best" if is_best else "")
-        + (f"\n    {sample!r}" if sample else "")
-    )
+    if rt.is_main:  # tqdm.write prints even where the bar is disabled: every rank has the same result
+        bar.write(
+            f"step {state.step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_ppl']:.2f}"
+            + (" | best" if is_best else "")
+            + (f"\n    {sample!r}" if sample else "")
+        )
     return {**result, "is_best": is_best}
 
 
@@ -1371,7 +1447,7 @@ def train_main(args) -> dict:
     run = resolve_run(args)
     s, rt = run.settings, run.runtime
     log = print if rt.is_main else (lambda *a, **k: None)
-    with RunFolderLock(run.out_dir, enabled=rt.is_main):
+    with RunFolderLock(run.out_dir, enabled=rt.is_main), RankHeartbeat(rt.rank, rt.world_size) as heartbeat:
         state = build_state(run)
         if rt.is_main:
             start_run_folder(run, overwrite=args.overwrite)
@@ -1446,6 +1522,10 @@ def train_main(args) -> dict:
                 f"step {state.step + 1}: {err}: stopped without saving the damaged weights; {where}. "
                 "Lower --max-lr, keep --grad-clip on, or use --precision fp32/bf16 instead of fp16"
             ) from None
+        except RuntimeError as err:
+            if rt.distributed and is_collective_failure(err):
+                raise heartbeat.explain(err, state.step) from None
+            raise
         finally:
             bar.close()
             metrics.close()

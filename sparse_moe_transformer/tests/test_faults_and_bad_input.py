@@ -194,10 +194,10 @@ def test_resume_contradictions_are_refused_and_changes_are_said(tmp_path, cache_
     err = error_of(argv(out_dir, cache_dir, "--resume", "--vocab-size", "400"), capsys)
     assert "--vocab-size 400 differs" in err
     cli.main(argv(out_dir, cache_dir, "--resume", "--max-lr", "0.002", steps=8))
-    assert (
-        "changed   on resume, from this step on: max_steps 6 -> 8, max_lr 0.003 -> 0.002"
-        in capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    plan = "lr 0.002, then a linear cool-down towards 0.0003 over steps 6-8"  # wsd: the last 40% of 8 steps
+    assert f"changed   on resume, from this step on: max_steps 6 -> 8 (schedule re-planned: {plan}), " in out
+    assert "max_lr 0.003 -> 0.002" in out
 
 
 def test_a_second_trainer_on_the_same_folder_is_refused(tmp_path, cache_dir, capsys):
