@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from phase3_components.src.hardware import hardware_facts
 from sparse_moe_transformer.src.train import Config, SparseMoETransformer
 
 
@@ -48,6 +49,7 @@ def main():
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; preset {args.preset}, batch "
         f"{args.batch_size}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy"
     )
+    print(f"hardware: {hardware_facts('cpu').summary()}")
     model.generate(prompt, 4, temperature=0)  # warm-up
     cached, out_cached = tokens_per_second(model, prompt, args.new_tokens, True, args.repeats)
     full, out_full = tokens_per_second(model, prompt, args.new_tokens, False, args.repeats)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from phase3_components.src.hardware import hardware_facts, hardware_report
 from phase3_components.src.synthetic_stories import generate_stories
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, measure_saved_bytes, plan_memory
 from sparse_moe_transformer.src.text_tokenizers import train_bpe_tokenizer
@@ -273,7 +274,9 @@ def main(argv=None):
 
     result = {"preset": args.preset, "overrides": overrides, "batch": [args.batch_size, args.block_size]}
     result["torch"], result["threads"] = torch.__version__, torch.get_num_threads()
+    result["hardware"] = hardware_report("cpu")
     print(f"preset {args.preset} {overrides or ''}, batch {args.batch_size} x {args.block_size}, CPU")
+    print(f"hardware: {hardware_facts('cpu').summary()}")
     rows = saved_bytes_table(*shape, args.precisions)
     result["saved_for_backward"] = rows
     print("\nsaved for the backward pass (activations + autocast weight copies):")

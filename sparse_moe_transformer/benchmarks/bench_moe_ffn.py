@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phase3_components.src.hardware import hardware_facts
 from sparse_moe_transformer.src.cpu_memory import keep_freed_memory
 from sparse_moe_transformer.src.train import Config, SparseMoEFFN
 
@@ -226,6 +227,7 @@ def main():
         keep_freed_memory()  # as the training CLI does: big buffers are reused, not page-faulted in
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, float32")
+    print(f"hardware: {hardware_facts(args.device).summary()}")
 
     d_model, d_ff, n_expert, top_k = 512, 1024, 16, 2
     print(f"MoE FFN: d_model {d_model}, d_ff {d_ff}, {n_expert} experts, top-{top_k}; "
