@@ -19,23 +19,11 @@ from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase3_components.src.char_tokenizer import CharTokenizer
 from phase5_production.src.served_models import load_served_model
 from phase5_production.src.server import make_server
-from sparse_moe_transformer.src.cli import main as cli_main
 
 LONG_PROMPT = (
     "Once upon a time there was a little dog named Max. He liked to play in the park with his friends, "
     "and every day he ran to the big tree."
 )
-
-
-def train_tiny_moe(root) -> str:
-    """A tiny MoE trained for 2 steps by the real CLI (a few seconds): its run folder."""
-    data = "--dataset synthetic --synthetic-stories 50 --tokenizer bpe --vocab-size 300".split()
-    fast = "--max-steps 2 --warmup-steps 0 --batch-size 2 --eval-interval 2 --eval-batches 1"
-    fast += " --sample-tokens 0"
-    argv = ["--mode", "train", "--preset", "tiny", *data, *fast.split()]
-    argv += ["--cache-dir", root / "cache", "--out-dir", root / "run"]
-    cli_main([str(a) for a in argv])
-    return root / "run"
 
 
 def serve(served, **kwargs):
@@ -52,8 +40,8 @@ def stop(server, thread):
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    served = load_served_model(train_tiny_moe(tmp_path_factory.mktemp("moe")))
+def moe(tiny_moe_run):
+    served = load_served_model(tiny_moe_run)
     server, thread = serve(served)
     yield server, served
     stop(server, thread)
@@ -215,8 +203,8 @@ def test_a_gpt_has_no_routing_it_says_so_and_still_completes():
         stop(server, thread)
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_connection_and_batch_row(tmp_path):
-    served = load_served_model(train_tiny_moe(tmp_path))
+def test_a_client_that_leaves_mid_stream_frees_its_connection_and_batch_row(tiny_moe_run):
+    served = load_served_model(tiny_moe_run)
     server, thread = serve(served, max_connections=1)
     try:
         body = {
