@@ -117,7 +117,15 @@ def test_reported_routing_equals_the_model_for_prompt_and_completion_not_streame
 
 def test_streamed_routing_comes_one_token_per_chunk_and_equals_the_model(moe):
     server, served = moe
-    events = completion(server, served, "Once upon a time", stream=True, return_routing=True)
+    # A stop string that begins with the text of a completion token: that token's text is held back
+    # (it may begin the stop string), so its chunk has no text, only the token's routing.
+    greedy = completion(server, served, "Once upon a time", stream=False, return_routing=True)["routing"]
+    held = next(e["text"] for e in greedy if not e["prompt"] and e["text"].strip())
+    events = completion(
+        server, served, "Once upon a time", stream=True, return_routing=True, stop=[held + "#"]
+    )
+    assert any(event["choices"][0]["text"] == "" for event in events[:-1])
+    assert "#" not in "".join(e["text"] for e in greedy)  # the stop string itself never comes
     n_prompt = len(served.encode("Once upon a time"))
     entries = [entry for event in events for entry in event["routing"]]
     ids = check_equals_the_model(served, entries, "Once upon a time")
