@@ -806,7 +806,8 @@ def main(argv=None) -> None:
     host, port = server.server_address[:2]
     print(
         f"serving {served.kind} model {served.name!r} on http://{host}:{port} "
-        "(GET /health, POST /v1/completions, POST /generate); Ctrl-C to stop"
+        "(GET /health, POST /v1/completions, POST /generate); Ctrl-C to stop\n"
+        f"open http://{host}:{port}/ in a browser for the playground page"
     )
     try:
         server.serve_forever()
