@@ -54,7 +54,10 @@ def api(server, body: dict) -> tuple[int, dict]:
         "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
     )
     response = conn.getresponse()
-    return response.status, json.loads(response.read())
+    if not body.get("stream") or response.status != 200:
+        return response.status, json.loads(response.read())
+    lines = [line[6:] for line in response.read().split(b"\n") if line.startswith(b"data: ")]
+    return response.status, [json.loads(line) for line in lines[:-1]]  # the chunks, without [DONE]
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +113,16 @@ def test_the_page_streams_a_story_with_its_experts(browser, tiny_moe_run, tmp_pa
         WebDriverWait(browser, WAIT_S).until(lambda d: int(text_of(d, "generated-count")) > 0)  # streaming
         wait_until_done(browser)
 
-        # the same request to the API, not streamed: the page shows the same tokens
+        # the same request to the API: the page shows its token counts and tokens; the routing is
+        # compared exactly with the same request streamed (the page's own computation, bit for bit)
         body = {"model": served.name, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0.8}
-        status, answer = api(server, {**body, "top_p": 0.95, "seed": 3, "return_routing": True})
+        body.update(top_p=0.95, seed=3, return_routing=True)
+        status, answer = api(server, body)
         assert status == 200
-        usage, entries = answer["usage"], answer["routing"]
+        status, chunks = api(server, {**body, "stream": True})
+        assert status == 200
+        usage, entries = answer["usage"], [entry for chunk in chunks for entry in chunk["routing"]]
+        assert [e["token"] for e in entries] == [e["token"] for e in answer["routing"]]
         assert int(text_of(browser, "prompt-count")) == usage["prompt_tokens"]
         assert int(text_of(browser, "generated-count")) == usage["completion_tokens"] > 0
         tokens = browser.find_elements(By.CSS_SELECTOR, "#tokens .token")
@@ -160,7 +168,7 @@ def test_the_page_streams_a_story_with_its_experts(browser, tiny_moe_run, tmp_pa
         assert (tmp_path / "playground.png").read_bytes().startswith(b"\x89PNG")
 
         # an invalid temperature: the page shows the API's own message
-        status, error = api(server, {**body, "temperature": 5, "return_routing": True, "stream": True})
+        status, error = api(server, {**body, "temperature": 5, "stream": True})
         assert status == 400
         fill_in(browser, "Once upon a time", {**SETTINGS, "temperature": "5"})
         WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "error").is_displayed())
