@@ -105,7 +105,8 @@ def expected_counts(entries: list, n_layer: int, n_expert: int) -> list[list[int
 
 def test_the_page_streams_a_story_with_its_experts(browser, tiny_moe_run, tmp_path):
     served = load_served_model(tiny_moe_run)
-    server, thread, url = serve(served)
+    # few connections (the page and its files share them) and a short prompt limit (checked below)
+    server, thread, url = serve(served, max_connections=4, limits={"max_prompt_chars": 60})
     try:
         browser.get(url + "/")
         WebDriverWait(browser, WAIT_S).until(lambda d: "experts" in text_of(d, "model-info"))
@@ -167,12 +168,14 @@ def test_the_page_streams_a_story_with_its_experts(browser, tiny_moe_run, tmp_pa
             browser.save_screenshot(os.environ["PLAYGROUND_SCREENSHOT"])
         assert (tmp_path / "playground.png").read_bytes().startswith(b"\x89PNG")
 
-        # an invalid temperature: the page shows the API's own message
-        status, error = api(server, {**body, "temperature": 5, "stream": True})
-        assert status == 400
-        fill_in(browser, "Once upon a time", {**SETTINGS, "temperature": "5"})
-        WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "error").is_displayed())
-        assert text_of(browser, "error") == error["error"]["message"]
+        # an invalid temperature, a prompt over the server's limit: the page shows the API's own words
+        for prompt, temperature in [("Once upon a time", "5"), ("Once upon a time " * 4, "0.8")]:  # 68 > 60
+            request = {**body, "prompt": prompt, "temperature": json.loads(temperature), "stream": True}
+            status, error = api(server, request)
+            assert status == 400
+            fill_in(browser, prompt, {**SETTINGS, "temperature": temperature})  # hides the last error
+            WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "error").is_displayed())
+            assert text_of(browser, "error") == error["error"]["message"]
         # the browser reports the 400 response itself; nothing else may be logged as an error
         errors = severe_console_entries(browser)
         assert errors and all(e["source"] == "network" and "400" in e["message"] for e in errors)
@@ -186,6 +189,7 @@ def test_a_gpt_without_experts_still_streams_and_says_there_is_no_routing(browse
     gpt = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16))
     server, thread, url = serve(gpt.eval(), tokenizer=tokenizer, name="gpt")
     try:
+        browser.get_log("browser")  # what an earlier page logged is not this page's
         browser.get(url + "/")
         WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "no-routing").is_displayed())
         assert "has no experts" in text_of(browser, "no-routing")
