@@ -591,18 +591,16 @@ class GenerationHandler(BaseHTTPRequestHandler):
             "model": self.server.served.name,
         }
 
-        generation = Generation(self.server, args, args["stop"])
-        routing = None
-        if args["return_routing"]:
-            routing = RoutingReport(self.server.served, args["prompt_ids"], self.server.generation_lock)
-
         def chunk(text: str, finish_reason=None) -> dict:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-            if routing is None:
-                return {**base, "choices": [choice]}
-            # our extension: the experts of the tokens not reported yet (one chunk per token)
-            return {**base, "choices": [choice], "routing": routing.new_entries(generation.assembler.ids)}
+            if routing is not None:  # our extension: the experts of the tokens not reported yet
+                return {**base, "choices": [choice], "routing": routing.new_entries(generation.assembler.ids)}
+            return {**base, "choices": [choice]}
 
+        generation = Generation(self.server, args, args["stop"])
+        routing = None
+        if args["return_routing"]:  # one chunk per token, even where it adds no text yet
+            routing = RoutingReport(self.server.served, args["prompt_ids"], self.server.generation_lock)
         try:
             if args["stream"]:
                 self._start_stream()
