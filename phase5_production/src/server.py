@@ -13,12 +13,15 @@
     client.completions.create(model="demo_gpt", prompt="Once upon", max_tokens=50).choices[0].text
 
 Endpoints
+    GET  /                 the playground page (playground_page.py): stream a text, see its experts
     GET  /health           {"status": "ok", "kind": "gpt"|"moe", "model": {...config...}, "vocab_size", ...}
     GET  /v1/models        the one served model (its name is the checkpoint's file or folder name)
     POST /v1/completions   OpenAI's completions API: model, prompt, max_tokens, temperature, top_p,
                            stop, seed, n (1), stream. Non-streamed: one JSON object with choices and
                            usage; streamed: server-sent events of text_completion chunks, then
                            `data: [DONE]`. Errors: {"error": {"message", "type", "param", "code"}}.
+                           Our extension: "return_routing": true adds each token's experts to every
+                           chunk, for a model with experts (expert_routing.py).
     POST /generate         this course's streaming endpoint: {"prompt", "max_new_tokens", "temperature",
                            "top_k", "top_p", "repetition_penalty", "seed"} -> one event per token
                            data: {"token": "a", "index": 0} ... data: {"done": true, "text": "...", ...}
@@ -56,6 +59,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
 from phase5_production.src.batching import BatchingEngine, GenerationRequest, KVCachedGPTStep
+from phase5_production.src.expert_routing import RoutingReport, check_return_routing, describe_routing
+from phase5_production.src.playground_page import playground_file
 from phase5_production.src.served_models import (
     ServedModel,
     load_served_checkpoint,  # noqa: F401 - re-exported: `from ...server import load_served_checkpoint`
@@ -70,6 +75,7 @@ MIN_TEMPERATURE = 0.01
 MIN_TOP_P = 1e-6  # a smaller top_p keeps only the argmax, and below ~1e-38 it underflows to 0 in float32
 GENERATE_FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream")
+COMPLETION_FIELDS += ("return_routing",)  # our extension (expert_routing.py), not OpenAI's
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 
 
@@ -224,6 +230,10 @@ def parse_completion_request(raw: bytes, served: ServedModel, limits: dict) -> d
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad(f"'stream' must be true or false, got {stream!r}.", "stream")
+    try:
+        return_routing = check_return_routing(body.get("return_routing", False), served)
+    except ValueError as err:
+        raise _bad(str(err), "return_routing") from None
     return {
         "prompt_ids": _prompt_ids(body, served, limits),
         "max_new_tokens": _number(body, "max_tokens", min(16, limit), 1, limit, integer=True),  # OpenAI: 16
@@ -232,6 +242,7 @@ def parse_completion_request(raw: bytes, served: ServedModel, limits: dict) -> d
         "seed": _number(body, "seed", None, 0, 2**63 - 1, integer=True),
         "stop": _stop_sequences(body),
         "stream": stream,
+        "return_routing": return_routing,
     }
 
 
@@ -407,6 +418,13 @@ class GenerationHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_file(self, data: bytes, headers: dict[str, str]) -> None:
+        self.send_response(HTTPStatus.OK)
+        for name, value in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
     def _error_payload(self, status: int, message: str, param=None, code=None) -> dict:
         if self.openai_errors:
             kind = "invalid_request_error" if status < 500 else "server_error"
@@ -440,11 +458,13 @@ class GenerationHandler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [model]})
         elif self.path in ("/generate", "/v1/completions"):
             self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"use POST {self.path} with a JSON body.")
+        elif (page := playground_file(self.path)) is not None:  # the playground page at /
+            self._send_file(*page)
         else:
             self._error(
                 HTTPStatus.NOT_FOUND,
-                f"no endpoint {self.path!r}; use GET /health, GET /v1/models, POST /v1/completions or "
-                "POST /generate.",
+                f"no endpoint {self.path!r}; use GET / (the playground page), GET /health, GET /v1/models, "
+                "POST /v1/completions or POST /generate.",
             )
 
     def do_POST(self):
@@ -573,14 +593,19 @@ class GenerationHandler(BaseHTTPRequestHandler):
 
         def chunk(text: str, finish_reason=None) -> dict:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+            if routing is not None:  # our extension: the experts of the tokens not reported yet
+                return {**base, "choices": [choice], "routing": routing.new_entries(generation.assembler.ids)}
             return {**base, "choices": [choice]}
 
         generation = Generation(self.server, args, args["stop"])
+        routing = None
+        if args["return_routing"]:  # one chunk per token, even where it adds no text yet
+            routing = RoutingReport(self.server.served, args["prompt_ids"], self.server.generation_lock)
         try:
             if args["stream"]:
                 self._start_stream()
                 for piece, _ in generation.pieces():
-                    if piece:
+                    if piece or routing is not None:
                         self._send_event(json.dumps(chunk(piece)))
             else:
                 for _ in generation.pieces():
@@ -653,6 +678,7 @@ class GenerationServer(ThreadingHTTPServer):
             "max_batch_size": self.engine.max_batch_size,
             "kv_cache": isinstance(self.engine.next_token_logits, KVCachedGPTStep),
             "max_connections": self.max_connections,
+            "routing": describe_routing(self.served),  # None: no experts (see expert_routing.py)
         }
 
     def process_request(self, request, client_address):
@@ -778,7 +804,8 @@ def main(argv=None) -> None:
     host, port = server.server_address[:2]
     print(
         f"serving {served.kind} model {served.name!r} on http://{host}:{port} "
-        "(GET /health, POST /v1/completions, POST /generate); Ctrl-C to stop"
+        "(GET /health, POST /v1/completions, POST /generate); Ctrl-C to stop\n"
+        f"open http://{host}:{port}/ in a browser for the playground page"
     )
     try:
         server.serve_forever()

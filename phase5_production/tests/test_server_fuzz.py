@@ -65,6 +65,7 @@ VALID = {
     "stop": _text | st.lists(_text, min_size=1, max_size=4),
     "n": st.just(1),
     "stream": st.booleans(),
+    "return_routing": st.just(False),  # the fuzzed model is a GPT: it has no experts to report
 }
 INVALID = {  # out of range, wrong type, or malformed, for each field
     "prompt": st.sampled_from(["", "Hello!", "a" * 41, 5, ["a"], "\ud800"]),
@@ -79,6 +80,7 @@ INVALID = {  # out of range, wrong type, or malformed, for each field
     "stop": st.sampled_from(["", [], [""], ["a"] * 5, [1], {"a": 1}]),
     "n": st.sampled_from([0, 2, True, "1"]),
     "stream": st.sampled_from([0, 1, "true", []]),
+    "return_routing": st.sampled_from([True, 0, "true", []]),  # True: a GPT has no routing (400)
 }
 
 

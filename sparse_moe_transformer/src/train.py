@@ -461,6 +461,16 @@ class MoEOutput:
     routing: list[Routing]  # per layer: which experts each token used (routing.routed_counts [E])
 
 
+@dataclass
+class TokenRouting:
+    """The router's decisions as plain tensors, per token and layer (SparseMoETransformer.token_routing)."""
+
+    experts: torch.Tensor  # [B, T, L, k] long: the top-k experts, in the order topk ranked them
+    weights: torch.Tensor  # [B, T, L, k]: their routing weights (softmax over the k chosen logits)
+    kept: torch.Tensor  # [B, T, L, k] bool: False where the expert capacity dropped the pair
+    probs: torch.Tensor  # [B, T, L, E]: the full router distribution (softmax over all E logits)
+
+
 class SparseMoETransformer(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
@@ -578,6 +588,26 @@ class SparseMoETransformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return MoEOutput(logits, loss, router_logits, routing)
+
+    @torch.no_grad()
+    def token_routing(self, idx: torch.Tensor) -> TokenRouting:
+        """idx [B, T] -> which experts each token went to in each layer, from one forward pass.
+
+        The forward already computes these for the dispatch (Routing.topk_index / topk_weight);
+        this only regroups them by token, so asking costs a forward pass and not asking costs nothing.
+        """
+        B, T = idx.shape
+        out = self(idx)
+        N = B * T
+        experts = torch.stack([r.topk_index for r in out.routing], dim=1)  # [N, L, k]
+        weights = torch.stack([r.topk_weight for r in out.routing], dim=1)  # [N, L, k]
+        # unsort_index is slot-major ([k*N]); a dropped pair points one past the kept pairs
+        kept = torch.stack([(r.unsort_index < r.token_index.numel()).view(-1, N).t() for r in out.routing], 1)
+        probs = torch.softmax(torch.stack(out.router_logits, dim=1).float(), dim=-1)  # [N, L, E]
+        shape = (B, T, *experts.shape[1:])  # [B, T, L, k]
+        return TokenRouting(
+            experts.view(shape), weights.view(shape), kept.view(shape), probs.view(*shape[:3], -1)
+        )
 
     # ------------------------------------------------------------------------- generation
 
