@@ -106,7 +106,9 @@ def navigation(path: Path) -> tuple[list[Path], Path | None]:
     Raises ValueError when the first cell has no '**Prerequisites:**' line or the last cell no '**Next:**'.
     """
     cells = nbformat.read(path, as_version=4).cells
-    first = _markdown_line(cells[0].source, "**Prerequisites:**") if cells[0].cell_type == "markdown" else None
+    first = (
+        _markdown_line(cells[0].source, "**Prerequisites:**") if cells[0].cell_type == "markdown" else None
+    )
     last = _markdown_line(cells[-1].source, "**Next:**") if cells[-1].cell_type == "markdown" else None
     if first is None:
         raise ValueError(f"{path.name}: the first cell must be Markdown with a '**Prerequisites:**' line")

@@ -75,7 +75,9 @@ def import_problems(graph: dict[str, list[str]], imports: dict[str, set[str]]) -
         for module in sorted(modules):
             teacher = course_map.TEACHES.get(module)
             if teacher is not None and teacher not in allowed:
-                problems.append(f"{lesson} imports {module}, taught in {teacher}: not among its prerequisites")
+                problems.append(
+                    f"{lesson} imports {module}, taught in {teacher}: not among its prerequisites"
+                )
     return problems
 
 

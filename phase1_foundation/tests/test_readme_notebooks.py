@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PHASES = ["phase1_foundation", "phase2_architecture", "phase3_components", "phase4_training", "phase5_production"]
+PHASES = [
+    "phase1_foundation",
+    "phase2_architecture",
+    "phase3_components",
+    "phase4_training",
+    "phase5_production",
+]
 NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 NOTEBOOK_NAME = re.compile(r"(?<![\w.])([\w.]*\w\.ipynb)")
 COUNT = re.compile(r"\bthe (\w+) notebooks\b", re.IGNORECASE)
