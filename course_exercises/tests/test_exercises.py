@@ -108,3 +108,8 @@ def test_with_the_reference_copied_into_the_stubs_every_exercise_test_passes(pac
     results = run_exercise_tests(packages, "learner_solved", packages / "solved.xml", "-x")
     failed = {nodeid: message for nodeid, message in results.items() if message}
     assert failed == {} and len(results) >= sum(len(e.tests) for e in EXERCISES)
+
+
+def test_the_root_readme_lists_every_exercise():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert [e.name for e in EXERCISES if f"| `{e.name}` |" not in readme] == []
