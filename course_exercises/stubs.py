@@ -149,21 +149,27 @@ def _find_def(tree: ast.Module, qualname: str) -> ast.FunctionDef:
     return next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == qualname)
 
 
-def solved_module_source(stub_source: str, module: str, targets: list[str]) -> str:
-    """`stub_source` with every target's stub replaced by the reference's source, and the reference
-    module's names (its imports and helpers) made available to that source."""
+def replace_defs(stub_source: str, replacements: dict[str, str]) -> str:
+    """`stub_source` with the def of each qualname (`f`, or `C.m` in `CMethods`) replaced by a source."""
     lines = stub_source.splitlines()
     tree = ast.parse(stub_source)
     spans = []
-    for target in targets:
-        node = _find_def(tree, split_target(target)[1])
+    for qualname, source in replacements.items():
+        node = _find_def(tree, qualname)
         start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
-        reference = textwrap.indent(
-            textwrap.dedent(inspect.getsource(_reference(target))), " " * node.col_offset
-        )
-        spans.append((start, node.end_lineno, reference.rstrip("\n").splitlines()))
+        indented = textwrap.indent(textwrap.dedent(source), " " * node.col_offset)
+        spans.append((start, node.end_lineno, indented.rstrip("\n").splitlines()))
     for start, end, replacement in sorted(spans, reverse=True):
         lines[start:end] = replacement
+    return "\n".join(lines) + "\n"
+
+
+def solved_module_source(stub_source: str, module: str, targets: list[str]) -> str:
+    """`stub_source` with every target's stub replaced by the reference's source, and the reference
+    module's names (its imports and helpers) made available to that source."""
+    replacements = {split_target(t)[1]: inspect.getsource(_reference(t)) for t in targets}
+    lines = replace_defs(stub_source, replacements).splitlines()
+    tree = ast.parse(stub_source)  # the header (imports) is the same before and after
     last_import = max(n.end_lineno for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom))
     helpers = (
         f"globals().update({{k: v for k, v in vars(importlib.import_module({module!r})).items() "
