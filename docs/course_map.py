@@ -39,8 +39,8 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 TEACHES = {
     "phase1_foundation.src.backprop_from_scratch": "1.1",
     "phase1_foundation.src.autograd_engine": "1.2",
-    "phase1_foundation.src.primitives": "1.3",
-    "phase1_foundation.src.attention_mechanism": "1.4",
+    "phase1_foundation.src.primitives": "1.4",
+    "phase1_foundation.src.attention_mechanism": "1.5",
     "phase2_architecture.src.positional_encoding": "2.1",
     "phase2_architecture.src.norms": "2.1",
     "phase2_architecture.src.transformer_blocks": "2.1",

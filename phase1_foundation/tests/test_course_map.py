@@ -86,10 +86,10 @@ def test_the_checkers_catch_an_inversion_and_an_untaught_import():
     assert order_problems(graph) == ["2.1 needs 2.2, which comes later in the numbering"]
     assert order_problems({"1.1": ["1.5"]}) == ["1.1 needs 1.5, which is no lesson"]
     assert ancestors(graph, "2.1") == {"1.1", "1.2", "2.2"}
-    attention = "phase1_foundation.src.attention_mechanism"  # taught in 1.4
-    assert import_problems({"1.4": [], "2.1": ["1.4"]}, {"2.1": {attention}}) == []
-    assert import_problems({"1.4": [], "2.1": []}, {"2.1": {attention}}) == [
-        f"2.1 imports {attention}, taught in 1.4: not among its prerequisites"
+    attention = "phase1_foundation.src.attention_mechanism"  # taught in 1.5
+    assert import_problems({"1.5": [], "2.1": ["1.5"]}, {"2.1": {attention}}) == []
+    assert import_problems({"1.5": [], "2.1": []}, {"2.1": {attention}}) == [
+        f"2.1 imports {attention}, taught in 1.5: not among its prerequisites"
     ]
 
 
