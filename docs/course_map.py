@@ -70,6 +70,8 @@ TEACHES = {
     "phase5_production.src.quantization": "5.3",
     "phase5_production.src.speculative_decoding": "5.4",
     "phase5_production.src.multiple_choice_eval": "5.5",
+    "phase5_production.src.batching": "5.6",
+    "phase5_production.src.server": "5.6",
 }
 
 
