@@ -30,7 +30,7 @@ MAY_IMPORT_PRODUCTION = {
     "phase5_production/src/evaluation.py",
     "phase5_production/tests/test_server_moe.py",
     "phase5_production/tests/test_multiple_choice_eval.py",
-    "phase5_production/notebooks/multiple_choice_eval.ipynb",
+    "phase5_production/notebooks/5.5_multiple_choice_eval.ipynb",
 }
 
 

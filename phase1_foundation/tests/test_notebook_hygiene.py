@@ -27,7 +27,7 @@ def repository_notebooks() -> list[Path]:
 
 def test_repository_root_is_found_and_has_notebooks():
     assert (REPO_ROOT / "pyproject.toml").is_file()
-    assert (REPO_ROOT / "phase1_foundation" / "notebooks" / "backprop.ipynb") in repository_notebooks()
+    assert (REPO_ROOT / "phase1_foundation" / "notebooks" / "1.1_backprop.ipynb") in repository_notebooks()
 
 
 @pytest.mark.parametrize("path", repository_notebooks(), ids=lambda p: str(p.relative_to(REPO_ROOT)))

@@ -9,7 +9,7 @@ wrapped in a residual connection and a normalisation. Where the norm sits matter
 In pre-norm the residual stream `x` is a plain sum of every sub-layer's output, so the gradient
 flows from the loss to the first layer through an identity path; post-norm puts a normalisation
 on that path at every layer, which makes deep post-norm stacks hard to train without learning-
-rate warmup. `notebooks/positional_encodings_and_norms.ipynb` plots the difference.
+rate warmup. `notebooks/2.1_positional_encodings_and_norms.ipynb` plots the difference.
 
 The attention is Phase 1's `MultiHeadAttention`; the norms and FFNs come from this phase.
 Blocks:

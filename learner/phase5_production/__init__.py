@@ -1,0 +1,1 @@
+"""Your code for the exercises (see the root README)."""
