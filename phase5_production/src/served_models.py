@@ -187,6 +187,7 @@ def load_served_model(path, name: str | None = None) -> ServedModel:
     name = name or (path.stem if path.is_file() else path.name)
     if _is_phase2_checkpoint(path):
         model, tokenizer = load_served_checkpoint(path)
+        check_finite_weights(model, path)
         return ServedModel.wrap(model, tokenizer, name)
     from sparse_moe_transformer.src.train import load_trained_model
 
@@ -197,4 +198,17 @@ def load_served_model(path, name: str | None = None) -> ServedModel:
             f"{err} (this server reads Phase 2 checkpoints written by save_served_checkpoint and Sparse MoE "
             "checkpoints written by train.py --mode train)"
         ) from None
+    check_finite_weights(model, path)
     return ServedModel.wrap(model, tokenizer, name)
+
+
+def check_finite_weights(model: nn.Module, path) -> None:
+    """Refuse NaN or infinite weights at load: a checkpoint without a checksum (or one saved after a
+    diverged step) would otherwise serve empty or garbage text with status 200."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{str(path)!r} holds non-finite weights ({bad} of {tensor.numel()} values in {name!r} are "
+                "NaN or infinite); the run diverged or the file is corrupt: load an earlier checkpoint."
+            )
