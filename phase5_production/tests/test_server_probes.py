@@ -152,6 +152,31 @@ def test_idle_connections_hold_no_slot_and_health_is_always_served():
         _stop(server, thread)
 
 
+def test_generations_beyond_the_slots_get_503_while_health_answers():
+    model, tokenizer = _model_and_tokenizer()
+    server = make_server(model, tokenizer, port=0, name=NAME, max_connections=1)
+    gate, step = threading.Event(), server.engine.next_token_logits
+    server.engine.next_token_logits = lambda batch: (gate.wait(timeout=10), step(batch))[1]
+    thread = _start(server)
+    result = {}
+    first = threading.Thread(target=lambda: result.setdefault("first", _post(server, _completion())))
+    try:
+        first.start()  # holds the only slot while the model waits at the gate
+        _wait_until(lambda: server.engine.active_requests == 1)
+        status, reply = _post(server, _completion())
+        assert status == 503 and "limit of 1 connections" in reply["error"]["message"], reply
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        gate.set()
+        first.join(timeout=20)
+        _stop(server, thread)
+    assert result["first"][0] == 200
+    assert result["first"][1]["usage"]["completion_tokens"] == 3
+
+
 def test_a_request_line_then_silence_is_dropped_at_the_header_deadline():
     """A client that sends a request line but not its headers is cut after header_timeout, well
     before the body's read_timeout (30 s): recv returns within the socket's 10 s timeout."""
