@@ -315,8 +315,8 @@ class StopMatcher:
     """Finds one stop string in text fed piece by piece, in time linear in the text (Knuth-Morris-Pratt).
 
     `state` is the length of the longest prefix of the stop string that ends the text fed so far: the
-    tail to hold back from the stream. Re-searching the whole text for every token, and checking every
-    prefix of the stop string against the tail, grew with the square of both lengths.
+    tail to hold back from the stream. Searching the whole text again at every token, and trying every
+    prefix of the stop string against its end, would grow with the square of both lengths.
     """
 
     def __init__(self, stop: str):
@@ -537,7 +537,8 @@ class GenerationHandler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         """True once the client has closed its end: the socket reads as at its end (or was reset).
-        Data waiting to be read (a pipelined next request) means the client is still there."""
+        Data waiting to be read (a pipelined next request) means the client is still there. A client
+        that half-closes its sending side counts as gone: HTTP clients keep it open for the answer."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
@@ -802,14 +803,17 @@ class GenerationServer(ThreadingHTTPServer):
         self.header_timeout = read_timeout / 5 if header_timeout is None else header_timeout
         self.generation_timeout = generation_timeout
         self.max_connections = max_connections
-        self.max_idle_connections = max_idle_connections or 4 * max_connections
+        self.max_idle_connections = (
+            4 * max_connections if max_idle_connections is None else max_idle_connections
+        )
         if not 0 < self.header_timeout <= read_timeout or self.max_idle_connections < 1:
             raise ValueError(
                 f"header_timeout must be in (0, read_timeout] and max_idle_connections >= 1, got "
                 f"{self.header_timeout} and {self.max_idle_connections}."
             )
         self.busy_message = (
-            f"the server is serving its limit of {max_connections} connections; retry shortly."
+            f"the server is generating for its limit of {max_connections} requests at once "
+            "(--max-connections); retry shortly."
         )
         self._slots = threading.BoundedSemaphore(max_connections)  # requests that generate at once
         self._slot_holders: set = set()  # handlers holding a slot
@@ -921,7 +925,9 @@ class GenerationServer(ThreadingHTTPServer):
     def _refuse_connections(self) -> None:
         """Answer 503, then read what the client sent until it hangs up (at most 1 s): closing with
         unread data would reset the connection and the client would never see the 503."""
-        data = json.dumps({"error": self.busy_message, "status": 503}).encode()
+        limit = self.max_connections + self.max_idle_connections
+        message = f"the server has its limit of {limit} connections open, all busy; retry shortly."
+        data = json.dumps({"error": message, "status": 503}).encode()
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"

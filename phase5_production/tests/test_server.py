@@ -364,7 +364,7 @@ def test_when_every_connection_is_busy_the_next_gets_503_at_once():
             while chunk := extra.recv(65536):
                 reply += chunk
         status, payload = _json_reply(reply)
-        assert status == 503 and "limit of 1 connections" in payload["error"]
+        assert status == 503 and "limit of 2 connections open, all busy" in payload["error"]
         conn, response = _post(server, {"prompt": "ab" * 500})
         assert response.status == 503 and "retry" in json.loads(response.read())["error"]
         conn.close()

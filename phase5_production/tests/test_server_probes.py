@@ -164,7 +164,7 @@ def test_generations_beyond_the_slots_get_503_while_health_answers():
         first.start()  # holds the only slot while the model waits at the gate
         _wait_until(lambda: server.engine.active_requests == 1)
         status, reply = _post(server, _completion())
-        assert status == 503 and "limit of 1 connections" in reply["error"]["message"], reply
+        assert status == 503 and "limit of 1 requests" in reply["error"]["message"], reply
         conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200
