@@ -97,6 +97,7 @@ def test_abandoned_requests_free_their_batch_rows_at_the_next_token(capsys):
     def gated_step(batch):  # after 3 tokens the model waits until the clients have left
         if server.engine.steps >= 3:
             gate.wait(timeout=10)
+            time.sleep(0.005)  # a model of realistic speed: the handler threads get to run between steps
         return step(batch)
 
     server.engine.submit = lambda request: submitted.append(request) or submit(request)
