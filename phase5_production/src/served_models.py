@@ -188,7 +188,7 @@ def load_served_model(path, name: str | None = None) -> ServedModel:
         )
     name = name or (path.stem if path.is_file() else path.name)
     if _is_phase2_checkpoint(path):
-        model, tokenizer = load_served_checkpoint(path)
+        model, tokenizer = load_served_checkpoint(path)  # NaN/inf weights refused (Phase 2's loader)
         return ServedModel.wrap(model, tokenizer, name)
     from sparse_moe_transformer.src.train import load_trained_model
 

@@ -17,9 +17,12 @@ Endpoints
     GET  /health           {"status": "ok", "kind": "gpt"|"moe", "model": {...config...}, "vocab_size", ...}
     GET  /v1/models        the one served model (its name is the checkpoint's file or folder name)
     POST /v1/completions   OpenAI's completions API: model, prompt, max_tokens, temperature, top_p,
-                           stop, seed, n (1), stream. Non-streamed: one JSON object with choices and
-                           usage; streamed: server-sent events of text_completion chunks, then
-                           `data: [DONE]`. Errors: {"error": {"message", "type", "param", "code"}}.
+                           stop (at most 4, of at most 256 characters), seed, n (1), stream;
+                           presence_penalty, frequency_penalty, best_of, logit_bias, echo,
+                           suffix, logprobs and user only at their neutral values. Non-streamed:
+                           one JSON object with choices and usage; streamed: server-sent events
+                           of text_completion chunks, then `data: [DONE]`.
+                           Errors: {"error": {"message", "type", "param", "code"}}.
                            Our extension: "return_routing": true adds each token's experts to every
                            chunk, for a model with experts (expert_routing.py).
     POST /generate         this course's streaming endpoint: {"prompt", "max_new_tokens", "temperature",
@@ -31,10 +34,13 @@ large a number, unknown fields, out-of-range parameters: 400; a body sent too sl
 Content-Length: 411; too large: 413; wrong path / method: 404 / 405). A failure found while
 streaming (the model returned non-finite logits, ...) ends the stream with an error event.
 
-Robustness: a whole request (line, headers, body) must arrive within --read-timeout seconds,
-and a connection idle for as long is closed, so a silent, stalled or trickling (slow-loris) client
-cannot hold its thread; at most --max-connections connections are served at once (one thread
-each); the next ones get 503 at once.
+Robustness: a request's line and headers must arrive within a header deadline (a fifth of
+--read-timeout) of its first byte, its body within --read-timeout, and a connection idle for
+--read-timeout is closed, so a silent, stalled or trickling (slow-loris) client cannot hold its
+thread. An idle connection holds no slot and is closed, oldest first, when a new one needs room;
+at most --max-connections generation requests run at once (the next get 503 at once) and GET
+/health never waits for a slot. A client that leaves mid-request frees its batch row at the next
+token. Prompts longer than the model's context are refused (400 naming the limit), not cut.
 
 Generation: a `BatchingEngine` (batching.py) runs all requests in flight through one forward
 pass per step; each gets exactly the tokens it would get alone. The server binds to 127.0.0.1
@@ -48,6 +54,7 @@ import io
 import json
 import math
 import queue
+import select
 import socket
 import sys
 import threading
@@ -67,6 +74,7 @@ from phase5_production.src.served_models import (
     load_served_model,
     save_served_checkpoint,
 )
+from phase5_production.src.stop_strings import StopMatcher
 
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_LIMITS = {"max_prompt_chars": 2000, "max_new_tokens": 500}
@@ -77,6 +85,20 @@ GENERATE_FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", 
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream")
 COMPLETION_FIELDS += ("return_routing",)  # our extension (expert_routing.py), not OpenAI's
 MAX_STOP_SEQUENCES = 4  # as OpenAI
+# The text that could still begin a stop string is held back from the stream, so a stop string's length
+# is the longest delay a streamed piece can suffer; OpenAI's clients send short ones ("\n", "###").
+MAX_STOP_CHARS = 256
+# OpenAI fields this server does not implement, with the value that means "off". Clients send these by
+# default, so the neutral value is accepted (and ignored); any other value is a 400, never ignored.
+NEUTRAL_FIELDS = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "best_of": 1,
+    "logit_bias": {},
+    "echo": False,
+    "suffix": "",
+    "logprobs": None,  # null: no log-probabilities (nulls are dropped first, so any value is refused)
+}
 
 
 class RequestError(Exception):
@@ -113,7 +135,24 @@ def _json_object(raw: bytes) -> dict:
         ) from None
     if not isinstance(body, dict):
         raise _bad('the body must be a JSON object such as {"prompt": "Once"}.')
+    _check_unicode(body)
     return body
+
+
+def _check_unicode(body: dict) -> None:
+    """JSON may escape a lone UTF-16 surrogate (\\ud800), which is no character: refuse it by field."""
+    for name, value in body.items():
+        for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise _bad(
+                    f"'{name}' holds invalid Unicode: a lone surrogate at character {err.start}; send text "
+                    "whose \\ud800-\\udfff escapes come in high-low pairs.",
+                    name,
+                ) from None
 
 
 def _check_fields(body: dict, allowed: tuple[str, ...]) -> None:
@@ -172,6 +211,12 @@ def _prompt_ids(body: dict, served: ServedModel, limits: dict) -> list[int]:
         raise _bad(f"'prompt': {err}", "prompt") from None
     if not ids:
         raise _bad("'prompt' encodes to no tokens; send some text.", "prompt")
+    if len(ids) > served.context_length:  # refused, not cut: the model would never see its start
+        raise _bad(
+            f"'prompt' is {len(ids)} tokens; this model has a context of {served.context_length} tokens. "
+            "Shorten the prompt.",
+            "prompt",
+        )
     return ids
 
 
@@ -206,13 +251,40 @@ def _stop_sequences(body: dict) -> tuple[str, ...]:
             f"got {stop!r}.",
             "stop",
         )
+    longest = max(len(s) for s in stops)
+    if longest > MAX_STOP_CHARS:
+        raise _bad(
+            f"a 'stop' string has {longest} characters; the limit is {MAX_STOP_CHARS} characters. "
+            "Use shorter stop strings.",
+            "stop",
+        )
     return tuple(stops)
+
+
+def _accept_neutral_fields(body: dict) -> dict:
+    """The body without the unsupported OpenAI fields set to their neutral value; 400 for any other."""
+    body = dict(body)
+    for name, neutral in NEUTRAL_FIELDS.items():
+        if name not in body:
+            continue
+        value = body.pop(name)
+        if value != neutral or isinstance(value, bool) != isinstance(neutral, bool):  # False == 0
+            raise _bad(
+                f"'{name}' is not supported by this server; only its neutral value {json.dumps(neutral)} "
+                f"is accepted, got {json.dumps(value)}. Remove it or send {json.dumps(neutral)}.",
+                name,
+            )
+    user = body.pop("user", "")  # an end-user id for abuse tracking: accepted, not used
+    if not isinstance(user, str):
+        raise _bad(f"'user' must be a string, got {user!r}.", "user")
+    return body
 
 
 def parse_completion_request(raw: bytes, served: ServedModel, limits: dict) -> dict:
     """Validate a /v1/completions body (OpenAI's fields); raise RequestError (400 / 404)."""
     body = _json_object(raw)
     body = {key: value for key, value in body.items() if value is not None}  # null = the default
+    body = _accept_neutral_fields(body)
     _check_fields(body, COMPLETION_FIELDS)
     limit = limits["max_new_tokens"]  # the default never exceeds the server's limit
     model = body.get("model")
@@ -257,29 +329,35 @@ class TextAssembler:
     A byte-level BPE token can end inside a multi-byte character (decoded as U+FFFD until the rest
     arrives), and the start of a stop string must not be sent before we know whether the string
     completes. So each new token re-decodes the generated ids and releases only the text that can
-    no longer change: up to the first stop string, and short of any tail that may begin one.
+    no longer change: up to the first stop string, and short of any tail that may begin one. Only the
+    new characters go through the stop-string matchers, so matching is linear in the text.
     """
 
     def __init__(self, served: ServedModel, stop: tuple[str, ...] = ()):
         self.served, self.stop = served, stop
+        self.matchers = [StopMatcher(s) for s in stop]
         self.ids: list[int] = []
         self.text = ""  # the final text so far (cut at a stop string)
         self.sent = 0  # characters of self.text already released
         self.stopped = False
+        self.scanned_chars = 0  # characters fed to the matchers (for tests: the work done)
 
     def add(self, token_id: int) -> str:
         """Append a token; return the new text that is safe to send now (may be '')."""
+        if self.stopped:  # the text ended at a stop string: later tokens are not part of it
+            return ""
         self.ids.append(token_id)
         text = self.served.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
             return ""
-        cuts = [i for i in (text.find(s) for s in self.stop) if i != -1]
-        if cuts:
-            self.stopped, text = True, text[: min(cuts)]
-            self.text = text
-            return self._release(len(text))
+        new, offset = text[len(self.text) :], len(self.text)
         self.text = text
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.scanned_chars += len(new) * len(self.matchers)
+        cuts = [c for c in (m.feed(new, offset) for m in self.matchers) if c is not None]
+        if cuts:  # the earliest-starting stop string among those that completed in this token
+            self.stopped, self.text = True, text[: min(cuts)]
+            return self._release(len(self.text))
+        hold = max((m.state for m in self.matchers), default=0)
         return self._release(len(text) - hold)
 
     def flush(self) -> str:
@@ -333,10 +411,16 @@ class Generation:
         self.n_tokens = 0
         server.engine.submit(self.request)
 
-    def pieces(self) -> Iterator[tuple[str, int]]:
-        """(text safe to send, token index) per generated token, until the request ends."""
+    def pieces(self, client_gone=lambda: False) -> Iterator[tuple[str, int]]:
+        """(text safe to send, token index) per generated token, until the request ends.
+
+        client_gone() is asked at every token: a client that left raises ClientGone, and the caller's
+        cancel() frees its batch row at once instead of after max_new_tokens.
+        """
         try:
             for kind, value in self.request.events(timeout=self.timeout):
+                if client_gone():
+                    raise ClientGone
                 if kind == "token":
                     self.n_tokens += 1
                     yield self.assembler.add(value), self.n_tokens - 1
@@ -392,15 +476,53 @@ class GenerationHandler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._reader)
 
     def handle_one_request(self):
-        # The request line, the headers and the body must all arrive within read_timeout: a client
-        # that trickles bytes (slow loris) cannot hold its thread for longer.
+        """Wait (idle, holding no slot) for a request, then read and answer it under deadlines: the
+        request line and headers within header_timeout of its first byte, the body within read_timeout
+        after the headers. A client that trickles bytes (slow loris) cannot hold its thread longer."""
+        if not self._wait_for_request():
+            self.close_connection = True
+            return
+        self._reader.deadline = time.monotonic() + self.server.header_timeout
+        try:
+            super().handle_one_request()
+        except ClientGone:  # the client left before its answer: nothing to tell, nothing to log
+            self.close_connection = True
+        finally:
+            self.server.release_slot(self)
+
+    def _wait_for_request(self) -> bool:
+        """Idle until the first byte of a request (at most read_timeout). An idle connection may be
+        closed by the server to make room for a new one. False: closed, silent, or evicted."""
+        self.server.mark_idle(self.connection)
         self._reader.deadline = time.monotonic() + self.server.read_timeout
-        super().handle_one_request()
+        try:
+            if not self.rfile.peek(1):
+                return False
+        except (TimeoutError, OSError):
+            return False
+        return self.server.mark_busy(self.connection)
+
+    def parse_request(self) -> bool:
+        """The request line and the headers are in (within header_timeout): the body gets read_timeout."""
+        if not super().parse_request():
+            return False
+        self._reader.deadline = time.monotonic() + self.server.read_timeout
+        return True
 
     def _request_arrived(self) -> None:
         """The request is read: no more deadline; writes get the full timeout."""
         self._reader.deadline = None
         self.connection.settimeout(self.server.read_timeout)
+
+    def _client_gone(self) -> bool:
+        """True once the client has closed its end: the socket reads as at its end (or was reset).
+        Data waiting to be read (a pipelined next request) means the client is still there. A client
+        that half-closes its sending side counts as gone: HTTP clients keep it open for the answer."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or already closed
+            return True
 
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
         if self.server.verbose:
@@ -415,8 +537,11 @@ class GenerationHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError as err:  # the client left before its answer: nothing to tell, nothing to log
+            raise ClientGone from err
 
     def _send_file(self, data: bytes, headers: dict[str, str]) -> None:
         self.send_response(HTTPStatus.OK)
@@ -471,6 +596,10 @@ class GenerationHandler(BaseHTTPRequestHandler):
         self.openai_errors = self.path.startswith("/v1/")
         self._streaming = False  # True once a 200 event stream has begun: errors become events
         try:
+            if self.path in ("/generate", "/v1/completions") and not self.server.take_slot(self):
+                self._read_body()  # read first: closing on an unread body resets the connection
+                self.close_connection = True
+                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, self.server.busy_message)
             if self.path == "/generate":
                 self._generate(
                     parse_generate_request(self._read_body(), self.server.served, self.server.limits)
@@ -495,7 +624,11 @@ class GenerationHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.log_error("%s", traceback.format_exc() if self.server.verbose else repr(err))
             if not self._streaming:
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(err).__name__}: {err}")
+                message = f"internal error: {type(err).__name__}: {err}"
+                try:
+                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR, message)
+                except ClientGone:
+                    pass
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -564,7 +697,7 @@ class GenerationHandler(BaseHTTPRequestHandler):
         generation = Generation(self.server, args)
         try:
             self._start_stream()
-            for piece, index in generation.pieces():
+            for piece, index in generation.pieces(self._client_gone):
                 self._send_event(json.dumps({"token": piece, "index": index}))
         finally:
             generation.cancel()
@@ -604,11 +737,11 @@ class GenerationHandler(BaseHTTPRequestHandler):
         try:
             if args["stream"]:
                 self._start_stream()
-                for piece, _ in generation.pieces():
+                for piece, _ in generation.pieces(self._client_gone):
                     if piece or routing is not None:
                         self._send_event(json.dumps(chunk(piece)))
             else:
-                for _ in generation.pieces():
+                for _ in generation.pieces(self._client_gone):
                     pass
         finally:
             generation.cancel()
@@ -646,6 +779,8 @@ class GenerationServer(ThreadingHTTPServer):
         max_batch_size: int = 16,
         generation_timeout: float = 300.0,
         kv_cache: bool = True,
+        header_timeout: float | None = None,
+        max_idle_connections: int | None = None,
     ):
         if not read_timeout > 0 or not generation_timeout > 0:
             raise ValueError(f"timeouts must be > 0 seconds, got {read_timeout} and {generation_timeout}.")
@@ -656,9 +791,28 @@ class GenerationServer(ThreadingHTTPServer):
         self.limits = {**DEFAULT_LIMITS, **(limits or {})}
         self.verbose = verbose
         self.read_timeout = read_timeout
+        # A real client sends its request line and headers in one packet: a fifth of the body's
+        # deadline (2 s by default) is plenty for it and short for an attacker.
+        self.header_timeout = read_timeout / 5 if header_timeout is None else header_timeout
         self.generation_timeout = generation_timeout
         self.max_connections = max_connections
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_idle_connections = (
+            4 * max_connections if max_idle_connections is None else max_idle_connections
+        )
+        if not 0 < self.header_timeout <= read_timeout or self.max_idle_connections < 1:
+            raise ValueError(
+                f"header_timeout must be in (0, read_timeout] and max_idle_connections >= 1, got "
+                f"{self.header_timeout} and {self.max_idle_connections}."
+            )
+        self.busy_message = (
+            f"the server is generating for its limit of {max_connections} requests at once "
+            "(--max-connections); retry shortly."
+        )
+        self._slots = threading.BoundedSemaphore(max_connections)  # requests that generate at once
+        self._slot_holders: set = set()  # handlers holding a slot
+        self._open: set[socket.socket] = set()  # connections with a thread
+        self._idle: dict[socket.socket, None] = {}  # those waiting for a request, oldest first
+        self._connections_lock = threading.Lock()
         self._refusals: queue.Queue = queue.Queue(maxsize=64)
         threading.Thread(target=self._refuse_connections, name="refuser", daemon=True).start()
         # A model whose batch rows interact (MoE with an expert capacity) is served one request at a time.
@@ -681,21 +835,78 @@ class GenerationServer(ThreadingHTTPServer):
             "routing": describe_routing(self.served),  # None: no experts (see expert_routing.py)
         }
 
+    # Connections and slots. A connection costs a thread; an idle one (no request line yet, or
+    # between keep-alive requests) holds no slot and is closed, oldest first, to make room for a new
+    # connection. A slot is taken only by a generation request whose headers have arrived, so idle
+    # or trickling clients cannot lock out others, and GET /health never needs one.
+
     def process_request(self, request, client_address):
-        """Start a thread for the connection if a slot is free; otherwise answer 503 and close."""
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request)
-            return
+        """Start a thread for the connection (closing the oldest idle one if there are too many);
+        answer 503 and close only when every connection is busy with a request."""
+        with self._connections_lock:
+            if len(self._open) >= self.max_connections + self.max_idle_connections:
+                if not self._idle:
+                    self._refuse(request)
+                    return
+                self._evict(next(iter(self._idle)))
+            self._open.add(request)
+            self._idle[request] = None
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._forget(request)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self._forget(request)
+
+    def _forget(self, request) -> None:
+        with self._connections_lock:
+            self._open.discard(request)
+            self._idle.pop(request, None)
+
+    def _evict(self, sock: socket.socket) -> None:
+        """Close an idle connection (lock held): its thread's read ends at once and the thread exits."""
+        self._open.discard(sock)
+        self._idle.pop(sock, None)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    @property
+    def open_connections(self) -> int:
+        with self._connections_lock:
+            return len(self._open)
+
+    @property
+    def idle_connections(self) -> int:
+        with self._connections_lock:
+            return len(self._idle)
+
+    def mark_idle(self, sock: socket.socket) -> None:
+        with self._connections_lock:
+            if sock in self._open:
+                self._idle[sock] = None
+
+    def mark_busy(self, sock: socket.socket) -> bool:
+        """A request started on `sock`; False if the connection was evicted meanwhile."""
+        with self._connections_lock:
+            self._idle.pop(sock, None)
+            return sock in self._open
+
+    def take_slot(self, handler) -> bool:
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._slot_holders.add(handler)
+        return True
+
+    def release_slot(self, handler) -> None:
+        if handler in self._slot_holders:
+            self._slot_holders.discard(handler)
             self._slots.release()
 
     def _refuse(self, request: socket.socket) -> None:
@@ -708,7 +919,8 @@ class GenerationServer(ThreadingHTTPServer):
     def _refuse_connections(self) -> None:
         """Answer 503, then read what the client sent until it hangs up (at most 1 s): closing with
         unread data would reset the connection and the client would never see the 503."""
-        message = f"the server is serving its limit of {self.max_connections} connections; retry shortly."
+        limit = self.max_connections + self.max_idle_connections
+        message = f"the server has its limit of {limit} connections open, all busy; retry shortly."
         data = json.dumps({"error": message, "status": 503}).encode()
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"

@@ -317,33 +317,67 @@ def test_a_silent_connection_is_closed_after_the_read_timeout(strict_server):
     assert time.monotonic() - start < 5
 
 
-def test_slow_loris_connections_are_bounded_and_dropped(strict_server):
-    """4 connections that trickle headers fill the server; the 5th gets 503 at once; all are dropped
-    after the read timeout and the server answers again."""
-    address = strict_server.server_address[:2]
-    lorises = [socket.create_connection(address, timeout=10) for _ in range(4)]
-    for sock in lorises:
-        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+def test_slow_loris_connections_hold_no_slot_and_are_dropped_at_the_header_deadline():
+    """4 connections (= max_connections) that trickle their headers hold no slot: /health and a
+    generation are served meanwhile; each loris is dropped at the header deadline (2 s)."""
+    model, tokenizer = _model_and_tokenizer()
+    server = make_server(model, tokenizer, port=0, read_timeout=10, header_timeout=2, max_connections=4)
+    thread = _start(server)
+    lorises = [socket.create_connection(server.server_address[:2], timeout=10) for _ in range(4)]
     try:
+        for sock in lorises:
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        conn = _connection(server)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+        conn, response = _post(server, {"prompt": "ab", "max_new_tokens": 2, "temperature": 0})
+        assert response.status == 200 and _events(response)[-1]["generated_tokens"] == 2
+        conn.close()
+        for sock in lorises:
+            assert sock.recv(1024) == b""  # dropped at the header deadline, within the socket's 10 s
+    finally:
+        for sock in lorises:
+            sock.close()
+        _stop(server, thread)
+
+
+def test_when_every_connection_is_busy_the_next_gets_503_at_once():
+    """With room for 2 connections (1 slot + 1 idle) held by 2 clients mid-request (not idle, so
+    not evictable), the 3rd gets a 503 JSON at once; a client that sends a request reads it (not a
+    reset). Once the two are dropped at the header deadline, the server answers again."""
+    model, tokenizer = _model_and_tokenizer()
+    server = make_server(
+        model, tokenizer, port=0, read_timeout=10, header_timeout=2, max_connections=1, max_idle_connections=1
+    )
+    thread = _start(server)
+    address = server.server_address[:2]
+    lorises = [socket.create_connection(address, timeout=10) for _ in range(2)]
+    try:
+        for sock in lorises:
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
+        deadline = time.monotonic() + 10  # until both threads have seen their request line
+        while (server.idle_connections or server.open_connections < 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
         with socket.create_connection(address, timeout=10) as extra:
             reply = b""
             while chunk := extra.recv(65536):
                 reply += chunk
         status, payload = _json_reply(reply)
-        assert status == 503 and "limit of 4 connections" in payload["error"]
-        for _ in range(5):  # a client that sends a request reads the 503 (not a connection reset)
-            conn, response = _post(strict_server, {"prompt": "ab" * 500})
-            assert response.status == 503 and "retry" in json.loads(response.read())["error"]
-            conn.close()
+        assert status == 503 and "limit of 2 connections open, all busy" in payload["error"]
+        conn, response = _post(server, {"prompt": "ab" * 500})
+        assert response.status == 503 and "retry" in json.loads(response.read())["error"]
+        conn.close()
         for sock in lorises:
-            assert sock.recv(1024) == b""  # dropped by the read timeout
+            assert sock.recv(1024) == b""  # dropped at the header deadline
     finally:
         for sock in lorises:
             sock.close()
-    conn = _connection(strict_server)
+    conn = _connection(server)
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
     conn.close()
+    _stop(server, thread)
 
 
 def test_a_client_that_trickles_its_headers_is_dropped_after_the_read_timeout(strict_server):

@@ -53,7 +53,7 @@ json_values = st.recursive(
 
 _text = st.text(ALPHABET, min_size=1, max_size=3)
 VALID = {
-    "prompt": st.text(ALPHABET, min_size=1, max_size=30),
+    "prompt": st.text(ALPHABET, min_size=1, max_size=16),  # one character per token: fits the context of 16
     "model": st.just(NAME),
     "max_tokens": st.integers(1, 6),
     "max_new_tokens": st.integers(1, 6),
@@ -68,7 +68,7 @@ VALID = {
     "return_routing": st.just(False),  # the fuzzed model is a GPT: it has no experts to report
 }
 INVALID = {  # out of range, wrong type, or malformed, for each field
-    "prompt": st.sampled_from(["", "Hello!", "a" * 41, 5, ["a"], "\ud800"]),
+    "prompt": st.sampled_from(["", "Hello!", "a" * 17, "a" * 41, 5, ["a"], "\ud800"]),
     "model": st.sampled_from(["other", "", 1]),
     "max_tokens": st.sampled_from([0, -1, 7, 10**6, 2.5, "3", True]),
     "max_new_tokens": st.sampled_from([0, -1, 7, 10**6, 2.5, "3", True]),

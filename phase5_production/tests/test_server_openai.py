@@ -75,6 +75,14 @@ def test_openai_client_completion_equals_greedy_generation(served):
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (7, 40, 47)
 
 
+def test_the_neutral_values_clients_send_by_default_are_accepted(served):
+    server, model, tokenizer = served
+    neutral = dict(presence_penalty=0, frequency_penalty=0, best_of=1, n=1, logit_bias={}, echo=False)
+    client = _client(server)
+    result = client.completions.create(model=NAME, prompt="the cat", max_tokens=5, temperature=0, **neutral)
+    assert result.choices[0].text == _greedy(model, tokenizer, "the cat", 5)
+
+
 def test_openai_client_stream_joins_to_the_same_text(served):
     server, model, tokenizer = served
     stream = _client(server).completions.create(
@@ -127,7 +135,8 @@ def test_a_seeded_sample_is_reproducible_and_the_seed_matters(served):
         ({"n": 2}, openai.BadRequestError, "'n' must be 1"),
         ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop"),
         ({"prompt": "Hello!"}, openai.BadRequestError, "does not know"),
-        ({"logprobs": 2}, openai.BadRequestError, "unknown field"),
+        ({"logprobs": 2}, openai.BadRequestError, "not supported"),
+        ({"presence_penalty": 0.5}, openai.BadRequestError, "not supported"),
         ({"model": "gpt-4"}, openai.NotFoundError, "not served here"),
     ],
 )

@@ -137,13 +137,18 @@ def test_streamed_routing_comes_one_token_per_chunk_and_equals_the_model(moe):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_tokens_past_the_context_are_routed_in_their_own_window(moe, stream):
+    # The longest prompt the server accepts (a longer one is refused with a 400), then enough new
+    # tokens that the window slides during generation.
     server, served = moe
-    n_prompt = len(served.encode(LONG_PROMPT))
-    assert n_prompt > served.context_length  # the window slides inside the prompt already
-    result = completion(server, served, LONG_PROMPT, stream=stream, return_routing=True, max_tokens=8)
+    prompt = LONG_PROMPT
+    while len(served.encode(prompt)) > served.context_length - 2:
+        prompt = prompt[:-1]
+    n_prompt = len(served.encode(prompt))
+    result = completion(server, served, prompt, stream=stream, return_routing=True, max_tokens=12)
     events = result if stream else [result]
     entries = [entry for event in events for entry in event["routing"]]
-    assert len(check_equals_the_model(served, entries, LONG_PROMPT)) > n_prompt
+    ids = check_equals_the_model(served, entries, prompt)
+    assert len(ids) > served.context_length > n_prompt  # the last tokens were routed in a slid window
 
 
 @pytest.mark.parametrize("stream", [False, True])
