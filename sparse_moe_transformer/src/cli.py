@@ -440,6 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute each layer in the backward pass: less memory, ~30%% more compute",
     )
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        metavar="E",
+        help="under torchrun: groups of E ranks share one copy of the experts, n_expert / E per rank, "
+        "tokens sent to them by all-to-all (default 1: every rank holds every expert, DDP)",
+    )
     g.add_argument("--eval-interval", type=int, help="steps between evaluations (0 = only at the end)")
     g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (0 = all)")
     g.add_argument("--log-interval", type=int, help="steps between metrics.jsonl records")
