@@ -104,6 +104,13 @@ class ExpertParallel:
         self.bytes_sent, self.count_bytes_sent, self.sent_rows = 0, 0, []
 
 
+def exchange_bytes_per_layer(tokens: int, d_model: int, top_k: int, size: int, bytes_per_value: int) -> float:
+    """Bytes one rank sends to other ranks in one layer's forward with a balanced router: tokens x
+    d_model x top_k x 2 exchanges (dispatch, return) x (E - 1) / E x bytes per value. The backward
+    sends as many again (the reverse exchanges)."""
+    return tokens * d_model * top_k * 2 * (size - 1) / size * bytes_per_value
+
+
 def init_expert_parallel(size: int, n_expert: int) -> ExpertParallel:
     """Create the process groups (every rank must call this, in the same order) for E = size."""
     world_size, rank = dist.get_world_size(), dist.get_rank()

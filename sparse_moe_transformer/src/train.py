@@ -1097,7 +1097,7 @@ def resolve_run(args) -> Run:
     values["seed"] = args.seed = values.get("seed", 0)  # also the synthetic-story and hold-out seed
     rt = setup_runtime(args.device, values.get("precision", "auto"))
     values["world_size"] = rt.world_size
-    values["expert_parallel"] = getattr(args, "expert_parallel", None) or 1  # this launch's, not the checkpoint's
+    values["expert_parallel"] = getattr(args, "expert_parallel", None) or 1  # the layout: never the saved one
 
     # -- model config, checked before any data work -------------------------------------------
     overrides = args.overrides  # --set FIELD=VALUE, parsed by cli.py
@@ -1109,6 +1109,8 @@ def resolve_run(args) -> Run:
         raise ValueError(f"--seq-len {values['seq_len']} exceeds the model's block_size {config.block_size}")
     s = TrainSettings(**{k: v for k, v in values.items() if k in {f.name for f in fields(TrainSettings)}})
     stop_at = min(s.max_steps, args.stop_at_step if args.stop_at_step is not None else s.max_steps)
+    if s.expert_parallel > 1:
+        check_layout(s.expert_parallel, rt.world_size, config.n_expert, rt.precision, s.compile)
 
     # -- data: rank 0 tokenizes (and trains the bpe tokenizer) once; the others read the cache ----
     if ckpt is not None:
@@ -1139,10 +1141,6 @@ def resolve_run(args) -> Run:
     config = resolve_model_config(args.preset, overrides, saved_config, data.tokenizer.vocab_size)
     if ckpt is not None:
         check_same_config(saved_config, asdict(config), ckpt["path"])
-    if s.expert_parallel > 1:
-        check_layout(
-            s.expert_parallel, rt.world_size, config.n_expert, precision=rt.precision, compile=s.compile
-        )
 
     # -- what would otherwise fail after the last step ---------------------------------------------
     if len(data.valid_tokens) < s.seq_len + 1:
