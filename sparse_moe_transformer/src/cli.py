@@ -34,7 +34,7 @@ from sparse_moe_transformer.src.data_pipeline import (
     data_source_from_namespace,
     prepare_data,
 )
-from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
+from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, plan_memory
 from sparse_moe_transformer.src.train import (
     PRESETS,
     TRAINING_PRESETS,
@@ -340,13 +340,42 @@ def plan_main(args) -> dict:
         n_muon_params=count_hidden_matrix_parameters(config) if optimizer == "muon" else 0,
         precision=precision,
         activation_checkpointing=bool(args.activation_checkpointing),
+        expert_parallel=args.expert_parallel or 1,
     )
     print(
         f"preset {preset}, batch {batch} x {block} tokens, {precision}, {optimizer or 'adamw'}"
         f"{', activation checkpointing' if args.activation_checkpointing else ''}"
     )
     print(format_memory_plan(plan, budget_gb=args.gpu_memory_gb))
-    return plan.as_dict()
+    largest = largest_expert_counts(config, batch, block, precision, optimizer, args)
+    print(f"\nthe most experts per layer that fit in {args.gpu_memory_gb:g} GiB per rank, by E:")
+    for E, row in largest.items():
+        print(
+            f"  E = {E}: " + (f"{row['n_expert']:>5} experts, {row['params'] / 1e6:9,.1f}M parameters, "
+                              f"{row['gib']:.3f} GiB per rank" if row else "not even E experts fit")
+        )  # fmt: skip
+    return {**plan.as_dict(), "largest_by_expert_parallel": largest}
+
+
+def largest_expert_counts(config, batch, block, precision, optimizer, args, limit: int = 4096) -> dict:
+    """For E = 1, 2, 4, 8: the largest n_expert (a multiple of E) whose per-rank plan fits the budget."""
+    budget = args.gpu_memory_gb * GB
+    result = {}
+    for E in (1, 2, 4, 8):
+        best = None
+        first = E * -(-max(E, config.top_k) // E)  # the smallest multiple of E that holds top_k experts
+        for n in range(first, limit + 1, E):
+            c = dataclasses.replace(config, n_expert=n)
+            plan = plan_memory(
+                c, batch, block, n_params=count_parameters(c), precision=precision, expert_parallel=E,
+                n_muon_params=count_hidden_matrix_parameters(c) if optimizer == "muon" else 0,
+                activation_checkpointing=bool(args.activation_checkpointing),
+            )  # fmt: skip
+            if plan.total > budget:
+                break
+            best = {"n_expert": n, "params": count_parameters(c), "gib": plan.total / GB}
+        result[E] = best
+    return result
 
 
 def plot_main(args) -> list[Path]:

@@ -1307,6 +1307,7 @@ def print_header(run: Run, state: TrainState) -> None:
         precision=rt.precision,
         activation_checkpointing=s.activation_checkpointing,
         on_gpu=rt.device.type == "cuda",
+        expert_parallel=s.expert_parallel,
     )
     print(format_memory_plan(plan))
     if run.resume_checkpoint is not None:

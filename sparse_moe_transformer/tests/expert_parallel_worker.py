@@ -25,6 +25,7 @@ from sparse_moe_transformer.src.expert_parallel import (
     init_expert_parallel,
     shard_experts,
 )
+from sparse_moe_transformer.src.memory_plan import activation_bytes_per_token, measure_saved_bytes
 from sparse_moe_transformer.src.moe_optimizer import MuonAdamW
 from sparse_moe_transformer.src.train import (
     Config,
@@ -173,6 +174,22 @@ def balanced_bytes(rank: int, world: int, size: int) -> dict:
     return {"forward": forward, "forward_and_backward": ep.bytes_sent, "formula": formula}
 
 
+def saved_bytes(rank: int, world: int, size: int) -> dict:
+    """What autograd saves per layer on every rank (summed over the ranks: the exchange moves pairs
+    between ranks but every pair is kept once), and the memory plan's per-rank bytes for a balanced
+    router times the number of ranks."""
+    ep = init_expert_parallel(size, CONFIG.n_expert)
+    torch.manual_seed(0)
+    model = SparseMoETransformer(CONFIG)
+    shard_experts(model, ep)
+    gen = torch.Generator().manual_seed(3 + rank)
+    x, y = (torch.randint(0, CONFIG.vocab_size, (ROWS, SEQ), generator=gen) for _ in range(2))
+    measured = torch.tensor(measure_saved_bytes(model, x, y).per_layer)  # [L]
+    dist.all_reduce(measured)
+    per_token = activation_bytes_per_token(CONFIG, 4, SEQ, expert_parallel=size)["layer"]
+    return {"measured": measured.tolist(), "planned": [world * ROWS * SEQ * per_token] * CONFIG.n_layer}
+
+
 def muon_on_slices(reference, model, ep) -> float:
     """Hand both models the reference's gradients (sliced for this rank), one MuonAdamW step each, and
     return the largest difference between the two updates."""
@@ -204,6 +221,8 @@ def main(out_dir: str, cases_json: str) -> None:
     for case in json.loads(cases_json):
         if case.get("balanced_bytes"):
             results[case["name"]] = balanced_bytes(rank, world, case["E"])
+        elif case.get("saved_bytes"):
+            results[case["name"]] = saved_bytes(rank, world, case["E"])
         else:
             results[case["name"]] = run_case(case, rank, world)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

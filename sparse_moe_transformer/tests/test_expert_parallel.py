@@ -19,7 +19,14 @@ import pytest
 import sparse_moe_transformer.src.train as train
 from sparse_moe_transformer.src import cli
 from sparse_moe_transformer.src.checkpointing import LATEST_NAME, read_checkpoint
-from sparse_moe_transformer.src.expert_parallel import check_layout
+from sparse_moe_transformer.src.expert_parallel import ExpertParallel, check_layout, shard_experts
+from sparse_moe_transformer.src.memory_plan import GB, plan_memory
+from sparse_moe_transformer.src.train import (
+    Config,
+    SparseMoETransformer,
+    count_hidden_matrix_parameters,
+    count_parameters,
+)
 
 WORKER = Path(__file__).with_name("expert_parallel_worker.py")
 TRAIN_SCRIPT = Path(train.__file__)
@@ -31,12 +38,14 @@ TWO_RANKS = [  # E = 2 on 2 processes
     {"name": "capacity drops, accumulation", "E": 2, "accum": 2, "capacity_factor": 1.0},
     {"name": "capacity drops", "E": 2, "capacity_factor": 1.0},
     {"name": "bytes", "E": 2, "balanced_bytes": True},
+    {"name": "saved bytes", "E": 2, "saved_bytes": True},
 ]
 FOUR_RANKS = [  # E = 4 on 4 processes, and E = 2 on 4 (two copies of the experts, averaged)
     {"name": "dropless, accumulation", "E": 4, "accum": 2},
     {"name": "capacity drops, accumulation", "E": 4, "accum": 2, "capacity_factor": 1.0},
     {"name": "two expert groups, accumulation", "E": 2, "accum": 2},
     {"name": "bytes", "E": 4, "balanced_bytes": True},
+    {"name": "saved bytes", "E": 4, "saved_bytes": True},
 ]
 
 
@@ -99,7 +108,7 @@ def four_ranks(tmp_path_factory):
 def ranks(request):
     cases = TWO_RANKS if request.param == "two_ranks" else FOUR_RANKS
     results = request.getfixturevalue(request.param)
-    return [(c, [r[c["name"]] for r in results]) for c in cases if not c.get("balanced_bytes")]
+    return [(c, [r[c["name"]] for r in results]) for c in cases if "accum" in c or "capacity_factor" in c]
 
 
 def test_logits_and_dropped_pairs_equal_one_process(ranks):
@@ -153,6 +162,53 @@ def test_bytes_per_layer_with_a_balanced_router_equal_the_formula(fixture, reque
         b = r["bytes"]
         assert b["forward"] == b["formula"] > 0
         assert b["forward_and_backward"] == 2 * b["formula"]
+
+
+@pytest.mark.parametrize("fixture", ["two_ranks", "four_ranks"])
+def test_saved_activations_equal_the_memory_plan(fixture, request):
+    """Summed over the ranks, what autograd keeps per layer equals the plan's balanced per-rank bytes
+    times the ranks, to the byte (the expert slices, the exchange's combine and its indices)."""
+    r = request.getfixturevalue(fixture)[0]["saved bytes"]
+    assert r["measured"] == r["planned"]
+
+
+def test_memory_plan_divides_the_expert_state_by_e():
+    """Per rank: parameters, gradients and AdamW / Muon state of the model that rank really holds."""
+    config = Config.from_preset("tiny", n_expert=8)
+    for size in (1, 2, 4, 8):
+        model = SparseMoETransformer(config)
+        if size > 1:
+            shard_experts(model, ExpertParallel(size, 8, size, 1, None, None))
+        held = sum(p.numel() for p in model.parameters())
+        muon = sum(p.numel() for p in model.hidden_matrices())
+        plan = plan_memory(
+            config, 2, 16, n_params=count_parameters(config), precision="fp32", expert_parallel=size,
+            n_muon_params=count_hidden_matrix_parameters(config),
+        )  # fmt: skip
+        assert plan.parameters == plan.gradients == 4 * held, size
+        assert plan.optimizer_state == 8 * held - 4 * muon, size
+        assert plan.all_to_all_buffers == (0 if size == 1 else 2 * 2 * 16 * config.top_k * 4 * config.d_model)
+    with pytest.raises(ValueError, match="must divide n_expert"):
+        plan_memory(config, 2, 16, n_params=count_parameters(config), expert_parallel=3)
+
+
+def test_plan_mode_shows_the_most_experts_that_fit_for_each_e(capsys):
+    result = cli.main(
+        ["--mode", "plan", "--preset", "t1000", "--plan-device", "cuda", "--gpu-memory-gb", "4"]
+    )
+    largest = result["largest_by_expert_parallel"]
+    assert list(largest) == [1, 2, 4, 8]
+    counts = [largest[e]["n_expert"] for e in (1, 2, 4, 8)]
+    assert all(n % e == 0 for n, e in zip(counts, (1, 2, 4, 8)))
+    assert counts == sorted(counts) and counts[-1] > 4 * counts[0]  # sharding experts lets them grow
+    for e, row in largest.items():  # the largest that fits: E more experts would not
+        config = Config.from_preset("t1000", n_expert=row["n_expert"] + e)
+        over = plan_memory(
+            config, 4, 256, n_params=count_parameters(config), precision="fp16", expert_parallel=e,
+            n_muon_params=count_hidden_matrix_parameters(config),
+        )  # fmt: skip
+        assert row["gib"] * GB <= 4 * GB < over.total
+    assert "E = 8:" in capsys.readouterr().out
 
 
 def test_layouts_that_do_not_fit_are_one_line_errors(tmp_path, capsys):
