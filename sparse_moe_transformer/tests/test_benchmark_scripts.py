@@ -38,3 +38,14 @@ def test_bench_generation_cached_tokens_equal_recomputed_tokens():
     out = run_script("bench_generation.py", "--new-tokens", "6", "--repeats", "1")
     assert re.search(r"with KV cache\s+[\d.]+ tokens/s", out)
     assert "same tokens: True" in out
+
+
+def test_bench_expert_parallel_reports_both_layouts_per_rank():
+    out = run_script(
+        "bench_expert_parallel.py", "--preset", "tiny", "--batch-size", "2", "--seq-len", "8", "--steps", "1",
+        "--warmup", "0",
+    )  # fmt: skip
+    rate = r"rank [01]: +[\d,]+ tokens/s, +[\d.]+ ms/step, peak RSS +\d+ MiB"
+    assert len(re.findall(r"E = 1 \(DDP\) +" + rate, out)) == 2
+    exchanged = r"exchanges [\d.]+ MiB/step \(balanced formula [\d.]+ MiB\)"
+    assert len(re.findall(r"E = 2 \(expert parallel\) +" + rate + r".*" + exchanged, out)) == 2
