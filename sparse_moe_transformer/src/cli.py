@@ -349,6 +349,8 @@ def plan_main(args) -> dict:
     print(format_memory_plan(plan, budget_gb=args.gpu_memory_gb))
     largest = largest_expert_counts(config, batch, block, precision, optimizer, args)
     print(f"\nthe most experts per layer that fit in {args.gpu_memory_gb:g} GiB per rank, by E:")
+    if precision == "fp16":
+        print("  (E > 1 trains in bf16 or fp32, not fp16; bf16 needs the bytes planned here for fp16)")
     for E, row in largest.items():
         print(
             f"  E = {E}: " + (f"{row['n_expert']:>5} experts, {row['params'] / 1e6:9,.1f}M parameters, "

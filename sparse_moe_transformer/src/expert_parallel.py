@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -90,7 +90,6 @@ class ExpertParallel:
     replica_group: dist.ProcessGroup | None  # the W / E ranks holding the same experts (None if W == E)
     bytes_sent: int = 0  # token bytes sent to other ranks by the exchanges, forward and backward
     count_bytes_sent: int = 0  # bytes of the count exchanges
-    sent_rows: list[int] = field(default_factory=list)  # per dispatch: rows this rank sent to others
 
     @property
     def n_local(self) -> int:
@@ -101,7 +100,7 @@ class ExpertParallel:
         return self.group_rank * self.n_local
 
     def reset_counters(self) -> None:
-        self.bytes_sent, self.count_bytes_sent, self.sent_rows = 0, 0, []
+        self.bytes_sent, self.count_bytes_sent = 0, 0
 
 
 def exchange_bytes_per_layer(tokens: int, d_model: int, top_k: int, size: int, bytes_per_value: int) -> float:
@@ -233,7 +232,6 @@ def expert_parallel_ffn(moe: nn.Module, x: torch.Tensor, gate_logits: torch.Tens
     recv_counts = exchange_counts(counts, ep)  # [E, n_local]
     send_splits = counts.view(ep.size, ep.n_local).sum(1).tolist()  # rows to each rank of the group
     recv_splits = recv_counts.sum(1).tolist()  # rows from each rank
-    ep.sent_rows.append(sum(send_splits) - send_splits[ep.group_rank])
 
     rows = x.index_select(0, routing.token_index)  # [M, C] the kept pairs, in expert = rank order
     received = all_to_all(rows, send_splits, recv_splits, ep)  # [R, C]
@@ -423,12 +421,18 @@ def _all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
 
 
 def every_rank_batches(batches: Iterator, device: torch.device) -> Iterator:
-    """Evaluation batches padded so that every rank runs the same number of forwards (each forward is
-    collective): a rank that has run out yields (x, None), a forward whose loss is not counted."""
-    batches = list(batches)
-    n = torch.tensor([len(batches)], device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    yield from batches
-    filler = batches[0][0][:1, :1] if batches else torch.zeros(1, 1, dtype=torch.long, device=device)
-    for _ in range(int(n) - len(batches)):
-        yield filler, None
+    """Evaluation batches on every rank until every rank has run out (each forward is collective): a
+    rank that has run out yields (x, None), a forward whose loss is not counted, while others still
+    have batches. One small all-reduce per batch says whether any rank still has one."""
+    batches, filler = iter(batches), None
+    while True:
+        batch = next(batches, None)
+        more = torch.tensor([0 if batch is None else 1], device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not int(more):
+            return
+        if batch is not None:
+            filler = batch[0][:1, :1]  # [1, 1]: one token of this rank's last window
+            yield batch
+        else:
+            yield (torch.zeros(1, 1, dtype=torch.long, device=device) if filler is None else filler), None
