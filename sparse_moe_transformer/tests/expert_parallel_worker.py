@@ -74,6 +74,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     model.load_state_dict(reference.state_dict())
     shard_experts(model, ep)
     wrapped = ExpertParallelModel(model)
+    for m in (reference, model):  # the backward reruns each layer, and with it the layer's exchanges
+        m.set_activation_checkpointing(case.get("checkpointing", False))
     accum = case.get("accum", 1)
     gen = torch.Generator().manual_seed(1)
     steps = [  # 3 optimizer steps of `accum` global micro-batches [W * ROWS, SEQ]

@@ -37,6 +37,13 @@ TWO_RANKS = [  # E = 2 on 2 processes
     {"name": "dropless, accumulation", "E": 2, "accum": 2},
     {"name": "capacity drops, accumulation", "E": 2, "accum": 2, "capacity_factor": 1.0},
     {"name": "capacity drops", "E": 2, "capacity_factor": 1.0},
+    {
+        "name": "activation checkpointing, capacity drops",
+        "E": 2,
+        "accum": 1,
+        "capacity_factor": 1.0,
+        "checkpointing": True,
+    },
     {"name": "bytes", "E": 2, "balanced_bytes": True},
     {"name": "saved bytes", "E": 2, "saved_bytes": True},
 ]
