@@ -540,6 +540,11 @@ def check_flags(args) -> None:
         if getattr(args, name, None) is not None:
             check_number(f"--{name.replace('_', '-')}", getattr(args, name), **bounds)
     args.overrides = parse_overrides(args.set)
+    if getattr(args, "expert_parallel", None) not in (None, 1) and args.mode not in ("train", "plan"):
+        raise ValueError(
+            f"--expert-parallel applies to --mode train and plan, not {args.mode}: checkpoints hold every "
+            "expert, so eval and generate run in one process; drop the flag"
+        )
 
 
 def main(argv=None):

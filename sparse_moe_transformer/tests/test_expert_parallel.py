@@ -228,6 +228,9 @@ def test_layouts_that_do_not_fit_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # one process cannot hold half of the experts
         cli.main(["--mode", "train", "--expert-parallel", "2", "--out-dir", str(tmp_path), "--device", "cpu"])
     assert "--expert-parallel 2 must divide the number of ranks (1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--mode", "generate", "--expert-parallel", "2", "--checkpoint", str(tmp_path)])
+    assert "--expert-parallel applies to --mode train and plan, not generate" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the training CLI
