@@ -699,6 +699,8 @@ def load_trained_model(path: str | os.PathLike, device: torch.device | str = "cp
 #               config and tokenizer: the resumed run repeats the uninterrupted one exactly
 #   DDP         under torchrun each rank trains on its slice of every global batch; gradients are
 #               averaged by DistributedDataParallel; only rank 0 logs and saves.
+#   experts     --expert-parallel E: groups of E ranks share one copy of the experts and exchange tokens by
+#               all-to-all (expert_parallel.py); checkpoints keep one process's layout.
 
 # Training defaults per preset (model presets live in PRESETS). Every value can be overridden by its
 # flag (--batch-size, --max-lr, ...). t1000: 5,000 steps x 4 x 8 x 256 = 41M tokens on a 4 GB GPU.
