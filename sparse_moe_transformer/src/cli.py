@@ -36,7 +36,7 @@ from sparse_moe_transformer.src.data_pipeline import (
     data_source_from_namespace,
     prepare_data,
 )
-from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
+from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, plan_memory
 from sparse_moe_transformer.src.rank_checks import RanksStopped
 from sparse_moe_transformer.src.train import (
     PRESETS,
@@ -411,13 +411,44 @@ def plan_main(args) -> dict:
         n_muon_params=count_hidden_matrix_parameters(config) if optimizer == "muon" else 0,
         precision=precision,
         activation_checkpointing=bool(args.activation_checkpointing),
+        expert_parallel=args.expert_parallel or 1,
     )
     print(
         f"preset {preset}, batch {batch} x {block} tokens, {precision}, {optimizer or 'adamw'}"
         f"{', activation checkpointing' if args.activation_checkpointing else ''}"
     )
     print(format_memory_plan(plan, budget_gb=args.gpu_memory_gb))
-    return plan.as_dict()
+    largest = largest_expert_counts(config, batch, block, precision, optimizer, args)
+    print(f"\nthe most experts per layer that fit in {args.gpu_memory_gb:g} GiB per rank, by E:")
+    if precision == "fp16":
+        print("  (E > 1 trains in bf16 or fp32, not fp16; bf16 needs the bytes planned here for fp16)")
+    for E, row in largest.items():
+        print(
+            f"  E = {E}: " + (f"{row['n_expert']:>5} experts, {row['params'] / 1e6:9,.1f}M parameters, "
+                              f"{row['gib']:.3f} GiB per rank" if row else "not even E experts fit")
+        )  # fmt: skip
+    return {**plan.as_dict(), "largest_by_expert_parallel": largest}
+
+
+def largest_expert_counts(config, batch, block, precision, optimizer, args, limit: int = 4096) -> dict:
+    """For E = 1, 2, 4, 8: the largest n_expert (a multiple of E) whose per-rank plan fits the budget."""
+    budget = args.gpu_memory_gb * GB
+    result = {}
+    for E in (1, 2, 4, 8):
+        best = None
+        first = E * -(-max(E, config.top_k) // E)  # the smallest multiple of E that holds top_k experts
+        for n in range(first, limit + 1, E):
+            c = dataclasses.replace(config, n_expert=n)
+            plan = plan_memory(
+                c, batch, block, n_params=count_parameters(c), precision=precision, expert_parallel=E,
+                n_muon_params=count_hidden_matrix_parameters(c) if optimizer == "muon" else 0,
+                activation_checkpointing=bool(args.activation_checkpointing),
+            )  # fmt: skip
+            if plan.total > budget:
+                break
+            best = {"n_expert": n, "params": count_parameters(c), "gib": plan.total / GB}
+        result[E] = best
+    return result
 
 
 def plot_main(args) -> list[Path]:
@@ -442,7 +473,7 @@ TRAINING_FLAGS = {
     "weight_decay", "grad_clip", "lr_schedule", "cooldown_frac", "optimizer", "muon_lr", "muon_momentum",
     "muon_weight_decay", "precision", "activation_checkpointing", "compile", "eval_interval",
     "eval_batches", "log_interval", "save_interval", "sample_tokens", "sample_prompt", "resume",
-    "overwrite", "stop_at_step", "dist_timeout", "ns_dtype",
+    "overwrite", "stop_at_step", "dist_timeout", "ns_dtype", "expert_parallel",
 }  # fmt: skip
 SAMPLING_FLAGS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                   "num_samples"}  # fmt: skip
@@ -455,7 +486,7 @@ MODE_FLAGS = {
                   "seq_len", "activation_checkpointing", "compile", "max_new_tokens", "bench_steps",
                   "bench_warmup", "bench_json", "optimizer", "ns_dtype"},
     "plan": {"preset", "set", "batch_size", "seq_len", "precision", "optimizer", "activation_checkpointing",
-             "plan_device", "gpu_memory_gb"},
+             "plan_device", "gpu_memory_gb", "expert_parallel"},
     "plot": {"out_dir", "preset"},
 }  # fmt: skip
 # mode -> {flag: (the flags it makes unread, why)}. Without --out-dir, the run folder is runs/PRESET,
@@ -474,6 +505,8 @@ NOT_READ_BECAUSE = {
     **{(mode, flag): "the checkpoint holds the model's config and its tokenizer"
        for mode in ("eval", "generate") for flag in ("set", *TOKENIZER_FLAGS)},
     ("generate", "precision"): "generation runs in fp32",
+    **{(mode, "expert_parallel"): "a checkpoint holds every expert, so this mode runs in one process"
+       for mode in ("eval", "generate", "benchmark")},
 }  # fmt: skip
 
 
@@ -592,6 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute each layer in the backward pass: less memory, ~30%% more compute",
     )
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        metavar="E",
+        help="under torchrun: groups of E ranks share one copy of the experts, n_expert / E per rank, "
+        "tokens sent to them by all-to-all (default 1: every rank holds every expert, DDP)",
+    )
     g.add_argument("--eval-interval", type=int, help="steps between evaluations (0 = only at the end)")
     g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (0 = all)")
     g.add_argument("--log-interval", type=int, help="steps between metrics.jsonl records")

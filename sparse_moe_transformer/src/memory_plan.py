@@ -66,6 +66,14 @@ and their RMS statistics, and RoPE (pos="rope", off in the t1000 preset) the rot
 2aC bytes per token per layer (a few MiB at the t1000's batch 4 x 256), so the plan undercounts by that
 much with them on; the byte-exact tests run with both off.
 
+Expert parallelism (E ranks share one copy of the experts, expert_parallel.py), per rank: the expert
+parameters (L E (2CF + F + C)), their gradients and optimizer state are divided by E. The activations
+assume a balanced router (each rank's experts receive as many pairs as its tokens send) and add, per
+token and layer, what the exchange's combine keeps: the k returned expert outputs 4C and their weights 4,
+and two int64 indices of each pair (gather and un-sort, 16): k (4C + 20). The all-to-all buffers: one
+exchange at a time holds its send and receive buffers, 2 x tokens x k x 4C (the rows are the fp32
+LayerNorm output): a transient.
+
 `measure_saved_bytes` counts the bytes autograd really saves (saved-tensor hooks) for what training
 backpropagates (the forward and `moe_losses`), per layer and outside the layers;
 `tests/test_memory_accounting.py` holds the plan equal to it to the byte per layer, outside the
@@ -105,6 +113,8 @@ class MemoryPlan:
     backward_transient: int
     fragmentation: int
     runtime_overhead: int
+    expert_parallel: int = 1  # E: the plan is per rank; experts' state divided by E
+    all_to_all_buffers: int = 0  # expert parallelism: one exchange's send and receive buffers
 
     @property
     def model_state(self) -> int:
@@ -124,6 +134,7 @@ class MemoryPlan:
             + self.backward_transient
             + self.fragmentation
             + self.runtime_overhead
+            + self.all_to_all_buffers
         )
 
     def as_dict(self) -> dict:
@@ -148,10 +159,15 @@ def _dims(config) -> dict:
 
 
 def activation_bytes_per_token(
-    config, act_bytes: int, seq_len: int, math_attention: bool = False, on_gpu: bool = False
+    config,
+    act_bytes: int,
+    seq_len: int,
+    math_attention: bool = False,
+    on_gpu: bool = False,
+    expert_parallel: int = 1,
 ) -> dict:
     """Saved-for-backward bytes per token of one layer's parts, the router losses of one layer
-    (saved outside the layers), the embeddings and the head."""
+    (saved outside the layers), the embeddings and the head (expert_parallel > 1: balanced load)."""
     d = _dims(config)
     C, F, E, k, H = d["C"], d["F"], d["E"], d["k"], d["H"]
     a = act_bytes
@@ -173,6 +189,8 @@ def activation_bytes_per_token(
     # and 3 int64 indices
     experts = k * (a * C + a * F + a * F + a * C + a + 3 * 8)
     moe = layer_norm + a * C + router + experts + mask(a) * C  # + gate input, + residual dropout mask
+    if expert_parallel > 1:  # the combine keeps the returned rows and weights (compute dtype; measured in
+        moe += k * (a * C + a + 16)  # fp32), and the gather and un-sort indices
     # moe_losses, per layer: fp32 gate logits and softmax probs [N, E], logsumexp [N] (in fp32 always)
     router_losses = 4 * E + 4 * E + 4
     embeddings = 8 + mask(4) * C  # token ids, dropout mask
@@ -223,6 +241,12 @@ def expert_matrix_params_per_layer(config) -> int:
     return 2 * d["E"] * d["C"] * d["F"]
 
 
+def expert_parameter_count(config) -> int:
+    """Parameters of every layer's experts (w1, b1, w2, b2): L E (2CF + F + C)."""
+    d = _dims(config)
+    return d["L"] * d["E"] * (2 * d["C"] * d["F"] + d["F"] + d["C"])
+
+
 def plan_memory(
     config,
     batch_size: int,
@@ -234,6 +258,7 @@ def plan_memory(
     activation_checkpointing: bool = False,
     cuda_overhead_gb: float = 0.35,
     on_gpu: bool | None = None,
+    expert_parallel: int = 1,
 ) -> MemoryPlan:
     """Predict the memory of one training micro-batch of `batch_size` x `seq_len` tokens.
 
@@ -241,21 +266,25 @@ def plan_memory(
     `n_muon_params`: how many of them Muon updates (one fp32 state each instead of AdamW's two);
     `on_gpu`: a CUDA run (default: precision != "fp32"): adds the CUDA runtime overhead, uses the
     fused attention kernels and bool dropout masks; a CPU run with attention dropout keeps the
-    attention weights (math kernel).
+    attention weights (math kernel). `expert_parallel`: E, the plan of one rank of an expert group
+    holding n_expert / E experts (module docstring); a Muon run's expert matrices are divided too.
     """
     if precision not in PRECISION_BYTES:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISION_BYTES)}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_params", n_params)):
         check_int(name, value, minimum=1)
     check_int("n_muon_params", n_muon_params, minimum=0, maximum=n_params)
+    check_int("expert_parallel", expert_parallel, minimum=1)
     d = _dims(config)
+    if d["E"] % expert_parallel:
+        raise ValueError(f"expert_parallel {expert_parallel} must divide n_expert ({d['E']})")
     if seq_len > d["block_size"]:
         raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {d['block_size']}")
     act = PRECISION_BYTES[precision]
     tokens = batch_size * seq_len
     on_gpu = precision != "fp32" if on_gpu is None else on_gpu
     math_attention = not on_gpu and d["attn_dropout"] > 0  # CPU SDPA with dropout: the math kernel
-    per_token = activation_bytes_per_token(config, act, seq_len, math_attention, on_gpu)
+    per_token = activation_bytes_per_token(config, act, seq_len, math_attention, on_gpu, expert_parallel)
     L = d["L"]
     if activation_checkpointing:
         kept = L * 4 * d["C"] + per_token["layer"]  # layer inputs + one rebuilt layer
@@ -269,8 +298,15 @@ def plan_memory(
     attention_layers = 1 if activation_checkpointing and not on_gpu else L
     expert_layers = 1 if activation_checkpointing else L
     attention_casts = attention_layers * attention_and_gate_params_per_layer(config)
-    expert_casts = expert_layers * expert_matrix_params_per_layer(config)
+    expert_casts = expert_layers * expert_matrix_params_per_layer(config) // expert_parallel  # this rank's
     copies = 0 if act == 4 else 2 * (attention_casts + expert_casts)
+    # expert parallelism: the other E - 1 ranks of the group hold the rest of the experts
+    elsewhere = expert_parameter_count(config) * (expert_parallel - 1) // expert_parallel
+    muon_elsewhere = 0
+    if n_muon_params:  # Muon updates every expert's w1 and w2
+        muon_elsewhere = L * expert_matrix_params_per_layer(config) * (expert_parallel - 1) // expert_parallel
+    n_params, n_muon_params = n_params - elsewhere, n_muon_params - muon_elsewhere
+    buffers = 2 * tokens * d["k"] * 4 * d["C"] if expert_parallel > 1 else 0
     return MemoryPlan(
         n_params=n_params,
         tokens_per_micro_batch=tokens,
@@ -284,6 +320,8 @@ def plan_memory(
         backward_transient=transient,
         fragmentation=int(0.10 * (activations + transient)),
         runtime_overhead=int(cuda_overhead_gb * GB) if on_gpu else 0,
+        expert_parallel=expert_parallel,
+        all_to_all_buffers=buffers,
     )
 
 
@@ -303,8 +341,13 @@ def format_memory_plan(plan: MemoryPlan, budget_gb: float | None = None) -> str:
         ("fragmentation (10% of activations)", plan.fragmentation),
         ("CUDA context + workspaces", plan.runtime_overhead),
     ]
+    if plan.expert_parallel > 1:
+        rows.append(("all-to-all buffers (one exchange)", plan.all_to_all_buffers))
     width = max(len(name) for name, _ in rows)
-    lines = [f"memory plan ({plan.n_params / 1e6:,.1f}M parameters, per process):"]
+    where = "per process"
+    if plan.expert_parallel > 1:
+        where = f"on each rank; {plan.expert_parallel} ranks share the experts"
+    lines = [f"memory plan ({plan.n_params / 1e6:,.1f}M parameters {where}):"]
     lines += [f"  {name:<{width}}  {value / GB:7.3f} GiB" for name, value in rows]
     lines.append(f"  {'total':<{width}}  {plan.total / GB:7.3f} GiB")
     if budget_gb is not None:

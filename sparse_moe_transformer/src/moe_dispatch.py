@@ -63,8 +63,18 @@ class Routing:
     dropped: int
 
 
-def route_tokens(gate_logits: torch.Tensor, top_k: int, capacity: int | None = None) -> Routing:
-    """gate_logits [N, E] -> Routing (top-k, softmax over the selected logits, one sort by expert)."""
+def route_tokens(
+    gate_logits: torch.Tensor,
+    top_k: int,
+    capacity: int | None = None,
+    capacity_offset: torch.Tensor | None = None,
+) -> Routing:
+    """gate_logits [N, E] -> Routing (top-k, softmax over the selected logits, one sort by expert).
+
+    capacity_offset [k, E] (expert parallelism): how many pairs of other ranks come before this rank's
+    slot-j pairs of expert e in the priority order of one process holding every rank's tokens; a pair
+    is kept when its position in that order is below `capacity` (expert_parallel.py).
+    """
     N, E = gate_logits.shape
     topk_logits, topk_index = torch.topk(gate_logits, top_k, dim=-1)  # [N, k], [N, k]
     topk_weight = torch.softmax(topk_logits, dim=-1)  # [N, k], positive, rows sum to 1
@@ -83,8 +93,13 @@ def route_tokens(gate_logits: torch.Tensor, top_k: int, capacity: int | None = N
         # position of each sorted pair inside its expert's slice: p - start(expert)
         starts = torch.cumsum(routed_counts, 0) - routed_counts  # [E]
         rank = torch.arange(order.numel(), device=order.device) - starts[expert_sorted]  # [k*N]
+        if capacity_offset is not None:  # + the other ranks' pairs ahead of each one (slot = order // N)
+            rank = rank + capacity_offset[order // N, expert_sorted]
         keep = rank < capacity  # [k*N]
-        kept_counts = routed_counts.clamp(max=capacity)
+        if capacity_offset is None:
+            kept_counts = routed_counts.clamp(max=capacity)
+        else:  # still a prefix of each slice, of a length that depends on the other ranks
+            kept_counts = torch.bincount(expert_sorted[keep], minlength=E)
         dropped = int(order.numel() - int(kept_counts.sum()))
         if dropped:
             token_sorted, weight_sorted, expert_sorted = (

@@ -92,6 +92,15 @@ from sparse_moe_transformer.src.data_pipeline import (
     iter_eval_batches,
     prepare_data,
 )
+from sparse_moe_transformer.src.expert_parallel import (
+    ExpertParallelModel,
+    check_layout,
+    every_rank_batches,
+    expert_parallel_ffn,
+    init_expert_parallel,
+    keep_local_optimizer_state,
+    shard_experts,
+)
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
 from sparse_moe_transformer.src.moe_dispatch import Routing, expert_ffn, route_tokens
 from sparse_moe_transformer.src.moe_optimizer import MuonAdamW
@@ -365,11 +374,15 @@ class SparseMoEFFN(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(E, C))  # [E, C]
         nn.init.normal_(self.w1, std=config.init_std)
         nn.init.normal_(self.w2, std=config.init_std)
+        self.expert_parallel = None  # set by expert_parallel.shard_experts: this rank holds a slice
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, C]
         gate_logits = self.gate(x)  # [N, E]
+        if self.expert_parallel is not None:  # the other experts live on other ranks: all-to-all
+            out, routing = expert_parallel_ffn(self, x, gate_logits, self.expert_parallel)
+            return out.reshape(shape), gate_logits, routing
         capacity = expert_capacity(x.shape[0], self.top_k, self.n_expert, self.capacity_factor)
         routing = route_tokens(gate_logits, self.top_k, capacity)
         out = expert_ffn(x, self.w1, self.b1, self.w2, self.b2, routing, self.activation)  # [N, C]
@@ -724,6 +737,8 @@ def load_trained_model(path: str | os.PathLike, device: torch.device | str = "cp
 #               config and tokenizer: the resumed run repeats the uninterrupted one exactly
 #   DDP         under torchrun each rank trains on its slice of every global batch; gradients are
 #               averaged by DistributedDataParallel; only rank 0 logs and saves.
+#   experts     --expert-parallel E: groups of E ranks share one copy of the experts and exchange tokens by
+#               all-to-all (expert_parallel.py); checkpoints keep one process's layout.
 
 # Training defaults per preset (model presets live in PRESETS). Every value can be overridden by its
 # flag (--batch-size, --max-lr, ...). t1000: 5,000 steps x 4 x 8 x 256 = 41M tokens on a 4 GB GPU.
@@ -773,6 +788,7 @@ class TrainSettings:
     compile: bool = False
     sample_tokens: int = 48  # tokens of the sample printed at each evaluation (0 = none)
     world_size: int = 1  # ranks the run was launched with (global batch = batch * accum * world)
+    expert_parallel: int = 1  # E: ranks that share one copy of the experts (expert_parallel.py)
     # Recipe options (issue 15); the defaults are the original recipe, so older checkpoints resume as before.
     lr_schedule: str = "cosine"  # "cosine": warmup + cosine; "wsd": warmup, constant, linear cool-down
     cooldown_frac: float = 0.4  # wsd: the last fraction of max_steps that decays linearly to min_lr
@@ -787,6 +803,7 @@ class TrainSettings:
             check_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_interval", "eval_batches", "save_interval", "sample_tokens"):
             check_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum=0)
+        check_int("--expert-parallel", self.expert_parallel, minimum=1)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"--warmup-steps ({self.warmup_steps}) exceeds --max-steps ({self.max_steps})")
         check_number("--max-lr", self.max_lr, above=0)
@@ -985,6 +1002,9 @@ def train_step(model, optimizer, scaler, batches, s: TrainSettings, rt: Runtime)
         stats += torch.stack([losses.lm, losses.aux, losses.z, losses.total]).detach().float()
         expert_counts += torch.stack([r.routed_counts for r in out.routing]).float()
     stats /= len(batches)
+    sync_gradients = getattr(model, "sync_gradients", None)
+    if sync_gradients is not None:  # expert parallel: each gradient averaged over the ranks holding it
+        sync_gradients()
     if rt.distributed:  # the global batch's mean losses, the same on every rank
         stats = sum_over_ranks(stats) / rt.world_size
     if not torch.isfinite(stats).all():  # checked before the update: the weights stay good
@@ -992,7 +1012,10 @@ def train_step(model, optimizer, scaler, batches, s: TrainSettings, rt: Runtime)
         raise TrainingDiverged(f"the loss is not finite (lm {lm}, aux {aux}, z {z})")
     scaler.unscale_(optimizer)  # fp16: the true gradients again before clipping
     max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm)
+    if hasattr(model, "clip_grad_norm_"):  # expert parallel: the norm counts every rank's experts
+        grad_norm = model.clip_grad_norm_(max_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm)
     if not scaler.is_enabled() and not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(f"the gradient norm is {float(grad_norm)}")
@@ -1015,7 +1038,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # [sum of loss * tokens, tokens]
-    for x, y in iter_eval_batches(
+    batches = iter_eval_batches(
         tokens,
         s.seq_len,
         s.batch_size,
@@ -1023,8 +1046,14 @@ def evaluate(
         rank=rt.rank,
         world_size=rt.world_size,
         device=rt.device,
-    ):
+    )
+    if s.expert_parallel > 1:  # every forward is collective: a rank out of batches still serves its experts
+        batches = every_rank_batches(batches, rt.device)
+    for x, y in batches:
         with rt.autocast():
+            if y is None:
+                unwrap(model)(x)
+                continue
             out = unwrap(model)(x, y, return_logits=False)
         sums += torch.stack([out.loss.double() * y.numel(), torch.tensor(y.numel(), device=rt.device)])
     if rt.distributed:
@@ -1122,6 +1151,7 @@ def resolve_run(args) -> Run:
         os.environ[TIMEOUT_ENV] = str(args.dist_timeout)  # read by process_group_timeout()
     rt = setup_runtime(args.device, values.get("precision", "auto"), values.get("ns_dtype", "auto"))
     values["world_size"] = rt.world_size
+    values["expert_parallel"] = getattr(args, "expert_parallel", None) or 1  # the layout: never the saved one
 
     # -- model config, checked before any data work -------------------------------------------
     overrides = args.overrides  # --set FIELD=VALUE, parsed by cli.py
@@ -1133,6 +1163,8 @@ def resolve_run(args) -> Run:
         raise ValueError(f"--seq-len {values['seq_len']} exceeds the model's block_size {config.block_size}")
     s = TrainSettings(**{k: v for k, v in values.items() if k in {f.name for f in fields(TrainSettings)}})
     stop_at = min(s.max_steps, args.stop_at_step if args.stop_at_step is not None else s.max_steps)
+    if s.expert_parallel > 1:
+        check_layout(s.expert_parallel, rt.world_size, config.n_expert, rt.precision, s.compile)
 
     # -- data: rank 0 tokenizes (and trains the bpe tokenizer) once; the others read the cache ----
     if ckpt is not None:
@@ -1265,7 +1297,11 @@ def build_state(run: Run) -> TrainState:
     seed_everything(s.seed)  # the same initial weights on every rank
     model = SparseMoETransformer(run.config).to(rt.device)
     model.set_activation_checkpointing(s.activation_checkpointing)
+    if s.expert_parallel > 1:  # keep this rank's experts only (loading a checkpoint keeps its slice)
+        shard_experts(model, init_expert_parallel(s.expert_parallel, run.config.n_expert))
     optimizer = make_optimizer(model, s, rt.device)
+    if s.expert_parallel > 1:  # it loads one process's optimizer state and keeps this rank's slices
+        keep_local_optimizer_state(optimizer, model)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     sampler = BlockBatchSampler(
         len(run.data.train_tokens), s.seq_len, s.batch_size, s.seed, rt.rank, rt.world_size
@@ -1284,7 +1320,9 @@ def build_state(run: Run) -> TrainState:
         state.train_time = float(ckpt.get("train_time_s", 0.0))
     if s.compile:
         state.train_model = torch.compile(model)
-    if rt.distributed:
+    if s.expert_parallel > 1:  # in place of DDP: gradients synced per parameter's holders
+        state.train_model = ExpertParallelModel(model)
+    elif rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         devices = [rt.local_rank] if rt.device.type == "cuda" else None
@@ -1302,6 +1340,9 @@ def save(run: Run, state: TrainState, is_best: bool) -> None:
     if rt.distributed:
         rng = [None] * rt.world_size
         torch_dist.all_gather_object(rng, capture_rng_state())
+    model, optimizer = state.model, state.optimizer
+    if isinstance(state.train_model, ExpertParallelModel):  # collective: every rank's experts, gathered
+        model, optimizer = state.train_model.full_state(state.optimizer)
     if not rt.is_main:
         return
     if not all(torch.isfinite(p).all() for p in state.model.parameters()):
@@ -1309,8 +1350,8 @@ def save(run: Run, state: TrainState, is_best: bool) -> None:
     s = run.settings
     save_run_checkpoints(
         run.out_dir,
-        state.model,
-        state.optimizer,
+        model,
+        optimizer,
         state.step,
         is_best=is_best,
         tokens=state.tokens,
@@ -1391,6 +1432,7 @@ def print_header(run: Run, state: TrainState) -> None:
         precision=rt.precision,
         activation_checkpointing=s.activation_checkpointing,
         on_gpu=rt.device.type == "cuda",
+        expert_parallel=s.expert_parallel,
     )
     print(format_memory_plan(plan))
     if run.resume_checkpoint is not None:
@@ -1454,10 +1496,12 @@ def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> d
     is_best = state.best_val is None or result["val_loss"] < state.best_val
     if is_best:
         state.best_val = result["val_loss"]
-    sample = ""
+    sample, sample_model = "", state.model
+    if isinstance(state.train_model, ExpertParallelModel) and s.sample_tokens:
+        sample_model = state.train_model.full_model()  # rank 0 samples alone: it needs every expert
     if rt.is_main and s.sample_tokens:
         sample = sample_text(
-            state.model, run.tokenizer, run.sample_prompt, s.sample_tokens, rt.device, s.seed
+            sample_model, run.tokenizer, run.sample_prompt, s.sample_tokens, rt.device, s.seed
         )
     record = {"kind": "eval", "step": state.step, "tokens": state.tokens, "train_time_s": state.train_time}
     metrics.write({**record, **result, "sample": sample})

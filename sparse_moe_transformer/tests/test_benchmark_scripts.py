@@ -51,3 +51,14 @@ def test_bench_optimizer_step_times_every_variant_and_stores_the_hardware(tmp_pa
     report = json.loads(out_json.read_text())
     assert report["hardware"]["decisions"]["newton_schulz"]["dtype"] in ("fp32", "bf16")
     assert set(report["presets"][0]["median_step_s"]) == {"adamw", "muon-fp32"}
+
+
+def test_bench_expert_parallel_reports_both_layouts_per_rank():
+    out = run_script(
+        "bench_expert_parallel.py", "--preset", "tiny", "--batch-size", "2", "--seq-len", "8", "--steps", "1",
+        "--warmup", "0",
+    )  # fmt: skip
+    rate = r"rank [01]: +[\d,]+ tokens/s, +[\d.]+ ms/step, peak RSS +\d+ MiB"
+    assert len(re.findall(r"E = 1 \(DDP\) +" + rate, out)) == 2
+    exchanged = r"exchanges [\d.]+ MiB/step \(balanced formula [\d.]+ MiB\)"
+    assert len(re.findall(r"E = 2 \(expert parallel\) +" + rate + r".*" + exchanged, out)) == 2
