@@ -1,4 +1,4 @@
-"""python -m course_exercises list | run NAME [NAME ...] [-- pytest options] | run all"""
+"""python -m phase1_foundation.exercise_runner list | run NAME [NAME ...] [-- pytest options] | run all"""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from course_exercises.registry import EXERCISES, selected
-from course_exercises.switch import REPO_ROOT
+from phase1_foundation.exercise_runner.registry import EXERCISES, selected
+from phase1_foundation.exercise_runner.switch import REPO_ROOT
 
 
 def test_files(names: str) -> list[str]:

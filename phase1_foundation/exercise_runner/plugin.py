@@ -1,7 +1,7 @@
 """The pytest side of the switch, loaded by the root conftest when LLM_EXERCISES is set.
 
     LLM_EXERCISES=layernorm,rope python -m pytest phase2_architecture     # or LLM_EXERCISES=all
-    LLM_LEARNER=my_package ...                                           # default: learner
+    LLM_LEARNER=my_package ...           # default: each phase's exercises/ (my_package/PHASE/exercises/)
 
 Only the tests of the named exercises run (the others are deselected), and each runs against the
 learner's version of its own exercise's functions; everything else stays the course's reference code,
@@ -14,11 +14,11 @@ import os
 
 import pytest
 
-from course_exercises.registry import matches_test_id, selected
-from course_exercises.switch import swapped
+from phase1_foundation.exercise_runner.registry import matches_test_id, selected
+from phase1_foundation.exercise_runner.switch import swapped
 
 _EXERCISES = selected(os.environ.get("LLM_EXERCISES", "all"))
-_PACKAGE = os.environ.get("LLM_LEARNER", "learner")
+_PACKAGE = os.environ.get("LLM_LEARNER", "")
 
 
 def owners(nodeid: str) -> list:

@@ -1,10 +1,11 @@
 """The exercises: which reference functions and methods each one replaces, and which tests check it.
 
 A target is `module:qualname` in the course (`phase2_architecture.src.norms:LayerNorm.forward`). Your
-version lives in the learner package at the mirrored place: `learner/phase2_architecture/norms.py`,
-a function of the same name, or for a method a function of that name in the class `LayerNormMethods`
-(where `self` is the course's LayerNorm). A test id is a pytest node id; one ending in `*` selects
-every parametrization whose id starts with what comes before it.
+version lives in the phase's `exercises` package at the mirrored place:
+`phase2_architecture/exercises/norms.py`, a function of the same name, or for a method a function of
+that name in the class `LayerNormMethods` (where `self` is the course's LayerNorm). A test id is a
+pytest node id; one ending in `*` selects every parametrization whose id starts with what comes before
+it.
 """
 
 from __future__ import annotations
@@ -332,14 +333,15 @@ def split_target(target: str) -> tuple[str, str]:
     return module, qualname
 
 
-def learner_location(target: str, package: str = "learner") -> tuple[str, str]:
-    """Where your version of `target` lives: (module, attribute path) in the learner package.
+def learner_location(target: str, package: str = "") -> tuple[str, str]:
+    """Where your version of `target` lives: (module, attribute path) in the phase's `exercises` package,
+    or under `package` when one is named (`package/phase2_architecture/exercises/norms.py`).
 
     A function keeps its name; a method `C.m` is the function `m` of the class `CMethods`.
     """
     module, qualname = split_target(target)
     phase, _, name = module.split(".")
-    learner_module = f"{package}.{phase}.{name}"
+    learner_module = f"{package + '.' if package else ''}{phase}.exercises.{name}"
     if "." in qualname:
         cls, method = qualname.split(".")
         return learner_module, f"{cls}Methods.{method}"
@@ -361,7 +363,7 @@ def selected(spec: str) -> list[Exercise]:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         raise ValueError(
-            f"unknown exercise(s) {unknown}: `python -m course_exercises list` shows the names "
-            f"(or use LLM_EXERCISES=all)"
+            f"unknown exercise(s) {unknown}: `python -m phase1_foundation.exercise_runner list` shows "
+            f"the names (or use LLM_EXERCISES=all)"
         )
     return [BY_NAME[n] for n in names]

@@ -1,6 +1,7 @@
 """Write the learner's package of stubs, and the solved copy the suite checks it against.
 
-    python -m course_exercises.stubs learner     # (re)write learner/ from the registry: overwrites your work
+    python -m phase1_foundation.exercise_runner.stubs   # (re)write each phase's exercises/ from the registry:
+                                                        # overwrites your work
 
 Each stub has the reference's signature and docstring and raises NotImplementedError. The solved copy
 (`write_solved_package`) is the same package with each stub replaced by the reference's own source.
@@ -18,13 +19,14 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from course_exercises.registry import EXERCISES, learner_location, split_target
+from phase1_foundation.exercise_runner.registry import EXERCISES, learner_location, split_target
 
 HEADER = '''"""Your code for `{path}`.
 
 Exercises: {names}.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run {first}` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run {first}`
+(each exercise's name works).
 The course's version is `{path}`: read it after you have tried.
 """
 
@@ -122,8 +124,8 @@ def stub_module_source(module: str, targets: list[tuple[str, str]]) -> str:
     return "\n\n\n".join(parts) + "\n"
 
 
-def write_stub_package(root: Path, package: str = "learner", format_code: bool = True) -> list[Path]:
-    """Write `root/package/` (stubs for every exercise); returns the files written."""
+def write_stub_package(root: Path, package: str = "", format_code: bool = True) -> list[Path]:
+    """Write `root/[package/]PHASE/exercises/` (stubs for every exercise); returns the files written."""
     written = []
     for module, targets in module_targets().items():
         learner_module = learner_location(targets[0][0], package)[0]
@@ -131,8 +133,9 @@ def write_stub_package(root: Path, package: str = "learner", format_code: bool =
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(stub_module_source(module, targets), encoding="utf-8")
         written.append(path)
-    for folder in {p.parent for p in written} | {root / package}:
-        init = folder / "__init__.py"
+    # every package folder between root and a stub (a phase's own __init__.py already exists)
+    for folder in {parent for p in written for parent in p.relative_to(root).parents if parent.parts}:
+        init = root / folder / "__init__.py"
         if not init.exists():
             init.write_text('"""Your code for the exercises (see the root README)."""\n', encoding="utf-8")
             written.append(init)
@@ -195,6 +198,6 @@ def write_solved_package(stub_root: Path, out_root: Path, stub_package: str, pac
 
 
 if __name__ == "__main__":
-    root = Path(__file__).resolve().parents[1]
-    for path in write_stub_package(root, sys.argv[1] if len(sys.argv) > 1 else "learner"):
+    root = Path(__file__).resolve().parents[2]
+    for path in write_stub_package(root, sys.argv[1] if len(sys.argv) > 1 else ""):
         print(path.relative_to(root))

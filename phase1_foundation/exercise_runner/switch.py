@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from course_exercises.registry import Exercise, learner_location, split_target
+from phase1_foundation.exercise_runner.registry import Exercise, learner_location, split_target
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve(module: str, path: str):
@@ -30,14 +30,16 @@ _IN_REPOSITORY: dict[str, bool] = {}  # module name -> whether its file is ours 
 
 
 def _repository_modules() -> list:
-    """Loaded modules whose file is in this repository (course, tests), not the learner package."""
+    """Loaded modules whose file is in this repository (course, tests), not the learner's exercises."""
     found = []
     for name, module in list(sys.modules.items()):
         if name not in _IN_REPOSITORY:
             file = getattr(module, "__file__", None)
             path = Path(file).resolve() if file else None
             _IN_REPOSITORY[name] = bool(
-                path and path.is_relative_to(REPO_ROOT) and "learner" not in path.parts
+                path
+                and path.is_relative_to(REPO_ROOT)
+                and "exercises" not in path.relative_to(REPO_ROOT).parts
             )
         if _IN_REPOSITORY[name]:
             found.append(module)
@@ -50,7 +52,7 @@ def learner_version(target: str, package: str):
 
 
 @contextmanager
-def swapped(exercises: list[Exercise], package: str = "learner") -> Iterator[None]:
+def swapped(exercises: list[Exercise], package: str = "") -> Iterator[None]:
     """Within the block, every target of `exercises` is the learner's version."""
     undo = []  # (object, attribute, previous value or a marker to delete)
     missing = object()

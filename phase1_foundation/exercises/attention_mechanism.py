@@ -2,7 +2,8 @@
 
 Exercises: causal_mask, attention.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run causal_mask` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run causal_mask`
+(each exercise's name works).
 The course's version is `phase1_foundation/src/attention_mechanism.py`: read it after you have tried.
 """
 

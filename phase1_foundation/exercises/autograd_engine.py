@@ -2,7 +2,8 @@
 
 Exercises: value_ops, value_backward.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run value_ops` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run value_ops`
+(each exercise's name works).
 The course's version is `phase1_foundation/src/autograd_engine.py`: read it after you have tried.
 """
 

@@ -2,7 +2,8 @@
 
 Exercises: tanh_backward, gradient_check.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run tanh_backward` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run tanh_backward`
+(each exercise's name works).
 The course's version is `phase1_foundation/src/backprop_from_scratch.py`: read it after you have tried.
 """
 

@@ -2,7 +2,8 @@
 
 Exercises: softmax, cross_entropy.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run softmax` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run softmax`
+(each exercise's name works).
 The course's version is `phase1_foundation/src/primitives.py`: read it after you have tried.
 """
 

@@ -15,9 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_exercises.registry import BY_NAME, EXERCISES, learner_location, matches_test_id, split_target
-from course_exercises.stubs import write_solved_package, write_stub_package
-from course_exercises.switch import REPO_ROOT, resolve, swapped
+from phase1_foundation.exercise_runner.registry import (
+    BY_NAME,
+    EXERCISES,
+    learner_location,
+    matches_test_id,
+    split_target,
+)
+from phase1_foundation.exercise_runner.stubs import write_solved_package, write_stub_package
+from phase1_foundation.exercise_runner.switch import REPO_ROOT, resolve, swapped
 
 TEST_FILES = list(dict.fromkeys(t.split("::")[0] for e in EXERCISES for t in e.tests))
 
@@ -66,17 +72,18 @@ def test_every_target_exists_and_the_committed_stubs_have_its_signature():
 
 
 def test_swapping_reaches_internal_callers_and_is_undone():
+    # both exercises are Phase 1's: a phase's tests import no later phase (test_course_order.py)
     from phase1_foundation.src.attention_mechanism import MultiHeadAttention
-    from phase2_architecture.src.norms import LayerNorm
+    from phase1_foundation.src.autograd_engine import Value
 
     x = torch.randn(2, 3, 8)
-    attention, norm = MultiHeadAttention(8, 2), LayerNorm(8)
-    with swapped([BY_NAME["attention"], BY_NAME["layernorm"]]):
+    attention, a, b = MultiHeadAttention(8, 2), Value(2.0), Value(3.0)
+    with swapped([BY_NAME["attention"], BY_NAME["value_ops"]]):
         with pytest.raises(NotImplementedError, match="scaled_dot_product_attention is yours to write"):
             attention(x)  # the module calls the function it imported: it reaches the stub
-        with pytest.raises(NotImplementedError, match="LayerNorm.forward is yours to write"):
-            norm(x)
-    assert attention(x)[0].shape == (2, 3, 8) and norm(x).shape == (2, 3, 8)
+        with pytest.raises(NotImplementedError, match="Value.__add__ is yours to write"):
+            a + b  # a method target is set on the course's class
+    assert attention(x)[0].shape == (2, 3, 8) and (a + b).data == 5.0
 
 
 def test_the_test_selector_handles_parametrized_ids():

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import nbformat
 
-from course_exercises.registry import BY_NAME, learner_location, split_target
-from course_exercises.stubs import replace_defs, write_stub_package
-from course_exercises.switch import REPO_ROOT
+from phase1_foundation.exercise_runner.registry import BY_NAME, learner_location, split_target
+from phase1_foundation.exercise_runner.stubs import replace_defs, write_stub_package
+from phase1_foundation.exercise_runner.switch import REPO_ROOT
 
 HEADING = re.compile(r"^### Your turn: `(\w+)`", re.MULTILINE)
 SOLUTION = re.compile(r"<details>.*?```python\n(.*?)```.*?</details>", re.DOTALL)

@@ -2,7 +2,8 @@
 
 Exercises: swiglu.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run swiglu` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run swiglu`
+(each exercise's name works).
 The course's version is `phase2_architecture/src/feed_forward.py`: read it after you have tried.
 """
 

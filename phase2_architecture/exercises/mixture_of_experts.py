@@ -2,7 +2,8 @@
 
 Exercises: moe_router, moe_dispatch, load_balancing.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run moe_router` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run moe_router`
+(each exercise's name works).
 The course's version is `phase2_architecture/src/mixture_of_experts.py`: read it after you have tried.
 """
 

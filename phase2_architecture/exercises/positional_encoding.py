@@ -2,7 +2,8 @@
 
 Exercises: rope.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run rope` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run rope`
+(each exercise's name works).
 The course's version is `phase2_architecture/src/positional_encoding.py`: read it after you have tried.
 """
 

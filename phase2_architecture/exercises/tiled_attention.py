@@ -2,7 +2,8 @@
 
 Exercises: online_softmax.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run online_softmax` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run online_softmax`
+(each exercise's name works).
 The course's version is `phase2_architecture/src/tiled_attention.py`: read it after you have tried.
 """
 

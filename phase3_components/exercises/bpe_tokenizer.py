@@ -2,7 +2,8 @@
 
 Exercises: bpe_merges.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run bpe_merges` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run bpe_merges`
+(each exercise's name works).
 The course's version is `phase3_components/src/bpe_tokenizer.py`: read it after you have tried.
 """
 

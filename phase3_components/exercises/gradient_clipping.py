@@ -2,7 +2,8 @@
 
 Exercises: clip_grad_norm.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run clip_grad_norm` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run clip_grad_norm`
+(each exercise's name works).
 The course's version is `phase3_components/src/gradient_clipping.py`: read it after you have tried.
 """
 

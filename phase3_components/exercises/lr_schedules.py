@@ -2,7 +2,8 @@
 
 Exercises: warmup_cosine.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run warmup_cosine` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run warmup_cosine`
+(each exercise's name works).
 The course's version is `phase3_components/src/lr_schedules.py`: read it after you have tried.
 """
 

@@ -2,7 +2,8 @@
 
 Exercises: gae, ppo_clip.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run gae` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run gae`
+(each exercise's name works).
 The course's version is `phase4_training/src/ppo_rlhf.py`: read it after you have tried.
 """
 

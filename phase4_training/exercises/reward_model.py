@@ -2,7 +2,8 @@
 
 Exercises: bradley_terry.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run bradley_terry` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run bradley_terry`
+(each exercise's name works).
 The course's version is `phase4_training/src/reward_model.py`: read it after you have tried.
 """
 

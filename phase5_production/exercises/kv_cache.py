@@ -2,7 +2,8 @@
 
 Exercises: kv_cache.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run kv_cache` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run kv_cache`
+(each exercise's name works).
 The course's version is `phase5_production/src/kv_cache.py`: read it after you have tried.
 """
 

@@ -2,7 +2,8 @@
 
 Exercises: int8_quantization.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run int8_quantization` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run int8_quantization`
+(each exercise's name works).
 The course's version is `phase5_production/src/quantization.py`: read it after you have tried.
 """
 

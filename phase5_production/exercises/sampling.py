@@ -2,7 +2,8 @@
 
 Exercises: top_k, top_p.
 Each function below raises NotImplementedError until you write it.
-Check yours with `python -m course_exercises run top_k` (each exercise's name works).
+Check yours with `python -m phase1_foundation.exercise_runner run top_k`
+(each exercise's name works).
 The course's version is `phase5_production/src/sampling.py`: read it after you have tried.
 """
 
