@@ -1,9 +1,11 @@
 """The course's conceptual diagrams, drawn with graphviz.
 
-    python docs/diagrams.py    # writes docs/diagrams/NAME.dot and NAME.svg for each diagram (needs `dot`)
+    python phase2_architecture/diagrams/draw.py    # writes NAME.dot and NAME.svg for each diagram into
+                                                   # the diagrams/ folder of the phase that teaches it
+                                                   # (needs `dot`)
 
 Each diagram is a DOT source below, written so that every edge sits on its own line (`a -> b`); the
-READMEs show the SVGs, and `phase1_foundation/tests/test_docs_diagrams.py` checks that the committed
+READMEs show the SVGs, and `phase2_architecture/tests/test_course_diagrams.py` checks that the committed
 files are what this script draws.
 """
 
@@ -15,7 +17,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "diagrams"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The folder of the phase that teaches each diagram: its README and notebooks show it from there.
+FOLDERS = {
+    "transformer_block": "phase2_architecture",
+    "gpt": "phase2_architecture",
+    "encoder_decoder": "phase2_architecture",
+    "moe_dispatch": "phase2_architecture",
+    "kv_cache": "phase5_production",
+    "lora": "phase4_training",
+    "parallelism": "sparse_moe_transformer",
+}
 STYLE = """  graph [fontname="Helvetica", fontsize=11, nodesep=0.3, ranksep=0.35];
   node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname="Helvetica", fontsize=10];
   edge [color="#5a6b85", arrowsize=0.6, fontname="Helvetica", fontsize=9];"""
@@ -195,6 +207,11 @@ STYLE
 EDGE = re.compile(r"^\s*(\w+) -> (\w+)", re.MULTILINE)
 
 
+def out_dir(name: str) -> Path:
+    """Where diagram `name`'s .dot and .svg are committed."""
+    return REPO_ROOT / FOLDERS[name] / "diagrams"
+
+
 def dot_source(name: str) -> str:
     return DIAGRAMS[name].replace("STYLE", STYLE)
 
@@ -211,17 +228,18 @@ def svg_edges(svg_text: str) -> set[tuple[str, str]]:
 
 
 def main() -> None:
-    OUT.mkdir(exist_ok=True)
     if shutil.which("dot") is None:
         sys.exit("rendering needs graphviz's `dot` (apt-get install graphviz / brew install graphviz)")
     for name in DIAGRAMS:
         source = dot_source(name)
-        (OUT / f"{name}.dot").write_text(source, encoding="utf-8")
+        out = out_dir(name)
+        out.mkdir(exist_ok=True)
+        (out / f"{name}.dot").write_text(source, encoding="utf-8")
         svg = subprocess.run(
             ["dot", "-Tsvg"], input=source, capture_output=True, text=True, check=True
         ).stdout
-        (OUT / f"{name}.svg").write_text(svg, encoding="utf-8")
-        print(f"wrote docs/diagrams/{name}.svg")
+        (out / f"{name}.svg").write_text(svg, encoding="utf-8")
+        print(f"wrote {(out / name).relative_to(REPO_ROOT)}.svg")
 
 
 if __name__ == "__main__":
