@@ -4,7 +4,8 @@ Every notebook `phaseN_*/notebooks/N.M_name.ipynb` opens with a Markdown cell ho
 `**Prerequisites:**` followed by links to the notebooks it builds on, and closes with a cell holding
 `**Next:**` and a link to the notebook after it. This script reads those links, and draws them:
 
-    python docs/course_map.py            # writes docs/course_map.dot and docs/course_map.svg (needs `dot`)
+    python phase1_foundation/course_map/course_map.py    # writes course_map.dot and course_map.svg next to
+                                                         # itself (needs `dot`)
 
 `phase1_foundation/tests/test_course_map.py` rebuilds the graph from the notebooks and fails when the
 committed drawing, the links or the imports disagree with it.
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import nbformat
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCS = REPO_ROOT / "docs"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OUT = Path(__file__).resolve().parent
+WHERE = "phase1_foundation/course_map/course_map"  # the committed drawing, without its suffix
 PHASES = {
     "phase1_foundation": "Phase 1 · Foundation",
     "phase2_architecture": "Phase 2 · Architecture",
@@ -166,14 +168,13 @@ def svg_edges(svg_text: str) -> set[tuple[str, str]]:
 
 
 def main() -> None:
-    DOCS.mkdir(exist_ok=True)
     source = dot_source()
-    (DOCS / "course_map.dot").write_text(source, encoding="utf-8")
+    (OUT / "course_map.dot").write_text(source, encoding="utf-8")
     if shutil.which("dot") is None:
-        sys.exit("wrote docs/course_map.dot; rendering needs graphviz's `dot` (apt-get install graphviz)")
+        sys.exit(f"wrote {WHERE}.dot; rendering needs graphviz's `dot` (apt-get install graphviz)")
     svg = subprocess.run(["dot", "-Tsvg"], input=source, capture_output=True, text=True, check=True).stdout
-    (DOCS / "course_map.svg").write_text(svg, encoding="utf-8")
-    print(f"wrote docs/course_map.dot and docs/course_map.svg ({len(prerequisite_graph())} lessons)")
+    (OUT / "course_map.svg").write_text(svg, encoding="utf-8")
+    print(f"wrote {WHERE}.dot and {WHERE}.svg ({len(prerequisite_graph())} lessons)")
 
 
 if __name__ == "__main__":
