@@ -27,7 +27,8 @@ def owners(nodeid: str) -> list:
 
 def pytest_report_header(config):
     names = ", ".join(e.name for e in _EXERCISES)
-    return f"exercises against the package {_PACKAGE!r}: {names}"
+    where = f"the package {_PACKAGE!r}" if _PACKAGE else "each phase's exercises/"
+    return f"exercises against {where}: {names}"
 
 
 def pytest_collection_modifyitems(config, items):
