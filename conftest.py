@@ -16,7 +16,7 @@ os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-# Exercises: LLM_EXERCISES=all (or names) runs the exercises' tests against the learner's package
-# instead of the course's code (see course_exercises/plugin.py and the root README).
+# Exercises: LLM_EXERCISES=all (or names) runs the exercises' tests against the learner's stubs
+# instead of the course's code (see phase1_foundation/exercise_runner/plugin.py and the root README).
 if os.environ.get("LLM_EXERCISES"):
-    pytest_plugins = ["course_exercises.plugin"]
+    pytest_plugins = ["phase1_foundation.exercise_runner.plugin"]

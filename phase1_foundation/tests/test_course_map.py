@@ -1,11 +1,11 @@
 """The course map cannot drift from the notebooks.
 
-The map (`docs/course_map.svg`, drawn by `docs/course_map.py`) is the graph of the links each notebook
-opens with ("**Prerequisites:**"). These tests rebuild that graph from the notebooks and check:
-the numbering is N.M within phase N with no gaps; a lesson's prerequisites come before it (no order
-inversion); each "**Next:**" link leads to the following lesson; every course module a notebook imports
-is taught by that lesson or one of its prerequisites, directly or through theirs; and the committed
-DOT file and SVG drawing hold exactly the rebuilt graph.
+The map (`phase1_foundation/course_map/course_map.svg`, drawn by `course_map.py` beside it) is the
+graph of the links each notebook opens with ("**Prerequisites:**"). These tests rebuild that graph
+from the notebooks and check: the numbering is N.M within phase N with no gaps; a lesson's
+prerequisites come before it (no order inversion); each "**Next:**" link leads to the following
+lesson; every course module a notebook imports is taught by that lesson or one of its prerequisites,
+directly or through theirs; and the committed DOT file and SVG drawing hold exactly the rebuilt graph.
 """
 
 import ast
@@ -16,8 +16,10 @@ from pathlib import Path
 import nbformat
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("course_map", REPO_ROOT / "docs" / "course_map.py")
+MAP = REPO_ROOT / "phase1_foundation" / "course_map"
+_spec = importlib.util.spec_from_file_location("course_map", MAP / "course_map.py")
 course_map = importlib.util.module_from_spec(_spec)
+DRAW = "phase1_foundation/course_map/course_map.py"
 _spec.loader.exec_module(course_map)
 
 
@@ -131,17 +133,17 @@ def test_imported_modules_are_taught_by_the_lesson_or_its_prerequisites():
 
 
 def test_the_committed_map_is_the_graph_of_the_notebooks():
-    dot = (REPO_ROOT / "docs" / "course_map.dot").read_text(encoding="utf-8")
-    assert dot == course_map.dot_source(), "the map drifted: run `python docs/course_map.py` and commit"
+    dot = (MAP / "course_map.dot").read_text(encoding="utf-8")
+    assert dot == course_map.dot_source(), f"the map drifted: run `python {DRAW}` and commit"
     graph = course_map.prerequisite_graph()
     edges = {(before, lesson) for lesson, prerequisites in graph.items() for before in prerequisites}
-    svg = (REPO_ROOT / "docs" / "course_map.svg").read_text(encoding="utf-8")
-    assert course_map.svg_edges(svg) == edges, "the drawing is stale: run `python docs/course_map.py`"
+    svg = (MAP / "course_map.svg").read_text(encoding="utf-8")
+    assert course_map.svg_edges(svg) == edges, f"the drawing is stale: run `python {DRAW}`"
     drawn_nodes = set(re.findall(r'<g id="node\d+" class="node">\s*<title>(.*?)</title>', svg))
     assert drawn_nodes == set(graph)
 
 
 def test_the_root_readme_shows_the_map_and_starts_at_lesson_one():
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    assert "docs/course_map.svg" in readme
+    assert "phase1_foundation/course_map/course_map.svg" in readme
     assert "phase1_foundation/notebooks/1.1_backprop.ipynb" in readme

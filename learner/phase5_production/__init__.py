@@ -1,1 +1,0 @@
-"""Your code for the exercises (see the root README)."""
