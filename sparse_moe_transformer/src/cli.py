@@ -591,17 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--seq-len", type=int, help="tokens per training sequence (default: the model's block_size)"
     )
-    g.add_argument("--max-steps", type=int, help="optimizer steps (the cosine schedule ends here)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (the schedule ends here)")
     g.add_argument("--max-lr", type=float, help="peak learning rate (after warmup)")
-    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the schedule")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, help="AdamW decay of weight matrices (default 0.1)")
     g.add_argument("--grad-clip", type=float, help="max global gradient norm, 0 = off (default 1.0)")
-    g.add_argument("--lr-schedule", choices=("cosine", "wsd"), help="cosine (default) or warmup-stable-decay")
+    g.add_argument(
+        "--lr-schedule", choices=("cosine", "wsd"), help="wsd (presets: warmup, flat, cool-down) or cosine"
+    )
     g.add_argument("--cooldown-frac", type=float, help="wsd: fraction of the steps that decays (default 0.4)")
     g.add_argument(
         "--optimizer", choices=("adamw", "muon"),
-        help="adamw (default) or muon: Muon for attention and expert matrices, AdamW for the rest",
+        help="muon (every preset): Muon for attention and expert matrices, AdamW for the rest; or adamw",
     )  # fmt: skip
     g.add_argument("--muon-lr", type=float, help="Muon's peak learning rate (default 0.02)")
     g.add_argument("--muon-momentum", type=float, help="Muon's momentum (default 0.95)")

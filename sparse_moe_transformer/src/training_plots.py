@@ -10,7 +10,7 @@ The training loop appends one JSON object per line to `<out-dir>/metrics.jsonl`:
 
     loss.png          training LM loss (each logged step, and a moving average) and validation loss
                       against the optimizer step; the auxiliary load-balancing loss in a second panel
-    learning_rate.png the learning-rate schedule (linear warmup, cosine decay)
+    learning_rate.png the learning-rate schedule as it ran (warmup, then the run's decay: wsd or cosine)
     expert_load.png   one heatmap per MoE layer: x = step, y = expert, colour = share of the
                       layer's routed (token, slot) pairs that went to that expert. A balanced
                       router is a flat colour at 1/n_expert; a collapsed one shows a few bright rows.
@@ -144,7 +144,7 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
         ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
-    ax.set_title("Learning rate: linear warmup, then cosine decay")
+    ax.set_title("Learning rate per optimizer step (AdamW's; Muon's follows it, scaled)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(_save(fig, out_dir / "learning_rate.png"))
