@@ -36,19 +36,15 @@ def worker(args) -> None:
         init_expert_parallel,
         shard_experts,
     )
-    from sparse_moe_transformer.src.train import (
-        Config,
-        Runtime,
-        SparseMoETransformer,
-        TrainSettings,
-        make_optimizer,
-        train_step,
-    )
+    from sparse_moe_transformer.src.moe_optimizer import make_optimizer
+    from sparse_moe_transformer.src.runtime import Runtime
+    from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config, train_step
+    from sparse_moe_transformer.src.train_settings import TrainSettings
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = Config.from_preset(args.preset, dropout=0.0, attn_dropout=0.0)
+    config = preset_config(args.preset, dropout=0.0, attn_dropout=0.0)
     torch.manual_seed(0)
     model = SparseMoETransformer(config)
     ep = None

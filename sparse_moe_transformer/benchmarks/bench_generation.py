@@ -17,7 +17,7 @@ import time
 import torch
 
 from phase3_components.src.hardware import hardware_facts
-from sparse_moe_transformer.src.train import Config, SparseMoETransformer
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
 
 
 def tokens_per_second(model, prompt, new_tokens, use_cache, repeats):
@@ -42,7 +42,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = Config.from_preset(args.preset)
+    config = preset_config(args.preset)
     model = SparseMoETransformer(config).eval()
     prompt = torch.randint(0, config.vocab_size, (args.batch_size, args.prompt_len))
     print(

@@ -46,9 +46,10 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_model(preset: str, overrides: dict, seed: int = 0):
     """(config, model in train mode, its parameter count) for a preset with some fields replaced."""
-    from sparse_moe_transformer.src.train import Config, SparseMoETransformer, count_parameters
+    from sparse_moe_transformer.src.param_counts import count_parameters
+    from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
 
-    config = Config.from_preset(preset, **overrides)
+    config = preset_config(preset, **overrides)
     torch.manual_seed(seed)
     return config, SparseMoETransformer(config).train(), count_parameters(config)
 
@@ -71,7 +72,10 @@ def run_training_steps(
 
     Returns the LM loss and the seconds of every step, and how many steps an fp16 GradScaler skipped
     (its scale fell: a gradient overflowed). The model must already be on `device`."""
-    from sparse_moe_transformer.src.train import TrainSettings, make_optimizer, setup_runtime, train_step
+    from sparse_moe_transformer.src.moe_optimizer import make_optimizer
+    from sparse_moe_transformer.src.runtime import setup_runtime
+    from sparse_moe_transformer.src.train import train_step
+    from sparse_moe_transformer.src.train_settings import TrainSettings
 
     rt = setup_runtime(device, precision, ns_dtype)
     x0 = batches[0][0]
@@ -211,9 +215,9 @@ def peak_resident_bytes() -> int:
 
 def training_steps_report(preset, overrides, batch_size, block_size, steps) -> dict:
     """Run in its own process: tokenizer, text, model, `steps` fp32 optimizer steps, peak RSS."""
-    from sparse_moe_transformer.src.train import Config
+    from sparse_moe_transformer.src.train import preset_config
 
-    vocab_size = Config.from_preset(preset, **overrides).vocab_size
+    vocab_size = preset_config(preset, **overrides).vocab_size
     t0 = time.perf_counter()
     tokenizer, tokens = local_corpus(vocab_size, steps * batch_size * (block_size + 1))
     corpus_s = time.perf_counter() - t0

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from phase3_components.src.hardware import hardware_facts
 from sparse_moe_transformer.src.cpu_memory import keep_freed_memory
-from sparse_moe_transformer.src.train import Config, SparseMoEFFN
+from sparse_moe_transformer.src.train import Config, SparseMoEFFN, preset_config
 
 
 def seed_style_loop(moe: SparseMoEFFN):
@@ -244,7 +244,7 @@ def main():
     if args.profile:
         profile_ours(impls, max(args.tokens), d_model, args.device)
 
-    c = Config.from_preset("cpu-demo")
+    c = preset_config("cpu-demo")
     print(f"\ncpu-demo layer: d_model {c.d_model}, d_ff {c.d_ff}, {c.n_expert} experts, top-{c.top_k}")
     small = build(c.d_model, c.d_ff, c.n_expert, c.top_k, False, args.device)
     n_tokens = 16 * c.block_size  # a training batch of 16 sequences

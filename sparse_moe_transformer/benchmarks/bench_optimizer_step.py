@@ -27,15 +27,10 @@ import time
 import torch
 
 from phase3_components.src.hardware import hardware_facts
-from sparse_moe_transformer.src.train import (
-    TRAINING_PRESETS,
-    Config,
-    SparseMoETransformer,
-    TrainSettings,
-    make_optimizer,
-    setup_runtime,
-    train_step,
-)
+from sparse_moe_transformer.src.moe_optimizer import make_optimizer
+from sparse_moe_transformer.src.runtime import setup_runtime
+from sparse_moe_transformer.src.train import PRESETS, SparseMoETransformer, preset_config, train_step
+from sparse_moe_transformer.src.train_settings import TrainSettings
 
 VARIANTS = {
     "adamw": dict(optimizer="adamw"),
@@ -47,8 +42,8 @@ VARIANTS = {
 
 def make_variant(preset: str, overrides: dict, seed: int = 0):
     """(model, optimizer, settings) of `preset` with the variant's optimizer settings."""
-    config = Config.from_preset(preset)
-    values = {**TRAINING_PRESETS[preset], **overrides, "seq_len": config.block_size}
+    config = preset_config(preset)
+    values = {**PRESETS[preset].training, **overrides, "seq_len": config.block_size}
     names = {f for f in TrainSettings.__dataclass_fields__}
     settings = TrainSettings(**{k: v for k, v in values.items() if k in names})
     torch.manual_seed(seed)

@@ -80,7 +80,8 @@ from sparse_moe_transformer.benchmarks.bench_memory import (  # noqa: E402
     sync,
 )
 from sparse_moe_transformer.src.memory_plan import GB, plan_memory  # noqa: E402
-from sparse_moe_transformer.src.train import TRAINING_PRESETS  # noqa: E402
+from sparse_moe_transformer.src.train import PRESETS  # noqa: E402
+from sparse_moe_transformer.src.train_settings import TrainSettings  # noqa: E402
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT_TOKENS, NEW_TOKENS, REPEATS = 16, 64, 3
@@ -267,7 +268,7 @@ def main(argv=None):
         preset, overrides, batch_size, block_size = "tiny", {"vocab_size": 300}, 2, 16
     else:
         preset, overrides, batch_size, block_size = "t1000", {}, 4, 256
-    optimizer = args.optimizer or TRAINING_PRESETS[preset]["optimizer"]
+    optimizer = args.optimizer or PRESETS[preset].training.get("optimizer", TrainSettings.optimizer)
     base = build_model(preset, {**overrides, **parse_sets(args.set)})  # (config, model, n_params)
     _, tokens = local_corpus(base[0].vocab_size, args.steps * batch_size * (block_size + 1))
     batches = consecutive_batches(tokens, args.steps, batch_size, block_size)

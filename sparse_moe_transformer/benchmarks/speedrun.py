@@ -55,7 +55,7 @@ import torch
 
 BASELINE_ITERS = 1500  # nanoGPT's schedule length: the reference every --iters scales from
 
-# name -> what to build. "settings" are TrainSettings fields over the preset's TRAINING_PRESETS;
+# name -> what to build. "settings" are TrainSettings fields over the preset's training values;
 # "config" are Config fields over the preset (the MoE) or GPTConfig fields (the baseline).
 RECIPES = {
     "baseline": dict(
@@ -100,7 +100,8 @@ def parse_variant(spec: str, iters: int | None, tiny: bool = False) -> dict:
     TrainSettings fields replaced and its steps scaled to --iters."""
     from phase2_architecture.src.gpt import GPTConfig
     from sparse_moe_transformer.src.cli import _parse_value
-    from sparse_moe_transformer.src.train import TRAINING_PRESETS, Config, TrainSettings
+    from sparse_moe_transformer.src.train import PRESETS, Config
+    from sparse_moe_transformer.src.train_settings import TrainSettings
 
     name, _, rest = spec.partition(":")
     if name not in RECIPES:
@@ -108,7 +109,7 @@ def parse_variant(spec: str, iters: int | None, tiny: bool = False) -> dict:
     recipe = json.loads(json.dumps(RECIPES[name]))  # a deep copy
     recipe["name"] = spec
     if recipe["model"] == "moe":
-        recipe["settings"] = {**TRAINING_PRESETS[recipe["preset"]], **recipe["settings"]}
+        recipe["settings"] = {**PRESETS[recipe["preset"]].training, **recipe["settings"]}
     config_fields = {f.name: f for f in dataclasses.fields(Config if recipe["model"] == "moe" else GPTConfig)}
     settings_fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
     if tiny:
@@ -205,15 +206,11 @@ def build(recipe: dict, vocab_size: int):
     """-> (model, optimizer, TrainSettings, one_step(x, y), forward FLOPs per token)."""
     from phase2_architecture.src.gpt import GPT, GPTConfig
     from phase2_architecture.src.training_utils import make_adamw
-    from sparse_moe_transformer.src.train import (
-        Config,
-        SparseMoETransformer,
-        TrainSettings,
-        forward_flops_per_token,
-        make_optimizer,
-        setup_runtime,
-        train_step,
-    )
+    from sparse_moe_transformer.src.moe_optimizer import make_optimizer
+    from sparse_moe_transformer.src.param_counts import forward_flops_per_token
+    from sparse_moe_transformer.src.runtime import setup_runtime
+    from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config, train_step
+    from sparse_moe_transformer.src.train_settings import TrainSettings
 
     rt = setup_runtime("cpu", "fp32")  # also the allocator setting (cpu_memory.py), for both models
     s = TrainSettings(**{"seq_len": 256, **recipe["settings"]})
@@ -232,7 +229,7 @@ def build(recipe: dict, vocab_size: int):
             optimizer.zero_grad(set_to_none=True)
 
         return model, optimizer, s, one_step, gpt_forward_flops_per_token(config, s.seq_len)
-    config = Config.from_preset(recipe["preset"], **{**recipe["config"], "vocab_size": vocab_size})
+    config = preset_config(recipe["preset"], **{**recipe["config"], "vocab_size": vocab_size})
     model = SparseMoETransformer(config)
     optimizer = make_optimizer(model, s, rt.device)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -247,7 +244,8 @@ def worker(args) -> None:
     """Train one recipe with one seed; write its curve and figures to --result as JSON."""
     from phase3_components.src.lr_schedules import set_learning_rate
     from sparse_moe_transformer.src.data_pipeline import BlockBatchSampler, blocks_to_batch
-    from sparse_moe_transformer.src.train import lr_at, seed_everything
+    from sparse_moe_transformer.src.runtime import seed_everything
+    from sparse_moe_transformer.src.train_settings import lr_at
 
     recipe = json.loads(args.worker)
     data = load_data(args)

@@ -1,6 +1,6 @@
 """The command line of the Sparse MoE transformer: every --mode, and the flags.
 
-    train       train.py's train_main (the training loop lives beside the model)
+    train       run_config.resolve_run and build_state, then train.py's train (the loop), then the plots
     eval        validation loss and perplexity of a checkpoint
     generate    stream samples from a checkpoint
     benchmark   parameters, FLOPs per token, training tokens/s, decode latency, peak memory
@@ -17,47 +17,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
-import resource
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 from phase1_foundation.src.validation import check_int, check_number
-from phase3_components.src.hardware import PRECISIONS, choose_newton_schulz_dtype, hardware_facts
+from phase3_components.src.hardware import PRECISIONS
+from sparse_moe_transformer.src.benchmark_mode import benchmark_main
+from sparse_moe_transformer.src.checkpointing import LATEST_NAME
 from sparse_moe_transformer.src.data_pipeline import (
     add_data_arguments,
     data_source_from_namespace,
     prepare_data,
 )
 from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, plan_memory
-from sparse_moe_transformer.src.rank_checks import RanksStopped
-from sparse_moe_transformer.src.train import (
-    PRESETS,
-    TRAINING_PRESETS,
-    Config,
-    Runtime,
-    SparseMoETransformer,
-    TrainingDiverged,
-    TrainSettings,
-    count_active_parameters,
+from sparse_moe_transformer.src.param_counts import (
     count_hidden_matrix_parameters,
     count_parameters,
+)
+from sparse_moe_transformer.src.rank_checks import RanksStopped
+from sparse_moe_transformer.src.run_config import DEFAULT_PRESET, build_state, merge_settings, resolve_run
+from sparse_moe_transformer.src.runtime import setup_runtime
+from sparse_moe_transformer.src.train import (
+    PRESETS,
+    Config,
+    TrainingDiverged,
     evaluate,
-    forward_flops_per_token,
     load_trained_model,
-    make_optimizer,
+    preset_config,
     prompt_ids,
-    seed_everything,
-    setup_runtime,
-    train_main,
-    train_step,
+    train,
 )
 from sparse_moe_transformer.src.training_plots import make_plots
 
@@ -108,12 +100,44 @@ def _parse_value(key: str, text: str, field):
     return text
 
 
+def train_main(args) -> dict:
+    """Resolve the run from the flags, build its state (fresh or resumed), train, then draw the plots."""
+    run = resolve_run(args)
+    summary = train(run, build_state(run))
+    rt, status = run.runtime, summary["status"]
+    if rt.is_main:
+        if status == "interrupted":
+            print(
+                f"interrupted at step {summary['step']}: checkpoint saved to {run.out_dir / LATEST_NAME}; "
+                "continue with the same command plus --resume"
+            )
+        elif status == "stopped":
+            print(f"stopped at step {summary['step']} (--stop-at-step): continue with --resume")
+        if run.settings.eval_interval or status == "finished":
+            try:
+                make_plots(run.out_dir)
+            except ValueError as err:
+                print(f"no plots: {err}")
+        best = (
+            f", best val loss {summary['best_val_loss']:.4f}" if summary["best_val_loss"] is not None else ""
+        )
+        print(f"done: step {summary['step']}{best}, checkpoints in {run.out_dir}")
+    if rt.distributed:
+        # Leave together: a rank that tears down its gloo connections while another is still
+        # working (rank 0 drawing plots) can make the other abort with "connection closed".
+        torch_dist.barrier()
+    return summary
+
+
 def eval_main(args) -> dict:
     """Validation loss and perplexity of a checkpoint on a dataset's validation split."""
     rt = setup_runtime(args.device, args.precision or "auto")
     model, tokenizer, checkpoint = load_trained_model(_checkpoint_arg(args), rt.device)
-    data = prepare_data(data_source_from_namespace(args), tokenizer, cache_dir=args.cache_dir)
-    s = settings_for(checkpoint.get("preset"), checkpoint.get("train_args", {}), model.config, args)
+    flags = {"batch_size": args.batch_size, "seq_len": args.seq_len, "world_size": 1}
+    s = merge_settings(checkpoint.get("preset"), checkpoint.get("train_args"), flags, model.config)
+    # the run's own seed held its validation documents out (--seed picks another split)
+    seed = s.seed if args.seed is None else args.seed
+    data = prepare_data(data_source_from_namespace(args, seed=seed), tokenizer, cache_dir=args.cache_dir)
     result = evaluate(model, data.valid_tokens, s, rt, max_batches=args.eval_batches or None)
     print(f"checkpoint {checkpoint['path']} (step {checkpoint['step']})")
     print(f"data       {data.info['source']}, validation split")
@@ -179,230 +203,16 @@ def _checkpoint_arg(args) -> str:
     return str(Path(args.out_dir))  # the run folder: best.pt, else latest.pt
 
 
-def settings_for(preset: str | None, saved: dict, config: Config, args, **fixed) -> TrainSettings:
-    """TrainSettings for eval / benchmark: the preset's defaults, a checkpoint's saved values, then
-    --batch-size / --seq-len, then `fixed`; one process."""
-    values = {**TRAINING_PRESETS.get(preset or "cpu-demo", TRAINING_PRESETS["cpu-demo"])}
-    values.update(TrainSettings.from_saved(saved))
-    values.setdefault("seq_len", config.block_size)
-    asked = {name: getattr(args, name) for name in ("batch_size", "seq_len")}
-    values.update({k: v for k, v in asked.items() if v is not None})
-    values.update(world_size=1, **fixed)
-    names = {f.name for f in dataclasses.fields(TrainSettings)}
-    return TrainSettings(**{k: v for k, v in values.items() if k in names})
-
-
-def benchmark_main(args) -> dict:
-    """Parameters, FLOPs/token, training tokens/s (and the step's forward / backward / optimizer split),
-    generation latency per token (KV cache), peak memory; with the hardware facts and dtype decisions."""
-    rt = setup_runtime(args.device, args.precision or "auto", args.ns_dtype or "auto")
-    if args.checkpoint:
-        model, _, checkpoint = load_trained_model(args.checkpoint, rt.device)
-        config, preset = model.config, checkpoint.get("preset", "checkpoint")
-        train_args = checkpoint.get("train_args", {})
-    else:
-        preset = args.preset or "cpu-demo"
-        config = Config.from_preset(preset, **args.overrides)
-        seed_everything(args.seed)
-        model = SparseMoETransformer(config).to(rt.device)
-        train_args = {}
-    asked = {k: v for k, v in (("optimizer", args.optimizer), ("ns_dtype", args.ns_dtype)) if v is not None}
-    s = settings_for(
-        preset, train_args, config, args, grad_accum_steps=1, max_steps=10**9, max_lr=1e-4, min_lr=1e-4,
-        warmup_steps=0, **asked,
-    )  # fmt: skip
-    batch, seq = s.batch_size, s.seq_len
-    gen = torch.Generator().manual_seed(args.seed)
-
-    # -- inference first (so the peak memory is inference's alone): greedy, batch 1, KV cache -----------
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    model.eval()
-    prompt_len = min(16, config.block_size // 4)
-    new_tokens = min(args.max_new_tokens, config.block_size - prompt_len)
-    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=gen).to(rt.device)
-    stamps = []
-    for _ in range(2):  # the first pass warms up; the second is measured
-        stamps = [time.perf_counter()]
-        for _tok in model.stream_generate(prompt, new_tokens, temperature=0.0):
-            _sync(rt.device)
-            stamps.append(time.perf_counter())
-    gaps = np.diff(stamps)  # gaps[0] = prefill + first token; the rest = one cached decoding step each
-    inference_peak = _peak_memory_bytes(rt.device)
-
-    # -- training throughput: full optimizer steps (forward, backward, update) on random token ids --
-    model.set_activation_checkpointing(bool(args.activation_checkpointing))
-    step_model = torch.compile(model) if args.compile else model
-    optimizer = make_optimizer(model, s, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    model.train()
-    step_times, stage_times = [], []
-    with StageTimer(model, optimizer, rt.device) as stages:
-        for i in range(args.bench_warmup + args.bench_steps):
-            x = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=gen).to(rt.device)
-            stages.start()
-            train_step(step_model, optimizer, scaler, [(x[:, :-1], x[:, 1:])], s, rt)
-            if i >= args.bench_warmup:
-                step_times.append(stages.stop())
-                stage_times.append(stages.split())
-    step_s = float(np.median(step_times))
-    model.set_activation_checkpointing(False)
-    peak_kind = "CUDA max_memory_allocated" if rt.device.type == "cuda" else "process peak RSS"
-
-    seen = [t for t in stage_times if t]  # steps whose three stages were all timed
-    split = {k: float(np.median([t[k] for t in seen])) for k in seen[0]} if seen else {}
-    result = {
-        "preset": preset,
-        "hardware": rt.hardware(),
-        "optimizer": optimizer_name(s, rt),
-        "device": str(rt.device) if rt.device.type == "cpu" else torch.cuda.get_device_name(rt.device),
-        "cpu_threads": torch.get_num_threads(),
-        "precision": rt.precision,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "total_params": count_parameters(config),
-        "active_params_per_token": count_active_parameters(config),
-        "forward_flops_per_token": forward_flops_per_token(config, seq),
-        "gflops_per_forward": forward_flops_per_token(config, seq) * seq / 1e9,
-        "train_batch": [batch, seq],
-        "train_step_s": step_s,
-        "train_step_split_s": split,
-        "train_tokens_per_s": batch * seq / step_s,
-        "prefill_and_first_token_ms": 1e3 * float(gaps[0]),
-        "decode_ms_per_token_median": 1e3 * float(np.median(gaps[1:])) if len(gaps) > 1 else None,
-        "decode_tokens": int(len(gaps) - 1),
-        "inference_peak_memory_mb": inference_peak / 2**20,
-        "peak_memory_mb": _peak_memory_bytes(rt.device) / 2**20,
-        "peak_memory_kind": peak_kind,
-        "method": (
-            f"latency per generated token: greedy, batch 1, {prompt_len}-token prompt, {new_tokens} new "
-            "tokens with the KV cache, median time between streamed tokens after a warm-up pass; peak "
-            f"inference memory: {peak_kind} after generation, before any training (weights, cache, "
-            "activations); "
-            f"GFLOPs per forward: analytic, one sequence of {seq} tokens (2 per multiply-add, attention "
-            f"over the full {seq} x {seq} scores); training: median of {args.bench_steps} optimizer steps "
-            f"(forward + backward + clip + update) after {args.bench_warmup} warm-up steps, batch {batch} x "
-            f"{seq} random token ids, split at the end of the model's forward and around the optimizer's "
-            f"step; peak memory: {peak_kind} of the whole run"
-        ),
-    }
-    rows = [
-        ("total parameters", f"{result['total_params'] / 1e6:,.2f} M"),
-        ("active parameters / token", f"{result['active_params_per_token'] / 1e6:,.2f} M"),
-        ("forward FLOPs / token", f"{result['forward_flops_per_token'] / 1e9:,.4f} GFLOPs"),
-        ("GFLOPs / forward", f"{result['gflops_per_forward']:,.2f} (one sequence of {seq} tokens)"),
-        ("training tokens / s", f"{result['train_tokens_per_s']:,.0f}  (batch {batch} x {seq})"),
-        ("training step", f"{1e3 * step_s:,.1f} ms, median: " + _format_split(split)),
-        ("optimizer", result["optimizer"]),
-        ("prefill + first token", f"{result['prefill_and_first_token_ms']:.2f} ms"),
-        (
-            "decode latency / token",
-            f"{result['decode_ms_per_token_median']:.2f} ms (KV cache, median)"
-            if result["decode_ms_per_token_median"] is not None
-            else "n/a",
-        ),
-        ("peak inference memory", f"{result['inference_peak_memory_mb']:,.0f} MB ({peak_kind})"),
-        ("peak memory (whole run)", f"{result['peak_memory_mb']:,.0f} MB ({peak_kind})"),
-        ("device", f"{result['device']}, {result['precision']}, {result['cpu_threads']} CPU threads"),
-        ("hardware", hardware_facts(rt.device).summary()),
-        ("precision", rt.precision_reason),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print(f"Sparse MoE benchmark: {preset}")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
-    print(f"  method: {result['method']}")
-    out = Path(args.bench_json) if args.bench_json else Path(args.out_dir) / "benchmark.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
-    return result
-
-
-class StageTimer:
-    """Times each training step and its three stages without touching train_step: the model's forward
-    ends at a forward hook, the update is the optimizer's step (wrapped), and the backward is what lies
-    between (the MoE losses, backward, unscaling and clipping). Under torch.compile the hook does not
-    fire and only whole steps are timed."""
-
-    def __init__(self, model, optimizer, device: torch.device):
-        self.model, self.optimizer, self.device, self.marks = model, optimizer, device, {}
-
-    def __enter__(self):
-        self.hook = self.model.register_forward_hook(lambda *_: self._mark("forward_end"))
-        inner = self.optimizer.step
-
-        def timed_step(*args, **kwargs):
-            self._mark("step_start")
-            result = inner(*args, **kwargs)
-            self._mark("step_end")
-            return result
-
-        self.optimizer.step = timed_step
-        return self
-
-    def __exit__(self, *exc):
-        self.hook.remove()
-        del self.optimizer.step  # the class's step again
-
-    def _mark(self, name: str) -> None:
-        _sync(self.device)
-        self.marks[name] = time.perf_counter()
-
-    def start(self) -> None:
-        self.marks = {}
-        self._mark("start")
-
-    def stop(self) -> float:
-        self._mark("end")
-        return self.marks["end"] - self.marks["start"]
-
-    def split(self) -> dict[str, float]:
-        """Seconds of forward, backward and optimizer in the last step ({} if a stage was not seen:
-        compiled, or an fp16 step the GradScaler skipped)."""
-        m = self.marks
-        if not {"forward_end", "step_start", "step_end"} <= m.keys():
-            return {}
-        return {
-            "forward": m["forward_end"] - m["start"],
-            "backward": m["step_start"] - m["forward_end"],
-            "optimizer": m["step_end"] - m["step_start"],
-        }
-
-
-def _format_split(split: dict) -> str:
-    if not split:
-        return "no split (compiled or skipped steps)"
-    return ", ".join(f"{k} {1e3 * v:,.1f} ms" for k, v in split.items())
-
-
-def optimizer_name(s: TrainSettings, rt: Runtime) -> str:
-    if s.optimizer == "muon":
-        return f"Muon (Newton-Schulz in {choose_newton_schulz_dtype(s.ns_dtype, rt.device).name}) + AdamW"
-    return "AdamW"
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def plan_main(args) -> dict:
     """Print the memory plan of a config, batch and precision (no model is built)."""
-    preset = args.preset or "cpu-demo"
-    config = Config.from_preset(preset, **args.overrides)
-    batch = args.batch_size or TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"])["batch_size"]
+    preset = args.preset or DEFAULT_PRESET
+    config = preset_config(preset, **args.overrides)
+    s = merge_settings(preset, None, {"batch_size": args.batch_size, "optimizer": args.optimizer}, config)
+    batch, optimizer = s.batch_size, s.optimizer
     block = args.seq_len or config.block_size
     precision = args.precision or "auto"
     if precision == "auto":
         precision = "fp16" if args.plan_device == "cuda" else "fp32"
-    optimizer = args.optimizer or TRAINING_PRESETS.get(preset, TRAINING_PRESETS["cpu-demo"]).get("optimizer")
     plan = plan_memory(
         config,
         batch,
@@ -569,7 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=None, help="seed of weights, data and dropout (default 0)")
 
-    g = p.add_argument_group("model")
+    add_model_flags(p.add_argument_group("model"))
+    add_data_arguments(p)
+    g = p.add_argument_group("training (defaults come from the preset)")
+    add_schedule_flags(g)
+    add_hardware_flags(g)
+    add_run_flags(g)
+    add_sampling_flags(p.add_argument_group("generate / eval / benchmark / plan"))
+    return p
+
+
+def add_model_flags(g) -> None:
     g.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -583,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a Config field, e.g. --set n_layer=4 --set dropout=0 (repeatable)",
     )
 
-    add_data_arguments(p)
 
-    g = p.add_argument_group("training (defaults come from the preset)")
+def add_schedule_flags(g) -> None:
+    """Batch, schedule and optimizer."""
     g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
     g.add_argument("--grad-accum-steps", type=int, help="micro-batches per optimizer step")
     g.add_argument(
@@ -608,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--muon-lr", type=float, help="Muon's peak learning rate (default 0.02)")
     g.add_argument("--muon-momentum", type=float, help="Muon's momentum (default 0.95)")
     g.add_argument("--muon-weight-decay", type=float, help="Muon's weight decay (default 0)")
+
+
+def add_hardware_flags(g) -> None:
+    """Precision, Newton-Schulz dtype, memory and speed options, expert parallelism."""
     g.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -635,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: groups of E ranks share one copy of the experts, n_expert / E per rank, "
         "tokens sent to them by all-to-all (default 1: every rank holds every expert, DDP)",
     )
+
+
+def add_run_flags(g) -> None:
+    """Intervals, samples, resuming and stopping."""
     g.add_argument("--eval-interval", type=int, help="steps between evaluations (0 = only at the end)")
     g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (0 = all)")
     g.add_argument("--log-interval", type=int, help="steps between metrics.jsonl records")
@@ -657,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="save and exit after this step, keeping the --max-steps schedule (split long runs)",
     )
 
-    g = p.add_argument_group("generate / eval / benchmark")
+
+def add_sampling_flags(g) -> None:
+    """Generation, and the benchmark and plan modes."""
     g.add_argument("--checkpoint", help="a .pt file or a run folder (best.pt preferred); default: OUT_DIR")
     g.add_argument("--prompt", default="Once upon a time", help="text to continue ('' = start from EOT)")
     g.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate")
@@ -676,7 +506,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan: the device precision 'auto' resolves for (default cuda: fp16)",
     )
     g.add_argument("--gpu-memory-gb", type=float, default=4.0, help="plan: the memory budget to check")
-    return p
 
 
 # flag -> (minimum, maximum) for every integer flag; None = unbounded
@@ -712,7 +541,7 @@ def main(argv=None):
     given = given_flags(parser, argv)
     if args.out_dir is None:
         args.out_dir = str(Path("runs") / (args.preset or "cpu-demo"))
-    if args.seed is None and args.mode != "train":
+    if args.seed is None and args.mode not in ("train", "eval"):
         args.seed = 0
     modes = {
         "train": train_main,

@@ -838,14 +838,15 @@ def add_data_arguments(parser) -> None:
     )  # fmt: skip
 
 
-def data_source_from_namespace(args) -> DataSource:
-    """The DataSource described by flags added with `add_data_arguments`."""
+def data_source_from_namespace(args, seed: int) -> DataSource:
+    """The DataSource described by flags added with `add_data_arguments`; `seed` draws the synthetic
+    stories and the held-out documents."""
     n_train = args.synthetic_stories
     n_valid = max(100, n_train // 20) if isinstance(n_train, int) and n_train > 0 else n_train
     return make_data_source(
         args.dataset,
         args.data_files,
-        seed=getattr(args, "seed", 0),
+        seed=seed,
         valid_fraction=args.valid_fraction,
         text_split=args.text_split,
         text_column=args.text_column,
@@ -867,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="synthetic-story seed and hold-out seed")
     args = parser.parse_args(argv)
     try:
-        source = data_source_from_namespace(args)
+        source = data_source_from_namespace(args, seed=args.seed)
         start = time.perf_counter()
         data = prepare_data(
             source, args.tokenizer or "bpe", vocab_size=args.vocab_size or 4096, cache_dir=args.cache_dir

@@ -22,6 +22,8 @@ not hidden matrices (a lookup table, vectors, or an output layer whose scale mat
 Learning rates: the training schedule writes one lr into every group (Phase 3's
 set_learning_rate); a Muon group multiplies it by its `lr_ratio` (= muon_lr / max_lr), so both
 follow the same warm-up and decay with their own peak.
+
+make_optimizer builds it (or plain AdamW) for a model and its TrainSettings.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from torch.optim.adamw import adamw
 
+from phase3_components.src.hardware import choose_newton_schulz_dtype
 from phase3_components.src.muon import newton_schulz
+from sparse_moe_transformer.src.train_settings import TrainSettings
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -117,3 +122,23 @@ class MuonAdamW(torch.optim.Optimizer):
             foreach=not fused, fused=fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )  # fmt: skip
+
+
+def make_optimizer(model: nn.Module, s: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the model's decayed_parameters() and none on the rest; or (optimizer
+    "muon") MuonAdamW: Muon for the model's hidden_matrices() and that AdamW for the others."""
+    decayed = {id(p) for p in model.decayed_parameters()}
+    muon = {id(p) for p in model.hidden_matrices()} if s.optimizer == "muon" else set()
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in muon]
+    groups = [
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": s.weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    if s.optimizer == "muon":
+        return MuonAdamW(
+            model.hidden_matrices(), groups, lr=s.max_lr, lr_ratio=s.muon_lr / s.max_lr,
+            momentum=s.muon_momentum, muon_weight_decay=s.muon_weight_decay, betas=(s.beta1, s.beta2),
+            ns_dtype=choose_newton_schulz_dtype(s.ns_dtype, device).dtype,
+        )  # fmt: skip
+    fused = device.type == "cuda"  # one kernel for all parameters on GPUs; foreach on the CPU
+    return torch.optim.AdamW(groups, lr=s.max_lr, betas=(s.beta1, s.beta2), fused=fused, foreach=not fused)

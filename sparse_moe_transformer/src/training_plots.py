@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
+from sparse_moe_transformer.src.training_log import METRICS_FILE
+
 PLOT_FILES = ("loss.png", "learning_rate.png", "expert_load.png")
 
 
@@ -168,9 +169,7 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
                 extent=extent,
             )
             ax.set_ylabel(f"layer {layer}\nexpert")
-        fig.colorbar(
-            image, ax=axes[:, 0].tolist(), label=f"share of routed tokens (balanced = 1/{n_expert})"
-        )
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label=f"share of routed tokens (balanced = 1/{n_expert})")
         axes[0, 0].set_title("Expert load per layer over training")
     else:
         axes[0, 0].text(0.5, 0.5, "no expert loads logged", ha="center", va="center")

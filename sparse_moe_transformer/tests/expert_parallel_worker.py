@@ -26,17 +26,12 @@ from sparse_moe_transformer.src.expert_parallel import (
     shard_experts,
 )
 from sparse_moe_transformer.src.memory_plan import activation_bytes_per_token, measure_saved_bytes
-from sparse_moe_transformer.src.moe_optimizer import MuonAdamW
-from sparse_moe_transformer.src.train import (
-    Config,
-    Runtime,
-    SparseMoETransformer,
-    TrainSettings,
-    make_optimizer,
-    train_step,
-)
+from sparse_moe_transformer.src.moe_optimizer import MuonAdamW, make_optimizer
+from sparse_moe_transformer.src.runtime import Runtime
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config, train_step
+from sparse_moe_transformer.src.train_settings import TrainSettings
 
-CONFIG = Config.from_preset("tiny", n_layer=2, d_model=32, n_head=4, n_expert=4, top_k=2, d_ff=48)
+CONFIG = preset_config("tiny", n_layer=2, d_model=32, n_head=4, n_expert=4, top_k=2, d_ff=48)
 SEQ, ROWS = 8, 3  # tokens per sequence, sequences per micro-batch per rank
 
 

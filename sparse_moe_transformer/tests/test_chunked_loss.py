@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from sparse_moe_transformer.src import chunked_loss
 from sparse_moe_transformer.src.chunked_loss import linear_cross_entropy
-from sparse_moe_transformer.src.train import Config, SparseMoETransformer, moe_losses
+from sparse_moe_transformer.src.train import SparseMoETransformer, moe_losses, preset_config
 
 
 def reference(h, weight, targets, softcap=None):
@@ -84,7 +84,7 @@ def test_the_models_chunked_training_loss_equals_its_logits_loss(softcap):
     """forward(..., return_logits=False), which train_step and evaluate use, gives the loss and every
     parameter gradient of forward(...) with logits."""
     torch.manual_seed(0)
-    config = Config.from_preset("tiny", logit_softcap=softcap, dropout=0.0)
+    config = preset_config("tiny", logit_softcap=softcap, dropout=0.0)
     model = SparseMoETransformer(config)
     x, y = torch.randint(0, config.vocab_size, (3, 16)), torch.randint(0, config.vocab_size, (3, 16))
     y[0, :4] = -100

@@ -7,10 +7,11 @@ in train.py's docstring must equal count_parameters / count_active_parameters of
 import re
 from pathlib import Path
 
-from sparse_moe_transformer.src.train import Config, count_active_parameters, count_parameters
+from sparse_moe_transformer.src.param_counts import count_active_parameters, count_parameters
+from sparse_moe_transformer.src.train import preset_config
 
 ROOT = Path(__file__).resolve().parents[2]
-T1000 = Config.from_preset("t1000")
+T1000 = preset_config("t1000")
 TOTAL, ACTIVE = count_parameters(T1000), count_active_parameters(T1000)
 DOCS = [*ROOT.glob("*.md"), *ROOT.glob("*/README.md"), *ROOT.glob("*/BENCHMARKS.md"),
         ROOT / "sparse_moe_transformer" / "src" / "train.py"]  # fmt: skip

@@ -21,12 +21,8 @@ from sparse_moe_transformer.src import cli
 from sparse_moe_transformer.src.checkpointing import LATEST_NAME, read_checkpoint
 from sparse_moe_transformer.src.expert_parallel import ExpertParallel, check_layout, shard_experts
 from sparse_moe_transformer.src.memory_plan import GB, plan_memory
-from sparse_moe_transformer.src.train import (
-    Config,
-    SparseMoETransformer,
-    count_hidden_matrix_parameters,
-    count_parameters,
-)
+from sparse_moe_transformer.src.param_counts import count_hidden_matrix_parameters, count_parameters
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
 
 WORKER = Path(__file__).with_name("expert_parallel_worker.py")
 TRAIN_SCRIPT = Path(train.__file__)
@@ -181,7 +177,7 @@ def test_saved_activations_equal_the_memory_plan(fixture, request):
 
 def test_memory_plan_divides_the_expert_state_by_e():
     """Per rank: parameters, gradients and AdamW / Muon state of the model that rank really holds."""
-    config = Config.from_preset("tiny", n_expert=8)
+    config = preset_config("tiny", n_expert=8)
     for size in (1, 2, 4, 8):
         model = SparseMoETransformer(config)
         if size > 1:
@@ -209,7 +205,7 @@ def test_plan_mode_shows_the_most_experts_that_fit_for_each_e(capsys):
     assert all(n % e == 0 for n, e in zip(counts, (1, 2, 4, 8)))
     assert counts == sorted(counts) and counts[-1] > 4 * counts[0]  # sharding experts lets them grow
     for e, row in largest.items():  # the largest that fits: E more experts would not
-        config = Config.from_preset("t1000", n_expert=row["n_expert"] + e)
+        config = preset_config("t1000", n_expert=row["n_expert"] + e)
         over = plan_memory(
             config, 4, 256, n_params=count_parameters(config), precision="fp16", expert_parallel=e,
             n_muon_params=count_hidden_matrix_parameters(config),

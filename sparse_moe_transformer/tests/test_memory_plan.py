@@ -12,7 +12,7 @@ from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, measu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_activation_prediction_equals_the_saved_tensor_bytes(dropout, precision):
-    config = cli.Config.from_preset(
+    config = cli.preset_config(
         "cpu-demo",
         vocab_size=512,
         n_layer=2,
@@ -39,7 +39,7 @@ def test_activation_prediction_equals_the_saved_tensor_bytes(dropout, precision)
 
 
 def test_t1000_defaults_fit_4_gb():
-    config = cli.Config.from_preset("t1000")
+    config = cli.preset_config("t1000")
     n_params = cli.count_parameters(config)
     plan = plan_memory(config, 4, 256, n_params=n_params, precision="fp16")
     assert 150e6 < n_params < 170e6
@@ -62,12 +62,12 @@ def test_t1000_defaults_fit_4_gb():
 def test_optimizer_state_equals_the_bytes_the_optimizer_keeps(optimizer):
     """AdamW keeps two fp32 moments per parameter; Muon one momentum buffer per hidden-matrix parameter
     (count_hidden_matrix_parameters = what hidden_matrices() hands to Muon)."""
-    config = cli.Config.from_preset("tiny")
+    config = cli.preset_config("tiny")
     torch.manual_seed(0)
     model = cli.SparseMoETransformer(config)
     n_muon = cli.count_hidden_matrix_parameters(config)
     assert n_muon == sum(p.numel() for p in model.hidden_matrices())
-    s = cli.TrainSettings(**{**cli.TRAINING_PRESETS["tiny"], "seq_len": 16, "optimizer": optimizer})
+    s = cli.TrainSettings(**{**cli.PRESETS["tiny"].training, "seq_len": 16, "optimizer": optimizer})
     opt = cli.make_optimizer(model, s, torch.device("cpu"))
     x = torch.randint(0, config.vocab_size, (2, 17))
     cli.moe_losses(model(x[:, :-1], x[:, 1:]), config).total.backward()
@@ -86,7 +86,7 @@ def test_optimizer_state_equals_the_bytes_the_optimizer_keeps(optimizer):
 
 
 def test_bad_arguments():
-    config = cli.Config.from_preset("cpu-demo")
+    config = cli.preset_config("cpu-demo")
     with pytest.raises(ValueError, match="unknown precision"):
         plan_memory(config, 1, 8, n_params=10, precision="int4")
     with pytest.raises(ValueError, match="batch_size must be a positive int"):

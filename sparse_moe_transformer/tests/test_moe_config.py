@@ -4,13 +4,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparse_moe_transformer.src.train import (
-    Config,
-    SparseMoETransformer,
+from sparse_moe_transformer.src.param_counts import (
     count_active_parameters,
     count_parameters,
     forward_flops_per_token,
 )
+from sparse_moe_transformer.src.train import Config, SparseMoETransformer, preset_config
 
 
 def module_param_count(config):
@@ -20,7 +19,7 @@ def module_param_count(config):
 
 
 def test_t1000_has_158_77M_parameters_and_18_97M_active():
-    c = Config.from_preset("t1000")
+    c = preset_config("t1000")
     assert (c.vocab_size, c.d_model, c.n_head, c.n_layer, c.n_expert, c.top_k, c.d_ff, c.block_size) == (
         50257, 512, 8, 6, 16, 2, 1024, 256,
     )  # fmt: skip
@@ -34,7 +33,7 @@ def test_t1000_has_158_77M_parameters_and_18_97M_active():
 
 @pytest.mark.parametrize("preset", ["cpu-demo", "cpu-small", "tiny"])
 def test_analytic_counts_match_the_module(preset):
-    c = Config.from_preset(preset)
+    c = preset_config(preset)
     assert count_parameters(c) == module_param_count(c)
     # active = total minus the idle experts' weights, minus embeddings and head
     one_expert = 2 * c.d_model * c.d_ff + c.d_ff + c.d_model
@@ -45,7 +44,7 @@ def test_analytic_counts_match_the_module(preset):
 
 
 def test_analytic_flops_agree_with_torch_flop_counter():
-    c = Config.from_preset("tiny", d_model=64, d_ff=128, n_expert=8, vocab_size=300)
+    c = preset_config("tiny", d_model=64, d_ff=128, n_expert=8, vocab_size=300)
     model = SparseMoETransformer(c).eval()
     B, T = 2, 32
     ids = torch.randint(0, c.vocab_size, (B, T))
@@ -79,19 +78,19 @@ def test_analytic_flops_agree_with_torch_flop_counter():
 )
 def test_bad_config_raises_one_error_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"Config\.{field}"):
-        Config.from_preset("cpu-demo", **overrides)
+        preset_config("cpu-demo", **overrides)
 
 
 def test_unknown_preset_and_unknown_field():
     with pytest.raises(ValueError, match="Unknown preset 'gpt5'.*cpu-demo"):
-        Config.from_preset("gpt5")
+        preset_config("gpt5")
     with pytest.raises(ValueError, match="n_experts"):
-        Config.from_preset("tiny", n_experts=4)  # the old name: the field is n_expert
-    assert Config.from_preset("tiny", dropout=0.2).dropout == 0.2
+        preset_config("tiny", n_experts=4)  # the old name: the field is n_expert
+    assert preset_config("tiny", dropout=0.2).dropout == 0.2
 
 
 def test_bad_inputs_raise_clear_errors():
-    model = SparseMoETransformer(Config.from_preset("tiny"))
+    model = SparseMoETransformer(preset_config("tiny"))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
         model(torch.tensor([[1, 97]]))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
@@ -111,8 +110,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_cpu_small_matches_nanogpts_cpu_model_in_active_size():
     # nanoGPT's CPU baseline: 4 layers, 4 heads, d 128, FFN 128 -> 512 -> 128 (0.79M parameters in
     # the layers). cpu-small splits that FFN into 8 experts of 256, 2 active: the same active size.
-    c = Config.from_preset("cpu-small")
-    dense = Config.from_preset("cpu-small", n_expert=1, top_k=1, d_ff=512)
+    c = preset_config("cpu-small")
+    dense = preset_config("cpu-small", n_expert=1, top_k=1, d_ff=512)
     assert (c.d_model, c.n_head, c.n_layer, c.block_size) == (128, 4, 4, 256)
     active, dense_active = count_active_parameters(c), count_active_parameters(dense)
     assert abs(active - dense_active) / dense_active < 0.02
@@ -123,6 +122,6 @@ def test_cpu_small_matches_nanogpts_cpu_model_in_active_size():
 def test_a_config_saved_under_the_old_field_names_loads_and_unknown_fields_are_refused():
     old = {"vocab_size": 97, "d_model": 32, "n_heads": 4, "n_layers": 2, "n_experts": 4, "top_k": 2,
            "d_ff": 48, "max_len": 32, "dropout": 0.0}  # fmt: skip
-    assert Config.from_saved(old) == Config.from_preset("tiny")  # renamed fields; attn_dropout defaulted
+    assert Config.from_saved(old) == preset_config("tiny")  # renamed fields; attn_dropout defaulted
     with pytest.raises(ValueError, match=r"\['mystery'\].*newer or foreign"):
         Config.from_saved({**old, "mystery": 1})

@@ -9,7 +9,7 @@ import torch
 
 from phase2_architecture.src.mixture_of_experts import capacity_keep_mask, expert_capacity, moe_ffn_per_token
 from sparse_moe_transformer.src.moe_dispatch import expert_ffn, per_expert_sum, route_tokens
-from sparse_moe_transformer.src.train import Config, SparseMoEFFN
+from sparse_moe_transformer.src.train import Config, SparseMoEFFN, preset_config
 
 
 def make_moe(N=24, C=12, Fh=20, E=6, k=2, skew=0.0, seed=0, capacity_factor=None):
@@ -137,7 +137,7 @@ class MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 def test_experts_compute_in_the_autocast_dtype_forward_and_backward(dtype):
     # The experts' input is a LayerNorm's output, which autocast keeps in fp32; the experts must still
     # run their matmuls in the autocast dtype, as nn.Linear would, and give fp32 weight gradients.
-    config = Config.from_preset("tiny")
+    config = preset_config("tiny")
     torch.manual_seed(0)
     moe = SparseMoEFFN(config)
     x = torch.randn(2, 16, config.d_model, requires_grad=True)

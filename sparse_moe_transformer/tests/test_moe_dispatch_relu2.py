@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from phase2_architecture.src.mixture_of_experts import expert_capacity
 from sparse_moe_transformer.src.moe_dispatch import expert_ffn, route_tokens
-from sparse_moe_transformer.src.train import Config, SparseMoEFFN
+from sparse_moe_transformer.src.train import Config, SparseMoEFFN, preset_config
 
 
 def per_token_reference(x, gate, w1, b1, w2, b2, top_k, act):
@@ -75,4 +75,4 @@ def test_relu2_is_not_gelu_and_unknown_activations_are_refused():
     with pytest.raises(ValueError, match="gelu or relu2"):
         expert_ffn(x, w1, b1, w2, b2, routing, "swish")
     with pytest.raises(ValueError, match="expert_activation"):
-        Config.from_preset("tiny", expert_activation="swish")
+        preset_config("tiny", expert_activation="swish")

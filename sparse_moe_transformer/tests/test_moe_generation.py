@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from sparse_moe_transformer.src.train import Config, SparseMoETransformer
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return SparseMoETransformer(Config.from_preset("tiny", dropout=0.1))
+    return SparseMoETransformer(preset_config("tiny", dropout=0.1))
 
 
 def greedy_by_recomputation(model, ids, n):

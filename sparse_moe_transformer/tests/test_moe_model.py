@@ -7,17 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from sparse_moe_transformer.src.train import (
-    Config,
     SparseMoETransformer,
     load_balancing_loss,
     moe_losses,
+    preset_config,
     router_z_loss,
 )
 
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return SparseMoETransformer(Config.from_preset("tiny", **overrides)).eval()
+    return SparseMoETransformer(preset_config("tiny", **overrides)).eval()
 
 
 def test_causality_future_tokens_do_not_change_past_logits():

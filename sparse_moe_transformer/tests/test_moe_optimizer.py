@@ -7,8 +7,9 @@ import torch
 
 from phase3_components.src.lr_schedules import set_learning_rate
 from phase3_components.src.muon import newton_schulz
-from sparse_moe_transformer.src.moe_optimizer import MuonAdamW
-from sparse_moe_transformer.src.train import Config, SparseMoETransformer, TrainSettings, make_optimizer
+from sparse_moe_transformer.src.moe_optimizer import MuonAdamW, make_optimizer
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
+from sparse_moe_transformer.src.train_settings import TrainSettings
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def test_adamw_groups_equal_torch_adamw_step_for_step():
 
 
 def test_make_optimizer_gives_muon_the_hidden_matrices_and_adamw_everything_else():
-    model = SparseMoETransformer(Config.from_preset("tiny"))
+    model = SparseMoETransformer(preset_config("tiny"))
     s = TrainSettings(batch_size=2, grad_accum_steps=1, seq_len=16, max_steps=10, max_lr=1e-3, min_lr=1e-4,
                       warmup_steps=0, optimizer="muon", muon_lr=0.03)  # fmt: skip
     opt = make_optimizer(model, s, torch.device("cpu"))
@@ -134,7 +135,7 @@ def test_make_optimizer_gives_muon_the_hidden_matrices_and_adamw_everything_else
 
 def test_muon_training_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = SparseMoETransformer(Config.from_preset("tiny", pos="rope", qk_norm=True))
+    model = SparseMoETransformer(preset_config("tiny", pos="rope", qk_norm=True))
     s = TrainSettings(batch_size=2, grad_accum_steps=1, seq_len=16, max_steps=10, max_lr=3e-3, min_lr=3e-3,
                       warmup_steps=0, optimizer="muon")  # fmt: skip
     opt = make_optimizer(model, s, torch.device("cpu"))

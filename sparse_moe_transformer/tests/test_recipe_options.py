@@ -11,14 +11,9 @@ import torch.nn.functional as F
 
 from phase2_architecture.src.positional_encoding import apply_rope, rope_angles
 from phase5_production.src.kv_cache import KVCache
-from sparse_moe_transformer.src.train import (
-    Config,
-    SparseMoETransformer,
-    TrainSettings,
-    count_active_parameters,
-    count_parameters,
-    lr_at,
-)
+from sparse_moe_transformer.src.param_counts import count_active_parameters, count_parameters
+from sparse_moe_transformer.src.train import Config, SparseMoETransformer, preset_config
+from sparse_moe_transformer.src.train_settings import TrainSettings, lr_at
 
 RECIPES = [
     dict(pos="rope"),
@@ -30,7 +25,7 @@ RECIPES = [
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return SparseMoETransformer(Config.from_preset("tiny", **overrides)).eval()
+    return SparseMoETransformer(preset_config("tiny", **overrides)).eval()
 
 
 @pytest.mark.parametrize("options", RECIPES)
@@ -104,7 +99,7 @@ def test_rope_model_has_no_position_table_and_the_parameter_counts_match():
         assert count_parameters(c) == sum(p.numel() for p in model.parameters())
         # RoPE tables are recomputed, not saved: the state dict holds parameters only
         assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}
-    learned, rope = Config.from_preset("tiny"), Config.from_preset("tiny", pos="rope")
+    learned, rope = preset_config("tiny"), preset_config("tiny", pos="rope")
     assert count_active_parameters(learned, True) - count_active_parameters(rope, True) == learned.d_model
 
 
@@ -139,7 +134,7 @@ def test_zero_init_proj_starts_every_layer_as_the_identity():
 
 def test_default_config_is_the_original_model_and_old_configs_load():
     new_fields = ("pos", "qk_norm", "zero_init_proj", "logit_softcap", "expert_activation")
-    saved = {k: v for k, v in asdict(Config.from_preset("cpu-small")).items() if k not in new_fields}
+    saved = {k: v for k, v in asdict(preset_config("cpu-small")).items() if k not in new_fields}
     config = Config.from_saved(saved)  # a config written before the options existed
     assert config == Config(**saved)  # the options take their defaults: the original architecture
     assert (config.pos, config.qk_norm, config.zero_init_proj, config.logit_softcap) == (
@@ -159,11 +154,11 @@ def test_default_config_is_the_original_model_and_old_configs_load():
 
 def test_bad_option_values_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="'learned' or 'rope'"):
-        Config.from_preset("tiny", pos="alibi")
+        preset_config("tiny", pos="alibi")
     with pytest.raises(ValueError, match="must be even"):
-        Config.from_preset("tiny", d_model=36, n_head=4, pos="rope")  # head_dim 9
+        preset_config("tiny", d_model=36, n_head=4, pos="rope")  # head_dim 9
     with pytest.raises(ValueError, match="logit_softcap"):
-        Config.from_preset("tiny", logit_softcap=0.0)
+        preset_config("tiny", logit_softcap=0.0)
     base = dict(
         batch_size=2, grad_accum_steps=1, seq_len=8, max_steps=10, max_lr=1e-3, min_lr=1e-4, warmup_steps=2
     )

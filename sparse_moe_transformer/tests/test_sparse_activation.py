@@ -4,12 +4,12 @@ and an expert no token chose gets exactly zero gradient (whatever was in memory 
 import torch
 
 from phase2_architecture.src.mixture_of_experts import moe_ffn_per_token
-from sparse_moe_transformer.src.train import Config, SparseMoEFFN
+from sparse_moe_transformer.src.train import SparseMoEFFN, preset_config
 
 
 def t1000_sized_moe_layer(d_model=64, d_ff=96):
     """A layer with the t1000 routing (16 experts, top-2) at a small width, to stay fast."""
-    cfg = Config.from_preset("t1000", d_model=d_model, n_head=8, d_ff=d_ff)
+    cfg = preset_config("t1000", d_model=d_model, n_head=8, d_ff=d_ff)
     assert (cfg.n_expert, cfg.top_k) == (16, 2)
     moe = SparseMoEFFN(cfg)
     with torch.no_grad():  # non-zero biases: an expert's contribution is never accidentally 0

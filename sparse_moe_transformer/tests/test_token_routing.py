@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from phase2_architecture.src.mixture_of_experts import capacity_keep_mask, expert_capacity, route_top_k
-from sparse_moe_transformer.src.train import Config, SparseMoETransformer
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
 
 
 def gate_logits_of_each_layer(model, idx) -> list[torch.Tensor]:
@@ -29,7 +29,7 @@ def gate_logits_of_each_layer(model, idx) -> list[torch.Tensor]:
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_token_routing_equals_the_reference_routing_of_each_layer(capacity_factor):
     torch.manual_seed(0)
-    config = Config.from_preset("tiny", n_layer=3, n_expert=6, top_k=2, capacity_factor=capacity_factor)
+    config = preset_config("tiny", n_layer=3, n_expert=6, top_k=2, capacity_factor=capacity_factor)
     model = SparseMoETransformer(config).eval()
     idx = torch.randint(0, config.vocab_size, (2, 9))  # [B, T]
     routing = model.token_routing(idx)
@@ -51,7 +51,7 @@ def test_token_routing_reports_the_experts_that_shaped_the_output():
     """Zeroing the experts a token was NOT sent to leaves its output unchanged; zeroing one it was
     sent to changes it: the reported experts are the ones that ran."""
     torch.manual_seed(1)
-    config = Config.from_preset("tiny", n_layer=1, n_expert=4, top_k=2)
+    config = preset_config("tiny", n_layer=1, n_expert=4, top_k=2)
     model = SparseMoETransformer(config).eval()
     idx = torch.randint(0, config.vocab_size, (1, 6))
     chosen = model.token_routing(idx).experts[0, -1, 0].tolist()  # the last token, layer 0

@@ -5,21 +5,17 @@ import copy
 
 import torch
 
-from sparse_moe_transformer.src.train import (
-    Config,
-    Runtime,
-    SparseMoETransformer,
-    TrainSettings,
-    make_optimizer,
-    train_step,
-)
+from sparse_moe_transformer.src.moe_optimizer import make_optimizer
+from sparse_moe_transformer.src.runtime import Runtime
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config, train_step
+from sparse_moe_transformer.src.train_settings import TrainSettings
 
 CPU = torch.device("cpu")
 
 
 def tiny(seed=0, **overrides) -> SparseMoETransformer:
     torch.manual_seed(seed)
-    return SparseMoETransformer(Config.from_preset("tiny", **overrides))
+    return SparseMoETransformer(preset_config("tiny", **overrides))
 
 
 def settings(**overrides) -> TrainSettings:

@@ -255,7 +255,7 @@ def test_checkpoint_errors(trained, tmp_path, capsys):
 
 
 def _tiny_config(dropout=0.0):
-    return train.Config.from_preset(
+    return train.preset_config(
         "cpu-demo",
         vocab_size=64,
         n_layer=2,
