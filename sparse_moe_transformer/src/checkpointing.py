@@ -12,15 +12,15 @@ container, so `torch.load(weights_only=True)` reads it without running any pickl
 
     format, version   identify the file as ours ("llm-foundation/sparse-moe", 1)
     model             the model's state_dict
-    optimizer         AdamW's state_dict (moments, step counts, param groups)
-    scheduler         the learning-rate schedule: its parameters and the step it has reached
+    optimizer         the optimizer's state_dict (Muon momenta or AdamW moments, step counts, param groups)
     scaler            the fp16 GradScaler's state_dict (empty when disabled)
     step              optimizer steps done
     tokens            training tokens seen
     sampler           the BlockBatchSampler's state_dict (the data position)
     rng               one entry per DDP rank: python / numpy / torch (/ cuda) generator states
     config            the model Config as a dict (dataclasses.asdict)
-    train_args        the training settings (batch size, lr, ...) as a dict
+    train_args        the training settings (batch size, lr, ...) as a dict: the learning-rate schedule
+                      is a pure function of them and the step
     tokenizer         the tokenizer's to_state() dict: `generate` needs nothing but the checkpoint
     best_val_loss     the lowest validation loss seen (float or None)
     checksum          BLAKE2b of every other entry (tensor bytes, shapes, dtypes and plain values):

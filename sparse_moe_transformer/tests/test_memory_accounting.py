@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_moe_transformer.src import train as cli
 from sparse_moe_transformer.src.memory_plan import (
     activation_bytes_per_token,
     fixed_activation_bytes,
@@ -32,6 +31,8 @@ from sparse_moe_transformer.src.memory_plan import (
     measure_saved_bytes,
     plan_memory,
 )
+from sparse_moe_transformer.src.param_counts import count_parameters
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 B, T = 2, 64
@@ -50,9 +51,9 @@ def full_width_model(dropout: float, vocab_size: int = 50_257):
     points and Config field names this file uses are all here."""
     # qk_norm=False: the plan does not count QK-norm's normalised q, k and their statistics yet (a few
     # MiB at t1000, noted in memory_plan.py); the rest of the t1000 recipe is held to the byte
-    config = cli.preset_config("t1000", n_layer=2, dropout=dropout, qk_norm=False, vocab_size=vocab_size)
+    config = preset_config("t1000", n_layer=2, dropout=dropout, qk_norm=False, vocab_size=vocab_size)
     torch.manual_seed(0)
-    return config, cli.SparseMoETransformer(config).train(), cli.count_parameters(config)
+    return config, SparseMoETransformer(config).train(), count_parameters(config)
 
 
 def measure_both(model, idx, targets, dtype):
@@ -108,9 +109,9 @@ def test_saved_bytes_at_full_width_match_the_plan_per_layer_outside_and_in_total
 
 
 def test_measure_saved_bytes_counts_a_shared_storage_once_and_leaves_parameters_out():
-    config = cli.preset_config("tiny")
+    config = preset_config("tiny")
     torch.manual_seed(0)
-    model = cli.SparseMoETransformer(config).train()
+    model = SparseMoETransformer(config).train()
     idx = torch.randint(0, config.vocab_size, (2, 8))
     saved = measure_saved_bytes(model, idx, idx)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -175,7 +176,7 @@ def test_gpu_check_cpu_path_trains_every_variant_and_reports_the_inference_figur
         assert r["tokens_per_s"] > 0 and r.get("max_loss_diff_vs_fp32", 0) < 0.05
         assert "peak_allocated" not in r  # no memory figures without CUDA
     assert rows[1]["losses"] == rows[2]["losses"]  # checkpointing recomputes the same numbers
-    config = cli.preset_config("tiny")
+    config = preset_config("tiny")
     C, F, E, k, V, T = config.d_model, config.d_ff, config.n_expert, config.top_k, 300, config.block_size
     matmul_flops = T * (config.n_layer * (8 * C * C + 2 * C * E + k * 4 * C * F) + 2 * C * V)
     for fig in result["inference"]:

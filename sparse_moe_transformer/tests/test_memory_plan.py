@@ -5,14 +5,17 @@ per-layer checks are in test_memory_accounting.py."""
 import pytest
 import torch
 
-from sparse_moe_transformer.src import train as cli
 from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, measure_saved_bytes, plan_memory
+from sparse_moe_transformer.src.moe_optimizer import make_optimizer
+from sparse_moe_transformer.src.param_counts import count_hidden_matrix_parameters, count_parameters
+from sparse_moe_transformer.src.train import PRESETS, SparseMoETransformer, moe_losses, preset_config
+from sparse_moe_transformer.src.train_settings import TrainSettings
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_activation_prediction_equals_the_saved_tensor_bytes(dropout, precision):
-    config = cli.preset_config(
+    config = preset_config(
         "cpu-demo",
         vocab_size=512,
         n_layer=2,
@@ -27,7 +30,7 @@ def test_activation_prediction_equals_the_saved_tensor_bytes(dropout, precision)
         qk_norm=False,
     )
     torch.manual_seed(0)
-    model = cli.SparseMoETransformer(config).train()
+    model = SparseMoETransformer(config).train()
     B, T = 4, 64
     x = torch.randint(0, config.vocab_size, (B, T))
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
@@ -39,14 +42,14 @@ def test_activation_prediction_equals_the_saved_tensor_bytes(dropout, precision)
 
 
 def test_t1000_defaults_fit_4_gb():
-    config = cli.preset_config("t1000")
-    n_params = cli.count_parameters(config)
+    config = preset_config("t1000")
+    n_params = count_parameters(config)
     plan = plan_memory(config, 4, 256, n_params=n_params, precision="fp16")
     assert 150e6 < n_params < 170e6
     assert plan.total < 4 * GB, format_memory_plan(plan, budget_gb=4)
     assert plan.model_state > 0.6 * plan.total  # optimizer state dominates, as it should at batch 4
     muon = plan_memory(
-        config, 4, 256, n_params=n_params, n_muon_params=cli.count_hidden_matrix_parameters(config),
+        config, 4, 256, n_params=n_params, n_muon_params=count_hidden_matrix_parameters(config),
         precision="fp16",
     )  # fmt: skip
     assert plan.optimizer_state - muon.optimizer_state == 4 * 106_954_752  # one fp32 buffer, not two
@@ -62,15 +65,15 @@ def test_t1000_defaults_fit_4_gb():
 def test_optimizer_state_equals_the_bytes_the_optimizer_keeps(optimizer):
     """AdamW keeps two fp32 moments per parameter; Muon one momentum buffer per hidden-matrix parameter
     (count_hidden_matrix_parameters = what hidden_matrices() hands to Muon)."""
-    config = cli.preset_config("tiny")
+    config = preset_config("tiny")
     torch.manual_seed(0)
-    model = cli.SparseMoETransformer(config)
-    n_muon = cli.count_hidden_matrix_parameters(config)
+    model = SparseMoETransformer(config)
+    n_muon = count_hidden_matrix_parameters(config)
     assert n_muon == sum(p.numel() for p in model.hidden_matrices())
-    s = cli.TrainSettings(**{**cli.PRESETS["tiny"].training, "seq_len": 16, "optimizer": optimizer})
-    opt = cli.make_optimizer(model, s, torch.device("cpu"))
+    s = TrainSettings(**{**PRESETS["tiny"].training, "seq_len": 16, "optimizer": optimizer})
+    opt = make_optimizer(model, s, torch.device("cpu"))
     x = torch.randint(0, config.vocab_size, (2, 17))
-    cli.moe_losses(model(x[:, :-1], x[:, 1:]), config).total.backward()
+    moe_losses(model(x[:, :-1], x[:, 1:]), config).total.backward()
     opt.step()
     kept = sum(
         t.numel() * t.element_size()
@@ -86,7 +89,7 @@ def test_optimizer_state_equals_the_bytes_the_optimizer_keeps(optimizer):
 
 
 def test_bad_arguments():
-    config = cli.preset_config("cpu-demo")
+    config = preset_config("cpu-demo")
     with pytest.raises(ValueError, match="unknown precision"):
         plan_memory(config, 1, 8, n_params=10, precision="int4")
     with pytest.raises(ValueError, match="batch_size must be a positive int"):

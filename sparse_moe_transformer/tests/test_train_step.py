@@ -19,8 +19,9 @@ def tiny(seed=0, **overrides) -> SparseMoETransformer:
 
 
 def settings(**overrides) -> TrainSettings:
+    # AdamW: these tests compare gradients and updates; Muon's are tested in test_moe_optimizer.py
     values = dict(batch_size=4, grad_accum_steps=1, seq_len=16, max_steps=10, max_lr=1e-2, min_lr=1e-3,
-                  warmup_steps=0, grad_clip=0.0)  # fmt: skip
+                  warmup_steps=0, grad_clip=0.0, optimizer="adamw")  # fmt: skip
     return TrainSettings(**{**values, **overrides})
 
 
