@@ -31,13 +31,10 @@ import torch.distributed as torch_dist
 
 from phase1_foundation.src.validation import check_int, check_number
 from phase3_components.src.hardware import PRECISIONS, choose_newton_schulz_dtype, hardware_facts
-from sparse_moe_transformer.src.data_pipeline import (
-    add_data_arguments,
-    data_source_from_namespace,
-    prepare_data,
-)
+from sparse_moe_transformer.src.data_sources import add_data_arguments, data_source_from_flags
 from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, plan_memory
 from sparse_moe_transformer.src.rank_checks import RanksStopped
+from sparse_moe_transformer.src.token_cache import prepare_data
 from sparse_moe_transformer.src.train import (
     PRESETS,
     TRAINING_PRESETS,
@@ -112,7 +109,7 @@ def eval_main(args) -> dict:
     """Validation loss and perplexity of a checkpoint on a dataset's validation split."""
     rt = setup_runtime(args.device, args.precision or "auto")
     model, tokenizer, checkpoint = load_trained_model(_checkpoint_arg(args), rt.device)
-    data = prepare_data(data_source_from_namespace(args), tokenizer, cache_dir=args.cache_dir)
+    data = prepare_data(data_source_from_flags(args, seed=args.seed), tokenizer, cache_dir=args.cache_dir)
     s = settings_for(checkpoint.get("preset"), checkpoint.get("train_args", {}), model.config, args)
     result = evaluate(model, data.valid_tokens, s, rt, max_batches=args.eval_batches or None)
     print(f"checkpoint {checkpoint['path']} (step {checkpoint['step']})")

@@ -73,6 +73,7 @@ from phase3_components.src.lr_schedules import (
 from phase4_training.src.training_loop import autocast_context, capture_rng_state, restore_rng_state
 from phase5_production.src.kv_cache import KVCache, shifted_causal_mask
 from phase5_production.src.sampling import sample_next_token
+from sparse_moe_transformer.src.batches import BlockBatchSampler, blocks_to_batch, iter_eval_batches
 from sparse_moe_transformer.src.checkpointing import (
     BEST_NAME,
     LATEST_NAME,
@@ -85,13 +86,7 @@ from sparse_moe_transformer.src.checkpointing import (
 )
 from sparse_moe_transformer.src.chunked_loss import linear_cross_entropy
 from sparse_moe_transformer.src.cpu_memory import keep_freed_memory
-from sparse_moe_transformer.src.data_pipeline import (
-    BlockBatchSampler,
-    blocks_to_batch,
-    data_source_from_namespace,
-    iter_eval_batches,
-    prepare_data,
-)
+from sparse_moe_transformer.src.data_sources import data_source_from_flags
 from sparse_moe_transformer.src.expert_parallel import (
     ExpertParallelModel,
     check_layout,
@@ -112,6 +107,7 @@ from sparse_moe_transformer.src.rank_checks import (
     process_group_timeout,
 )
 from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
+from sparse_moe_transformer.src.token_cache import prepare_data
 from sparse_moe_transformer.src.training_plots import METRICS_FILE, make_plots
 
 # ----------------------------------------------------------------------------- Config
@@ -725,7 +721,7 @@ def load_trained_model(path: str | os.PathLike, device: torch.device | str = "cp
 #
 # `python sparse_moe_transformer/src/train.py --mode train ...` runs `train_main` below:
 #
-#   data        tokenize once into a memory-mapped cache (data_pipeline.prepare_data), packed with EOT
+#   data        tokenize once into a memory-mapped cache (token_cache.prepare_data), packed with EOT
 #   model       Config (preset + --set overrides, vocab_size from the tokenizer) -> SparseMoETransformer
 #   optimizer   AdamW; weight decay on the model's decayed_parameters() only
 #   schedule    linear warmup + cosine decay (Phase 3's warmup_cosine_lr), a pure function of the step
@@ -1096,7 +1092,7 @@ class Run:
     config: Config
     settings: TrainSettings
     runtime: Runtime
-    data: object  # data_pipeline.PreparedData
+    data: object  # token_cache.PreparedData
     tokenizer: object  # text_tokenizers.TextTokenizer
     sample_prompt: str
     stop_at: int
@@ -1184,7 +1180,7 @@ def resolve_run(args) -> Run:
     if rt.distributed and not rt.is_main:
         torch_dist.barrier()
     data = prepare_data(
-        data_source_from_namespace(args),
+        data_source_from_flags(args, seed=values["seed"]),
         tokenizer,
         vocab_size=args.vocab_size or 4096,
         cache_dir=args.cache_dir,
