@@ -53,12 +53,15 @@ def test_documents_train_the_documented_byte_level_bpe(stories):
 
 
 def test_one_text_is_cut_at_its_special_tokens(stories):
-    """compare_tokenizers' use: one text, its special tokens removed before counting pairs."""
-    text = EOT.join(stories)
-    ours = train_hf_byte_level_bpe(text, 500)
-    assert_same_tokenizer(ours, reference_bpe(stories, 500, min_frequency=0))
+    """compare_tokenizers' use: one text, its special tokens removed before counting pairs, every pair
+    counted (like our BPETokenizer): a vocabulary past the pairs seen twice is still filled."""
+    few = stories[:40]
+    text = EOT.join(few)
+    ours = train_hf_byte_level_bpe(text, 2000)
+    assert_same_tokenizer(ours, reference_bpe(few, 2000, min_frequency=0))
+    assert ours.get_vocab_size() > reference_bpe(few, 2000, min_frequency=2).get_vocab_size()
     # without cutting, HF counts the pairs inside "<|endoftext|>" too: a different vocabulary
-    raw = train_hf_byte_level_bpe(text, 500, strip_special=False)
+    raw = train_hf_byte_level_bpe(text, 2000, strip_special=False)
     assert raw.get_vocab() != ours.get_vocab()
     assert any(re.search(r"endoftext|\|>", token) for token in raw.get_vocab() if token != EOT)
     assert not any(re.search(r"endoftext|\|>", token) for token in ours.get_vocab() if token != EOT)
