@@ -2,10 +2,9 @@
 
 Packing (no padding anywhere)
     Each split is tokenized once, in batches (`encode_batch`, multi-threaded in Rust), and packed
-    into one stream  doc_1 EOT doc_2 EOT ... doc_n EOT  (phase 3's `pack_documents`). A training
-    example is a window of block_size + 1 consecutive tokens: x = window[:-1], y = window[1:].
-    Every position is a real token and every label is the real next token, so the loss counts
-    real tokens only; across a document boundary the label is EOT and then the next document.
+    into one stream  doc_1 EOT doc_2 EOT ... doc_n EOT  (phase 3's `pack_documents`), from which
+    `batches.py` cuts windows of block_size + 1 tokens: every position is a real token and every
+    label the real next token; across a document boundary the label is EOT, then the next document.
 
 Cache
     The streams are stored as memory-mapped token files (uint16 when the vocabulary has at most

@@ -185,3 +185,19 @@ def test_a_cache_dir_that_is_a_file_and_abandoned_staging_folders(tmp_path, caps
         (folder / "train.bin").write_bytes(b"\0" * 64)
     cli.main(train_argv(tmp_path / "run2", cache_dir, "--eval-interval", 0, steps=1))
     assert not abandoned.exists() and alive.exists()
+
+
+def test_the_preparation_script_fills_the_cache_the_training_run_reads(tmp_path, capsys):
+    flags = ["--synthetic-stories", "40", "--vocab-size", "300", "--cache-dir", str(tmp_path), "--seed", "2"]
+    token_cache.main(flags)
+    first = capsys.readouterr().out
+    source = make_data_source("synthetic", seed=2, synthetic_train_stories=40, synthetic_valid_stories=100)
+    data = prepare_data(source, "bpe", vocab_size=300, cache_dir=tmp_path, progress=False)
+    assert data.reused and f"cache       {data.cache_path} (written, uint16)" in first
+    assert "synthetic stories (40 train / 100 valid, seed 2)" in first
+    assert f"train       40 documents, {len(data.train_tokens):,} tokens" in first
+    token_cache.main(flags)
+    assert "(reused, uint16)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        token_cache.main(["--vocab-size", "100", "--cache-dir", str(tmp_path)])
+    assert info.value.code == 2 and "must be an integer >= 257" in capsys.readouterr().err
