@@ -8,46 +8,20 @@ Prints, for both tokenizers: training time, encoding time and throughput, compre
 bytes per token on held-out text, higher = shorter sequences), how many of the learned merges
 agree, and whether encode -> decode round-trips. Both use the GPT-2 pre-tokenisation regex and a
 256-byte base alphabet, so the merges agree except where two pairs tie in frequency (we take the
-smallest byte ids, HF the smallest ids of its own alphabet order).
+smallest byte ids, HF the smallest ids of its own alphabet order). HF's side is trained by
+`hf_byte_level_bpe.train_hf_byte_level_bpe`.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from phase3_components.src.bpe_tokenizer import N_BYTES, BPETokenizer
-
-
-def train_hf_byte_level_bpe(
-    text: str, vocab_size: int, special_tokens=("<|endoftext|>",), strip_special: bool = True
-) -> Tokenizer:
-    """HF's equivalent of BPETokenizer.train: ByteLevel pre-tokenizer (GPT-2 regex), 256-byte alphabet.
-
-    HF's trainer counts pairs inside special-token strings that occur in the training text (the
-    "nd" of "<|endoftext|>", ...); ours removes them first. strip_special=True (default) splits
-    the text at the special tokens before giving it to HF, so both learn from the same pairs.
-    """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, like ours
-        min_frequency=0,
-        show_progress=False,
-    )
-    pieces = [text]
-    if strip_special and special_tokens:
-        pattern = "|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
-        pieces = [piece for piece in re.split(pattern, text) if piece]
-    tokenizer.train_from_iterator(pieces, trainer)
-    return tokenizer
+from phase3_components.src.hf_byte_level_bpe import train_hf_byte_level_bpe
 
 
 def hf_merged_tokens(tokenizer: Tokenizer) -> list[bytes]:

@@ -272,9 +272,10 @@ _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _CHUNK = 1 << 22  # ids written per chunk, so huge memmaps never get copied whole
 
 
-def choose_token_dtype(max_id: int) -> np.dtype:
-    """uint16 when every id is below 65,536, else uint32."""
-    return np.dtype(np.uint16) if max_id < 2**16 else np.dtype(np.uint32)
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type holding every id of a `vocab_size`-token vocabulary (ids 0 ..
+    vocab_size - 1): uint16 when vocab_size <= 65,536, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 def write_token_file(path: str | os.PathLike, ids, dtype=None) -> Path:
@@ -293,7 +294,7 @@ def write_token_file(path: str | os.PathLike, ids, dtype=None) -> Path:
     if lo < 0:
         raise ValueError(f"token ids must be >= 0, found {lo}")
     if dtype is None:
-        dtype = choose_token_dtype(hi)
+        dtype = token_dtype(hi + 1)  # ids 0..hi: a vocabulary of hi + 1 tokens
     dtype = np.dtype(dtype)
     if dtype.itemsize not in _DTYPES or dtype.kind != "u":
         raise ValueError(f"dtype must be uint16 or uint32, got {dtype}")

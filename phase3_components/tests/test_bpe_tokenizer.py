@@ -14,12 +14,8 @@ from phase3_components.src.bpe_tokenizer import (
     count_pairs,
     merge_pair,
 )
-from phase3_components.src.compare_tokenizers import (
-    bytes_per_token,
-    hf_merged_tokens,
-    ours_merged_tokens,
-    train_hf_byte_level_bpe,
-)
+from phase3_components.src.compare_tokenizers import bytes_per_token, hf_merged_tokens, ours_merged_tokens
+from phase3_components.src.hf_byte_level_bpe import train_hf_byte_level_bpe
 from phase3_components.src.synthetic_stories import generate_stories
 
 

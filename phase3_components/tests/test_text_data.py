@@ -22,6 +22,7 @@ from phase3_components.src.text_data import (
     pack_documents,
     pad_documents,
     split_documents,
+    token_dtype,
     train_val_split,
     unmasked_cross_entropy,
     write_token_file,
@@ -240,6 +241,14 @@ def test_token_file_picks_uint32_for_large_vocabularies(tmp_path):
     assert tokens.dtype == np.uint32 and tokens.tolist() == ids
     # 65,535 still fits in uint16
     assert open_token_file(write_token_file(tmp_path / "edge.bin", [65_535])).dtype == np.uint16
+
+
+def test_token_dtype_holds_every_id_of_the_vocabulary():
+    # ids run 0 .. vocab_size - 1: 65,536 ids still fit uint16 (max 65,535), one more does not
+    assert token_dtype(50_257) == np.uint16 and token_dtype(2**16) == np.uint16
+    assert token_dtype(2**16 + 1) == np.uint32
+    for vocab_size in (1, 2**16, 2**16 + 1, 2**20):
+        assert np.iinfo(token_dtype(vocab_size)).max >= vocab_size - 1
 
 
 def test_token_file_accepts_a_memmap_and_explicit_dtype(tmp_path):

@@ -187,7 +187,7 @@ def gpt_forward_flops_per_token(c, seq_len: int) -> int:
 @torch.no_grad()
 def validation_loss(model, tokens: np.ndarray, seq_len: int, batch_size: int) -> float:
     """Token-weighted mean cross-entropy over the whole validation stream, in eval mode."""
-    from sparse_moe_transformer.src.data_pipeline import iter_eval_batches
+    from sparse_moe_transformer.src.batches import iter_eval_batches
 
     model.eval()
     total, count = 0.0, 0
@@ -243,7 +243,7 @@ def build(recipe: dict, vocab_size: int):
 def worker(args) -> None:
     """Train one recipe with one seed; write its curve and figures to --result as JSON."""
     from phase3_components.src.lr_schedules import set_learning_rate
-    from sparse_moe_transformer.src.data_pipeline import BlockBatchSampler, blocks_to_batch
+    from sparse_moe_transformer.src.batches import BlockBatchSampler, blocks_to_batch
     from sparse_moe_transformer.src.runtime import seed_everything
     from sparse_moe_transformer.src.train_settings import lr_at
 
@@ -305,10 +305,11 @@ def worker_hardware(s) -> dict:
 
 
 def load_data(args):
-    from sparse_moe_transformer.src.data_pipeline import data_source_from_namespace, prepare_data
+    from sparse_moe_transformer.src.data_sources import data_source_from_flags
+    from sparse_moe_transformer.src.token_cache import prepare_data
 
     return prepare_data(
-        data_source_from_namespace(args),
+        data_source_from_flags(args, seed=args.seed),  # each seed its own synthetic stories
         args.tokenizer or "bpe",
         vocab_size=args.vocab_size or 4096,
         cache_dir=args.cache_dir,
@@ -446,7 +447,7 @@ def _format_row(name: str, seed: str, row: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparse_moe_transformer.src.data_pipeline import add_data_arguments
+    from sparse_moe_transformer.src.data_sources import add_data_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(p)

@@ -28,11 +28,7 @@ from phase1_foundation.src.validation import check_int, check_number
 from phase3_components.src.hardware import PRECISIONS
 from sparse_moe_transformer.src.benchmark_mode import benchmark_main
 from sparse_moe_transformer.src.checkpointing import LATEST_NAME
-from sparse_moe_transformer.src.data_pipeline import (
-    add_data_arguments,
-    data_source_from_namespace,
-    prepare_data,
-)
+from sparse_moe_transformer.src.data_sources import add_data_arguments, data_source_from_flags
 from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, plan_memory
 from sparse_moe_transformer.src.param_counts import (
     count_hidden_matrix_parameters,
@@ -41,6 +37,7 @@ from sparse_moe_transformer.src.param_counts import (
 from sparse_moe_transformer.src.rank_checks import RanksStopped
 from sparse_moe_transformer.src.run_config import DEFAULT_PRESET, build_state, merge_settings, resolve_run
 from sparse_moe_transformer.src.runtime import setup_runtime
+from sparse_moe_transformer.src.token_cache import prepare_data
 from sparse_moe_transformer.src.train import (
     PRESETS,
     Config,
@@ -137,7 +134,7 @@ def eval_main(args) -> dict:
     s = merge_settings(checkpoint.get("preset"), checkpoint.get("train_args"), flags, model.config)
     # the run's own seed held its validation documents out (--seed picks another split)
     seed = s.seed if args.seed is None else args.seed
-    data = prepare_data(data_source_from_namespace(args, seed=seed), tokenizer, cache_dir=args.cache_dir)
+    data = prepare_data(data_source_from_flags(args, seed=seed), tokenizer, cache_dir=args.cache_dir)
     result = evaluate(model, data.valid_tokens, s, rt, max_batches=args.eval_batches or None)
     print(f"checkpoint {checkpoint['path']} (step {checkpoint['step']})")
     print(f"data       {data.info['source']}, validation split")

@@ -22,17 +22,14 @@ import torch
 import torch.distributed as torch_dist
 
 from phase4_training.src.training_loop import restore_rng_state
+from sparse_moe_transformer.src.batches import BlockBatchSampler
 from sparse_moe_transformer.src.checkpointing import (
     LATEST_NAME,
     check_same_config,
     load_model_state,
     read_checkpoint,
 )
-from sparse_moe_transformer.src.data_pipeline import (
-    BlockBatchSampler,
-    data_source_from_namespace,
-    prepare_data,
-)
+from sparse_moe_transformer.src.data_sources import data_source_from_flags
 from sparse_moe_transformer.src.expert_parallel import (
     ExpertParallelModel,
     check_layout,
@@ -44,6 +41,7 @@ from sparse_moe_transformer.src.moe_optimizer import make_optimizer
 from sparse_moe_transformer.src.rank_checks import TIMEOUT_ENV, check_same_inputs
 from sparse_moe_transformer.src.runtime import seed_everything, setup_runtime
 from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
+from sparse_moe_transformer.src.token_cache import prepare_data
 from sparse_moe_transformer.src.train import (
     PRESETS,
     Config,
@@ -258,7 +256,7 @@ def prepare_run_data(args, ckpt: dict | None, seed: int, rt):
     if rt.distributed and not rt.is_main:
         torch_dist.barrier()
     data = prepare_data(
-        data_source_from_namespace(args, seed=seed),
+        data_source_from_flags(args, seed=seed),
         tokenizer,
         vocab_size=args.vocab_size or 4096,
         cache_dir=args.cache_dir,

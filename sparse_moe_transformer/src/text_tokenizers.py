@@ -4,9 +4,9 @@
           vocabulary of the `t1000` preset. tiktoken downloads its two BPE files once (then caches
           them in TIKTOKEN_CACHE_DIR, or a temp folder); offline and uncached it fails with a
           one-line error naming the fix.
-    bpe   a byte-level BPE trained on the training text with Hugging Face `tokenizers`
-          (ByteLevel pre-tokenizer and decoder, `<|endoftext|>` as a special token, vocabulary size
-          configurable). Works offline.
+    bpe   a byte-level BPE trained on the training text with Hugging Face `tokenizers` by phase 3's
+          `train_hf_byte_level_bpe` (ByteLevel pre-tokenizer and decoder, `<|endoftext|>` as a
+          special token, vocabulary size configurable). Works offline.
 
 Every tokenizer has the same interface, which is all the data pipeline and the training loop use:
 
@@ -38,10 +38,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.atomic_files import atomic_write
+from phase3_components.src.hf_byte_level_bpe import EOT, train_hf_byte_level_bpe
 
-EOT = "<|endoftext|>"
 TOKENIZER_CHOICES = ("gpt2", "bpe")
 STATE_FORMAT = "llm-foundation-tokenizer"
 STATE_VERSION = 1
@@ -279,59 +278,22 @@ class HFByteLevelBPETokenizer(TextTokenizer):
         return cls(Tokenizer.from_str(state["tokenizer_json"]))
 
 
-MAX_BPE_VOCAB = 1 << 20  # far above any vocabulary here; a larger request aborts the Rust trainer
-
-
 def train_bpe_tokenizer(
     texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2
 ) -> HFByteLevelBPETokenizer:
-    """Train a byte-level BPE on `texts` (an iterable of documents).
+    """Train a byte-level BPE on `texts` (an iterable of documents) with phase 3's HF trainer.
 
-    The vocabulary starts with the 256 byte symbols and `<|endoftext|>` (id 0) and grows by merges
+    The vocabulary starts with `<|endoftext|>` (id 0) and the 256 byte symbols and grows by merges
     until `vocab_size` ids exist, or fewer when the text has no more pairs seen `min_frequency`
-    times: read `.vocab_size` for the real size.
+    times: read `.vocab_size` for the real size. Documents are given to the trainer as they are.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    check_int(f"bpe vocab_size (256 byte tokens + {EOT}; e.g. --vocab-size 4096)", vocab_size, minimum=257)
-    if vocab_size > MAX_BPE_VOCAB:
-        raise ValueError(
-            f"bpe vocab_size {vocab_size} is more than this trainer supports ({MAX_BPE_VOCAB:,}); "
-            "GPT-2 has 50,257 ids: pass e.g. --vocab-size 4096"
-        )
-    if isinstance(texts, str):
+    if isinstance(texts, str):  # one string here is almost always a corpus whose documents were never cut
         raise TypeError(
             "train_bpe_tokenizer expects an iterable of documents, got a single str: wrap it in a list"
         )
-    if isinstance(texts, Sequence) and texts:
-        # every merge joins two adjacent symbols of the text, so a corpus of n bytes gives < n merges
-        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        if vocab_size > 257 + n_bytes:
-            raise ValueError(
-                f"bpe vocab_size {vocab_size:,} exceeds what {n_bytes:,} bytes of training text can give "
-                f"(at most {257 + n_bytes:,} ids): lower --vocab-size or give more text"
-            )
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token: nothing is unknown
-        show_progress=False,
+    tokenizer = train_hf_byte_level_bpe(
+        texts, vocab_size, special_tokens=(EOT,), strip_special=False, min_frequency=min_frequency
     )
-    seen = 0
-
-    def counted(docs):
-        nonlocal seen
-        for doc in docs:
-            seen += 1
-            yield doc
-
-    tokenizer.train_from_iterator(counted(texts), trainer=trainer)
-    if seen == 0:
-        raise ValueError("cannot train the bpe tokenizer on no text: the training split is empty")
     return HFByteLevelBPETokenizer(tokenizer)
 
 

@@ -61,6 +61,7 @@ from phase3_components.src.lr_schedules import (
 from phase4_training.src.training_loop import capture_rng_state
 from phase5_production.src.kv_cache import KVCache, shifted_causal_mask
 from phase5_production.src.sampling import sample_next_token
+from sparse_moe_transformer.src.batches import BlockBatchSampler, blocks_to_batch, iter_eval_batches
 from sparse_moe_transformer.src.checkpointing import (
     LATEST_NAME,
     RunFolderLock,
@@ -69,7 +70,6 @@ from sparse_moe_transformer.src.checkpointing import (
     save_run_checkpoints,
 )
 from sparse_moe_transformer.src.chunked_loss import linear_cross_entropy
-from sparse_moe_transformer.src.data_pipeline import BlockBatchSampler, blocks_to_batch, iter_eval_batches
 from sparse_moe_transformer.src.expert_parallel import (
     ExpertParallelModel,
     every_rank_batches,
@@ -774,7 +774,7 @@ class Run:
     config: Config
     settings: TrainSettings
     runtime: Runtime
-    data: object  # data_pipeline.PreparedData
+    data: object  # token_cache.PreparedData
     tokenizer: object  # text_tokenizers.TextTokenizer
     sample_prompt: str
     stop_at: int

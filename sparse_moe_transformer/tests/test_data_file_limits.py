@@ -3,8 +3,8 @@ line naming the limit and the fix. The files are sparse (truncate): the tests wr
 
 import pytest
 
-from sparse_moe_transformer.src import cli, data_pipeline
-from sparse_moe_transformer.src.data_pipeline import load_documents, make_data_source
+from sparse_moe_transformer.src import cli, data_sources
+from sparse_moe_transformer.src.data_sources import load_documents, make_data_source
 
 GIB = 2**30
 
@@ -22,7 +22,7 @@ def no_reading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the file was read before its size was checked")
 
-    monkeypatch.setattr(data_pipeline, "load_text_dataset", refuse)
+    monkeypatch.setattr(data_sources, "load_text_dataset", refuse)
 
 
 def test_a_huge_text_file_is_refused_before_it_is_read(tmp_path, no_reading):
@@ -51,7 +51,7 @@ def test_a_file_above_the_limit_names_the_flag_that_raises_it(tmp_path, no_readi
 def test_a_raised_limit_lets_the_file_through_to_the_reader(tmp_path, monkeypatch):
     big = _sparse(tmp_path / "big.jsonl", 3 * GIB)
     reached = []
-    monkeypatch.setattr(data_pipeline, "load_text_dataset", lambda *a, **k: reached.append(a) or ["a story."])
+    monkeypatch.setattr(data_sources, "load_text_dataset", lambda *a, **k: reached.append(a) or ["a story."])
     source = make_data_source(data_files=f"{big},{big}", max_file_gb=4)
     docs = load_documents(source)
     assert reached and docs["train"] == ["a story."]

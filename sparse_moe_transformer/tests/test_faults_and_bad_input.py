@@ -313,22 +313,3 @@ def test_stop_and_resume_in_separate_processes_reproduce_the_uninterrupted_run(t
     assert resumed.returncode == 0, resumed.stderr
     after = losses(out_dir)
     assert sorted(after) == sorted(full) and max(abs(after[s] - full[s]) for s in full) <= 1e-6
-
-
-def test_a_cache_dir_that_is_a_file_and_abandoned_staging_folders(tmp_path, cache_dir, capsys):
-    a_file = tmp_path / "cache_file"
-    a_file.write_text("x")
-    err = error_of(argv(tmp_path / "run", a_file), capsys)
-    assert "--cache-dir" in err and "is a file" in err
-
-    # a tokenization killed with -9 leaves NAME.tmp-PID-xxxx; the next run removes it when PID is gone
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    abandoned = Path(cache_dir) / f"tokens-0123.tmp-{int(dead.stdout)}-abc"
-    alive = Path(cache_dir) / f"tokens-4567.tmp-{os.getpid()}-abc"  # this process is alive: kept
-    for folder in (abandoned, alive):
-        folder.mkdir(parents=True)
-        (folder / "train.bin").write_bytes(b"\0" * 64)
-    cli.main(argv(tmp_path / "run2", cache_dir, "--eval-interval", 0, steps=1))
-    assert not abandoned.exists() and alive.exists()

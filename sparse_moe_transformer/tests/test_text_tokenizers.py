@@ -106,6 +106,30 @@ def test_bpe_save_writes_a_standard_tokenizer_json(bpe, tmp_path):
     assert ours.encode_batch(SAMPLES) == bpe.encode_batch(SAMPLES)
 
 
+def test_bpe_is_gpt2s_byte_level_bpe_trained_on_the_documents_as_they_are():
+    """The MoE's bpe, written out with the `tokenizers` API: EOT first, 256 bytes, pairs seen twice, and
+    the documents (a literal EOT inside one included) given to the trainer unchanged."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    # a vocabulary larger than the pairs seen twice can give, so the frequency threshold decides its end
+    docs = generate_stories(40, seed=2) + [f"a document{EOT}with the token inside"]
+    reference = Tokenizer(models.BPE())
+    reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    reference.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=3000,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    reference.train_from_iterator(docs, trainer=trainer)
+    ours = train_bpe_tokenizer(docs, vocab_size=3000)
+    assert ours.tokenizer.to_str() == reference.to_str() and ours.eot_id == 0
+    assert 257 < ours.vocab_size < 3000
+    assert ours.encode_batch(SAMPLES) == [reference.encode(t, add_special_tokens=False).ids for t in SAMPLES]
+
+
 def test_bpe_training_is_deterministic():
     docs = generate_stories(200, seed=5)
     a = train_bpe_tokenizer(docs, vocab_size=400)
