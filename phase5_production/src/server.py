@@ -972,7 +972,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--checkpoint",
         default="phase5_demo_gpt.pt",
-        help="a Phase 2 checkpoint (save_served_checkpoint / --demo) or a Sparse MoE .pt file or run folder",
+        help="a Phase 2 checkpoint (save_served_checkpoint / --demo), or a checkpoint file or run folder "
+        "that a registered loader serves (a Sparse MoE run: runs/cpu-demo)",
     )
     parser.add_argument(
         "--demo",
@@ -1010,7 +1011,7 @@ def main(argv=None) -> None:
             max_connections=args.max_connections,
             max_batch_size=args.max_batch_size,
         )
-    except (FileNotFoundError, ValueError, TypeError, OSError) as err:  # one line, no traceback
+    except (FileNotFoundError, ValueError, TypeError, OSError, ImportError) as err:  # one line, no traceback
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     host, port = server.server_address[:2]

@@ -495,7 +495,8 @@ def test_a_missing_truncated_or_foreign_checkpoint_gives_a_one_line_error(tmp_pa
     assert "not a readable checkpoint" in _checkpoint_error(["--checkpoint", str(truncated)], capsys)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    assert "not a Sparse MoE checkpoint" in _checkpoint_error(["--checkpoint", str(foreign)], capsys)
+    no_loader = _checkpoint_error(["--checkpoint", str(foreign)], capsys)
+    assert "that a registered loader" in no_loader and "pip install -e ." in no_loader
     mismatched = tmp_path / "mismatched.pt"  # a Phase 2 checkpoint whose weights do not fit its config
     torch.save(
         {"config": {"vocab_size": 3, "block_size": 8}, "tokenizer_chars": ["a", "b", "c"], "model": {}},
