@@ -12,16 +12,13 @@ import torch
 
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase3_components.src.char_tokenizer import CharTokenizer
+from phase5_production.src.connection_limits import MAX_BODY_BYTES
 from phase5_production.src.kv_cache import generate_with_cache
-from phase5_production.src.server import (
-    MAX_BODY_BYTES,
-    load_served_checkpoint,
-    make_server,
-    save_served_checkpoint,
-)
+from phase5_production.src.served_models import load_served_checkpoint, save_served_checkpoint
 from phase5_production.src.server import (
     main as server_main,
 )
+from phase5_production.src.server import make_server
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,"
 
