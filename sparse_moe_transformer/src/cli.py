@@ -38,6 +38,7 @@ from sparse_moe_transformer.src.data_pipeline import (
 )
 from sparse_moe_transformer.src.memory_plan import GB, format_memory_plan, plan_memory
 from sparse_moe_transformer.src.rank_checks import RanksStopped
+from sparse_moe_transformer.src.serving import load_trained_model
 from sparse_moe_transformer.src.train import (
     PRESETS,
     TRAINING_PRESETS,
@@ -51,7 +52,6 @@ from sparse_moe_transformer.src.train import (
     count_parameters,
     evaluate,
     forward_flops_per_token,
-    load_trained_model,
     make_optimizer,
     prompt_ids,
     seed_everything,

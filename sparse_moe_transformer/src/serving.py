@@ -1,4 +1,7 @@
-"""The Sparse MoE, served by Phase 5's server: the loader that turns a run folder or `.pt` into a ServedModel.
+"""A trained Sparse MoE put to use: read back from its run, and served by Phase 5's server.
+
+    load_trained_model(path, device)    a run folder (best.pt preferred) or .pt -> (model, tokenizer,
+                                        checkpoint): what `--mode generate`, `--mode eval` and the server load
 
 Phase 5 never imports this package; it finds this module's `loader` through the entry point that
 pyproject.toml declares,
@@ -20,14 +23,42 @@ registers the loader in this process (for code that builds a server without the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
+
 from phase5_production.src.served_models import ServedModel, register_loader
-from sparse_moe_transformer.src.checkpointing import BEST_NAME, CHECKPOINT_FORMAT, LATEST_NAME
-from sparse_moe_transformer.src.text_tokenizers import TextTokenizer
-from sparse_moe_transformer.src.train import SparseMoETransformer, load_trained_model
+from sparse_moe_transformer.src.checkpointing import (
+    BEST_NAME,
+    CHECKPOINT_FORMAT,
+    LATEST_NAME,
+    load_model_state,
+    read_checkpoint,
+)
+from sparse_moe_transformer.src.text_tokenizers import TextTokenizer, tokenizer_from_state
+from sparse_moe_transformer.src.train import Config, SparseMoETransformer
 
 KIND = "moe"
+
+
+def load_trained_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """A checkpoint (file or run folder; best.pt preferred) -> (model in eval mode, tokenizer, checkpoint).
+
+    The file is read onto the CPU first (a 4 GB GPU never holds two copies of the weights)."""
+    checkpoint = read_checkpoint(path)
+    config = Config.from_saved(checkpoint["config"])
+    model = SparseMoETransformer(config)
+    load_model_state(model, checkpoint)
+    if "tokenizer" not in checkpoint:
+        raise ValueError(f"{checkpoint['path']} holds no tokenizer: it was not written by --mode train")
+    tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"{checkpoint['path']}: tokenizer ({tokenizer.vocab_size} ids) and model "
+            f"(vocab_size {config.vocab_size}) disagree; the checkpoint is damaged"
+        )
+    return model.to(device).eval(), tokenizer, checkpoint
 
 
 def serve_moe(model: SparseMoETransformer, tokenizer: TextTokenizer, name: str | None = None) -> ServedModel:

@@ -700,25 +700,6 @@ class SparseMoETransformer(nn.Module):
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
 
 
-def load_trained_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """A checkpoint (file or run folder; best.pt preferred) -> (model in eval mode, tokenizer, checkpoint).
-
-    The file is read onto the CPU first (a 4 GB GPU never holds two copies of the weights)."""
-    checkpoint = read_checkpoint(path)
-    config = Config.from_saved(checkpoint["config"])
-    model = SparseMoETransformer(config)
-    load_model_state(model, checkpoint)
-    if "tokenizer" not in checkpoint:
-        raise ValueError(f"{checkpoint['path']} holds no tokenizer: it was not written by --mode train")
-    tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(
-            f"{checkpoint['path']}: tokenizer ({tokenizer.vocab_size} ids) and model "
-            f"(vocab_size {config.vocab_size}) disagree; the checkpoint is damaged"
-        )
-    return model.to(device).eval(), tokenizer, checkpoint
-
-
 # =============================================================================================
 # Training
 # =============================================================================================
