@@ -7,7 +7,8 @@ split "train" or "val". Phase 4 builds its full training loop on these pieces.
     estimate_loss(model, get_batch, eval_batches)         mean loss over a few batches per split
     train_model(model, get_batch, steps=..., lr=...)    AdamW + warmup/cosine LR + grad clipping
     save_checkpoint(path, model, optimizer, step, ...)  atomic: a crash never leaves a broken file
-    load_checkpoint(path, model, optimizer)             safe: weights_only=True, map_location="cpu"
+    read_checkpoint_file(path)                          the one reader: weights_only=True, onto the CPU
+    load_checkpoint(path, model, optimizer)             read_checkpoint_file, then restore model/optimizer
     check_finite_weights(state_dict, path)              NaN / inf weights are refused at load
 """
 
@@ -244,27 +245,44 @@ def check_finite_weights(state_dict: dict, path: str | os.PathLike) -> None:
             )
 
 
-def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+def read_checkpoint_file(
+    path: str | os.PathLike, remedy: str = "write it again with save_checkpoint"
 ) -> dict:
-    """Restore `model` (and `optimizer`) from `path`; return the whole checkpoint dict (step, extras).
+    """The checkpoint dict stored at `path`, read safely: every checkpoint reader of the project uses this.
 
-    Loads with weights_only=True (no arbitrary code from the file) onto the CPU; the state is then
-    copied into the model's own tensors, wherever they live. Raises FileNotFoundError for a missing
-    file, ValueError for a corrupt or truncated file, one that does not match the model, or one whose
-    weights hold NaN/inf (NonFiniteWeightsError).
+    torch.load with weights_only=True (no code from the file runs) and map_location="cpu" (a GPU
+    never holds a second copy of the weights). FileNotFoundError for a missing file; ValueError, one
+    line ending in `remedy`, for an empty, truncated, corrupt or foreign file, or one holding no dict.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}; check the path or train first.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, random bytes, a pickle with forbidden objects, ...
+    except Exception as err:  # empty or truncated file, random bytes, a pickle with forbidden objects, ...
+        reason = (str(err).strip().splitlines() or ["no details"])[0][:200]
+        empty = " (it is empty)" if os.path.getsize(path) == 0 else ""
         raise ValueError(
-            f"{path!r} is not a readable checkpoint (corrupt, truncated, or not written by "
-            f"save_checkpoint): {err}"
-        ) from err
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+            f"{path!r} is not a readable checkpoint{empty}: the file is corrupt or truncated, or not a "
+            f"torch file ({type(err).__name__}: {reason}); {remedy}."
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a checkpoint dict; {remedy}.")
+    return checkpoint
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict:
+    """Restore `model` (and `optimizer`) from `path`; return the whole checkpoint dict (step, extras).
+
+    Read by `read_checkpoint_file`; the state is then copied into the model's own tensors, wherever
+    they live. Raises FileNotFoundError for a missing file, ValueError for a corrupt or truncated file,
+    one that does not match the model, or one whose weights hold NaN/inf (NonFiniteWeightsError).
+    """
+    path = os.fspath(path)
+    checkpoint = read_checkpoint_file(path)
+    if "model" not in checkpoint:
         raise ValueError(f"{path!r} holds no 'model' state; it was not written by save_checkpoint.")
     check_finite_weights(checkpoint["model"], path)  # before the model's own weights are touched
     try:

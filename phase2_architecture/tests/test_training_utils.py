@@ -12,6 +12,7 @@ from phase2_architecture.src.training_utils import (
     estimate_loss,
     load_checkpoint,
     make_adamw,
+    read_checkpoint_file,
     save_checkpoint,
     train_model,
     warmup_cosine,
@@ -188,6 +189,38 @@ def test_load_errors_are_clear(tmp_path):
         load_checkpoint(with_opt, model, single_group)
     with pytest.raises(TypeError, match="dataclasses.asdict"):
         save_checkpoint(path, model, config=CONFIG)
+
+
+UNPICKLED = []  # what an object's __setstate__ appends when a reader lets the file run code
+
+
+class RunsCodeWhenUnpickled:
+    def __setstate__(self, state):
+        UNPICKLED.append(state)
+
+
+def test_the_one_reader_runs_no_code_from_the_file_and_names_empty_and_foreign_files(tmp_path):
+    evil = tmp_path / "evil.pt"
+    obj = RunsCodeWhenUnpickled()
+    obj.x = 1  # a non-empty state: unpickling calls __setstate__
+    torch.save({"model": {}, "extra": obj}, evil)
+    with pytest.raises(ValueError, match="not a readable checkpoint.*retrain it") as err:
+        read_checkpoint_file(evil, remedy="retrain it")
+    assert UNPICKLED == [] and len(str(err.value).splitlines()) == 1
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(evil, GPT(CONFIG))  # load_checkpoint reads through it
+    assert UNPICKLED == []
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"\(it is empty\)"):
+        read_checkpoint_file(empty)
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="holds a Tensor, not a checkpoint dict"):
+        read_checkpoint_file(tmp_path / "tensor.pt")
+    saved = tmp_path / "ok.pt"
+    save_checkpoint(saved, GPT(CONFIG), step=3)
+    checkpoint = read_checkpoint_file(saved)
+    assert checkpoint["step"] == 3 and all(t.device.type == "cpu" for t in checkpoint["model"].values())
 
 
 def test_train_model_rejects_bad_arguments():

@@ -62,7 +62,7 @@ def main(argv=None) -> dict[str, list[dict]]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.checkpoint:
-        from phase5_production.src.server import load_served_checkpoint
+        from phase5_production.src.served_models import load_served_checkpoint
 
         model, _ = load_served_checkpoint(args.checkpoint)
     else:

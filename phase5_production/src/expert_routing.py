@@ -6,7 +6,7 @@ A served model reports its routing when it has a method
                                        (their routing weights), .probs [1, T, L, E] (the full router)
 
 The Sparse MoE has one (sparse_moe_transformer/src/train.py); the Phase 2 GPT, which has no experts,
-does not. Phase 5 only calls the method, so it never imports the MoE package.
+does not. Phase 5 only calls the method: any served model that has it reports its routing.
 
 What "the routing of token t" means here: the experts the model sends token t to when it reads
 the text up to t, in the window the server generates with (the last context_length tokens). While

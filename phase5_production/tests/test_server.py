@@ -12,16 +12,13 @@ import torch
 
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase3_components.src.char_tokenizer import CharTokenizer
+from phase5_production.src.connection_limits import MAX_BODY_BYTES
 from phase5_production.src.kv_cache import generate_with_cache
-from phase5_production.src.server import (
-    MAX_BODY_BYTES,
-    load_served_checkpoint,
-    make_server,
-    save_served_checkpoint,
-)
+from phase5_production.src.served_models import load_served_checkpoint, save_served_checkpoint
 from phase5_production.src.server import (
     main as server_main,
 )
+from phase5_production.src.server import make_server
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,"
 
@@ -495,7 +492,8 @@ def test_a_missing_truncated_or_foreign_checkpoint_gives_a_one_line_error(tmp_pa
     assert "not a readable checkpoint" in _checkpoint_error(["--checkpoint", str(truncated)], capsys)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    assert "not a Sparse MoE checkpoint" in _checkpoint_error(["--checkpoint", str(foreign)], capsys)
+    no_loader = _checkpoint_error(["--checkpoint", str(foreign)], capsys)
+    assert "that a registered loader" in no_loader and "pip install -e ." in no_loader
     mismatched = tmp_path / "mismatched.pt"  # a Phase 2 checkpoint whose weights do not fit its config
     torch.save(
         {"config": {"vocab_size": 3, "block_size": 8}, "tokenizer_chars": ["a", "b", "c"], "model": {}},

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase3_components.src.char_tokenizer import CharTokenizer
-from phase5_production.src.server import COMPLETION_FIELDS, GENERATE_FIELDS, make_server
+from phase5_production.src.request_parsing import COMPLETION_FIELDS, GENERATE_FIELDS
+from phase5_production.src.server import make_server
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,"
 NAME = "fuzz"

@@ -16,14 +16,11 @@ import torch
 
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase3_components.src.char_tokenizer import CharTokenizer
+from phase5_production.src.request_parsing import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from phase5_production.src.served_models import ServedModel, load_served_model, save_served_checkpoint
-from phase5_production.src.server import (
-    MAX_STOP_CHARS,
-    MAX_STOP_SEQUENCES,
-    TextAssembler,
-    make_server,
-)
 from phase5_production.src.server import main as server_main
+from phase5_production.src.server import make_server
+from phase5_production.src.text_streaming import TextAssembler
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,"
 NAME = "probe-gpt"

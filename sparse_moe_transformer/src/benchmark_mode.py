@@ -24,9 +24,9 @@ from sparse_moe_transformer.src.param_counts import (
 )
 from sparse_moe_transformer.src.run_config import DEFAULT_PRESET, merge_settings
 from sparse_moe_transformer.src.runtime import Runtime, seed_everything, setup_runtime
+from sparse_moe_transformer.src.serving import load_trained_model
 from sparse_moe_transformer.src.train import (
     SparseMoETransformer,
-    load_trained_model,
     preset_config,
     train_step,
 )

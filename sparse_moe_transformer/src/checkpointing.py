@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from phase2_architecture.src.atomic_files import atomic_write
-from phase2_architecture.src.training_utils import check_finite_weights, save_checkpoint
+from phase2_architecture.src.training_utils import check_finite_weights, read_checkpoint_file, save_checkpoint
 
 CHECKPOINT_FORMAT = "llm-foundation/sparse-moe"
 CHECKPOINT_VERSION = 1
@@ -152,23 +152,16 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = BEST_NAME) -> Path
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint dict safely (weights_only=True, onto the CPU) and check it is ours.
+    """Load a checkpoint dict (a file, or a run folder's best.pt) and check it is ours.
 
-    FileNotFoundError for a missing file; ValueError for a corrupt, truncated or foreign file, or one
-    whose weights hold NaN/inf (checksum or not).
+    Read by Phase 2's `read_checkpoint_file` (weights_only=True, onto the CPU). FileNotFoundError for a
+    missing file; ValueError for a corrupt, truncated or foreign file, or one whose weights hold NaN/inf
+    (checksum or not).
     """
     path = resolve_checkpoint(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # empty or truncated file, random bytes, a pickle with forbidden objects, ...
-        reason = (str(err).strip().splitlines() or ["no details"])[0][:200]
-        empty = " (it is empty)" if path.stat().st_size == 0 else ""
-        raise ValueError(
-            f"cannot read checkpoint {path}{empty}: the file is corrupt or truncated, or was not written by "
-            f"this project ({type(err).__name__}: {reason}); use {BEST_NAME} or {LATEST_NAME} of a finished "
-            "run, or train again"
-        ) from err
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    remedy = f"use {BEST_NAME} or {LATEST_NAME} of a finished run, or train again"
+    checkpoint = read_checkpoint_file(path, remedy)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a Sparse MoE checkpoint (no format={CHECKPOINT_FORMAT!r} entry): pass a file "
             "written by `train.py --mode train`"

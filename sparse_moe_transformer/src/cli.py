@@ -37,13 +37,13 @@ from sparse_moe_transformer.src.param_counts import (
 from sparse_moe_transformer.src.rank_checks import RanksStopped
 from sparse_moe_transformer.src.run_config import DEFAULT_PRESET, build_state, merge_settings, resolve_run
 from sparse_moe_transformer.src.runtime import setup_runtime
+from sparse_moe_transformer.src.serving import load_trained_model
 from sparse_moe_transformer.src.token_cache import prepare_data
 from sparse_moe_transformer.src.train import (
     PRESETS,
     Config,
     TrainingDiverged,
     evaluate,
-    load_trained_model,
     preset_config,
     prompt_ids,
     train,

@@ -36,7 +36,6 @@ and the command line (cli.py): python sparse_moe_transformer/src/train.py --help
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -65,8 +64,6 @@ from sparse_moe_transformer.src.batches import BlockBatchSampler, blocks_to_batc
 from sparse_moe_transformer.src.checkpointing import (
     LATEST_NAME,
     RunFolderLock,
-    load_model_state,
-    read_checkpoint,
     save_run_checkpoints,
 )
 from sparse_moe_transformer.src.chunked_loss import linear_cross_entropy
@@ -84,7 +81,6 @@ from sparse_moe_transformer.src.runtime import (
     sum_over_ranks,
     unwrap,
 )
-from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
 from sparse_moe_transformer.src.train_settings import TrainSettings, lr_at
 from sparse_moe_transformer.src.training_log import MetricsLog, print_header, start_run_folder
 
@@ -101,7 +97,7 @@ CONFIG_RENAMES = {
 
 @dataclass(frozen=True)
 class Config:
-    """Model hyper-parameters, named as in the Phase 2 GPT. `Config.from_preset(name, **overrides)`."""
+    """Model hyper-parameters, named as in the Phase 2 GPT. A preset: `preset_config(name, **overrides)`."""
 
     vocab_size: int = 4096
     block_size: int = 128  # the longest context (learned positions 0 .. block_size-1)
@@ -624,25 +620,6 @@ def moe_losses(
         z.append(router_z_loss(logits))
     aux, z = torch.stack(aux).mean(), torch.stack(z).mean()
     return MoELosses(out.loss, aux, z, out.loss + config.aux_loss_coef * aux + config.z_loss_coef * z)
-
-
-def load_trained_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """A checkpoint (file or run folder; best.pt preferred) -> (model in eval mode, tokenizer, checkpoint).
-
-    The file is read onto the CPU first (a 4 GB GPU never holds two copies of the weights)."""
-    checkpoint = read_checkpoint(path)
-    config = Config.from_saved(checkpoint["config"])
-    model = SparseMoETransformer(config)
-    load_model_state(model, checkpoint)
-    if "tokenizer" not in checkpoint:
-        raise ValueError(f"{checkpoint['path']} holds no tokenizer: it was not written by --mode train")
-    tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(
-            f"{checkpoint['path']}: tokenizer ({tokenizer.vocab_size} ids) and model "
-            f"(vocab_size {config.vocab_size}) disagree; the checkpoint is damaged"
-        )
-    return model.to(device).eval(), tokenizer, checkpoint
 
 
 # =============================================================================================

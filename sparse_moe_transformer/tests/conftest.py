@@ -1,7 +1,11 @@
-"""Fixtures shared by the MoE tests that serve a trained model."""
+"""Fixtures shared by the MoE tests that serve a trained model.
+
+Phase 5's server finds the MoE's loader through the installed entry point; importing `serving` here
+registers it in the test process as well, so that only test_serving_moe_runs.py depends on the install."""
 
 import pytest
 
+from sparse_moe_transformer.src import serving  # noqa: F401 - registers the MoE's loader in this process
 from sparse_moe_transformer.src.cli import main as cli_main
 
 

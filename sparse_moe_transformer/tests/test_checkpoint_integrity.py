@@ -7,7 +7,7 @@ import torch
 from phase2_architecture.src.training_utils import NonFiniteWeightsError
 from sparse_moe_transformer.src import cli
 from sparse_moe_transformer.src.checkpointing import LATEST_NAME, payload_checksum, read_checkpoint
-from sparse_moe_transformer.src.train import load_trained_model
+from sparse_moe_transformer.src.serving import load_trained_model
 
 DATA = ["--dataset", "synthetic", "--synthetic-stories", "50", "--tokenizer", "bpe", "--vocab-size", "300"]
 FAST = ["--max-steps", 2, "--warmup-steps", 0, "--batch-size", 2, "--eval-interval", 0, "--eval-batches", 1]

@@ -91,6 +91,20 @@ def test_corrupt_truncated_and_foreign_files_give_clear_errors(tmp_path):
         read_checkpoint(tmp_path / "empty")
 
 
+def test_the_moe_phase5_and_phase2_readers_share_one_reader_and_its_message(tmp_path):
+    from phase2_architecture.src.training_utils import load_checkpoint
+    from phase5_production.src.served_models import load_served_model
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    messages = []
+    for read in (read_checkpoint, load_served_model, lambda path: load_checkpoint(path, _model(0))):
+        with pytest.raises(ValueError) as err:
+            read(garbage)
+        messages.append(str(err.value).split(";")[0])  # the reader's finding, before each caller's remedy
+    assert len(set(messages)) == 1 and "is not a readable checkpoint" in messages[0]
+
+
 def test_pickled_objects_are_refused(tmp_path):
     class Evil:
         pass

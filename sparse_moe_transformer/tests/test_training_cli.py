@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparse_moe_transformer.src import cli, train
+from sparse_moe_transformer.src import cli, serving, train
 from sparse_moe_transformer.src.checkpointing import BEST_NAME, LATEST_NAME, read_checkpoint
 from sparse_moe_transformer.src.moe_optimizer import make_optimizer
 from sparse_moe_transformer.src.train_settings import TrainSettings
@@ -154,7 +154,7 @@ def test_benchmark_reports_and_saves_json(trained, capsys):
     )
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(result))
-    model, _, _ = train.load_trained_model(str(trained["out_dir"]), torch.device("cpu"))
+    model, _, _ = serving.load_trained_model(str(trained["out_dir"]), torch.device("cpu"))
     assert saved["total_params"] == sum(p.numel() for p in model.parameters())
     assert 0 < saved["active_params_per_token"] < saved["total_params"]
     for key in (

@@ -1,6 +1,13 @@
-"""Serving a Sparse MoE checkpoint written by `train.py --mode train`, over a real socket on 127.0.0.1."""
+"""Phase 5's server serves a Sparse MoE run written by `train.py --mode train` through the MoE's own
+loader (sparse_moe_transformer/src/serving.py), found through an entry point: over a real socket on
+127.0.0.1 the completions equal the MoE's own greedy generate, batched rows equal lone requests."""
 
+import os
+import subprocess
+import sys
 import threading
+from importlib.metadata import entry_points
+from pathlib import Path
 
 import httpx
 import openai
@@ -8,10 +15,13 @@ import pytest
 import torch
 
 from phase5_production.src.batching import BatchingEngine, GenerationRequest
-from phase5_production.src.served_models import ServedModel, load_served_model, moe_context_length
+from phase5_production.src.served_models import LOADER_ENTRY_POINTS, load_served_model
 from phase5_production.src.server import make_server
+from sparse_moe_transformer.src import serving
 from sparse_moe_transformer.src.cli import main as train_main
-from sparse_moe_transformer.src.train import Config, SparseMoETransformer
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +61,7 @@ def _client(server) -> openai.OpenAI:
     )
 
 
-def _reference(served: ServedModel, prompt: str, max_new_tokens: int) -> tuple[str, str]:
+def _reference(served, prompt: str, max_new_tokens: int) -> tuple[str, str]:
     """The MoE's own KV-cached greedy generate: (text up to end-of-text, finish reason)."""
     ids = torch.tensor([served.encode(prompt)])
     eot = served.tokenizer.eot_id
@@ -66,7 +76,7 @@ def _reference(served: ServedModel, prompt: str, max_new_tokens: int) -> tuple[s
 def test_a_moe_run_folder_loads_as_a_served_moe(moe_run):
     served = load_served_model(moe_run)
     assert served.kind == "moe" and served.name == "run" and served.exact_batching
-    assert served.context_length == moe_context_length(served.model.config) == 32
+    assert served.context_length == served.model.config.block_size == 32
     assert served.stop_token_ids == (served.tokenizer.eot_id,)
     assert load_served_model(moe_run / "best.pt").name == "best"
 
@@ -114,11 +124,42 @@ def test_batched_moe_rows_generate_what_each_request_generates_alone(served):
 
 def test_a_moe_with_an_expert_capacity_is_served_one_request_at_a_time(served):
     _, model = served
-    config = Config.from_preset("tiny", vocab_size=model.vocab_size, capacity_factor=1.0)
-    capped = ServedModel.wrap(SparseMoETransformer(config), model.tokenizer)
+    config = preset_config("tiny", vocab_size=model.vocab_size, capacity_factor=1.0)
+    capped = serving.serve_moe(SparseMoETransformer(config), model.tokenizer)
     assert not capped.exact_batching  # rows compete for expert slots: batching would change outputs
     server = make_server(capped, port=0)
     try:
         assert server.engine.max_batch_size == 1
     finally:
         server.server_close()
+
+
+def test_pyproject_declares_and_the_install_registers_the_moe_loader():
+    value = "sparse_moe_transformer.src.serving:loader"
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'[project.entry-points."{LOADER_ENTRY_POINTS}"]\nmoe = "{value}"\n' in pyproject
+    installed = {entry_point.name: entry_point for entry_point in entry_points(group=LOADER_ENTRY_POINTS)}
+    assert "moe" in installed, "the installed metadata lacks the MoE loader: run `pip install -e .`"
+    assert installed["moe"].value == value
+    assert installed["moe"].load() is serving.loader and serving.loader.kind == "moe"
+
+
+def test_the_server_command_finds_the_moe_loader_through_the_entry_point_alone(moe_run):
+    """`python phase5_production/src/server.py --checkpoint RUN` in a fresh process: Phase 5 imports nothing
+    of the MoE, so only the installed entry point can lead it to the MoE's loader."""
+    command = [sys.executable, "phase5_production/src/server.py", "--checkpoint", str(moe_run), "--port", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = process.stdout.readline()  # "serving moe model 'run' on http://127.0.0.1:PORT (...)"
+        if not line:
+            pytest.fail(f"the server exited: {process.communicate()[1]}")
+        assert line.startswith("serving moe model 'run' on http://127.0.0.1:"), line
+        url = line.split(" on ")[1].split()[0]
+        health = httpx.Client(trust_env=False).get(f"{url}/health", timeout=30).json()
+        assert health["kind"] == "moe" and health["context_length"] == 32 and health["routing"]["top_k"] >= 1
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
