@@ -226,6 +226,9 @@ def resolve_run(args) -> Run:
     precision = flags["precision"] or (saved_settings or {}).get("precision", "auto")
     ns_dtype = flags["ns_dtype"] or (saved_settings or {}).get("ns_dtype", "auto")
     rt = setup_runtime(args.device, precision, ns_dtype)
+    # "auto" is decided once, by timing matmuls, and the decision is saved: a resumed run (another
+    # process, whose timings may differ) computes in the same dtypes and repeats the run exactly
+    flags.update(precision=rt.precision, ns_dtype=rt.newton_schulz.name)
     # the layout of this launch, never the saved one
     flags.update(world_size=rt.world_size, expert_parallel=args.expert_parallel or 1)
     s = merge_settings(preset, saved_settings, flags, config)

@@ -833,6 +833,73 @@ def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> d
     return {**result, "is_best": is_best}
 
 
+def step_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> None:
+    """One optimizer step at this step's learning rate; every log_interval steps, a metrics record of the
+    window's mean losses, expert load and throughput."""
+    s, rt = run.settings, run.runtime
+    t0 = time.perf_counter()
+    lr = lr_at(state.step, s)
+    set_learning_rate(state.optimizer, lr)
+    batches = [
+        blocks_to_batch(run.data.train_tokens, next(state.sampler), s.seq_len, rt.device)
+        for _ in range(s.grad_accum_steps)
+    ]
+    result = train_step(state.train_model, state.optimizer, state.scaler, batches, s, rt)
+    dt = time.perf_counter() - t0
+    state.step, state.tokens, state.train_time = (
+        state.step + 1,
+        state.tokens + s.tokens_per_step,
+        state.train_time + dt,
+    )
+    bar.update(1)
+    metrics.add(result, dt, s.tokens_per_step)
+    if state.step % s.log_interval == 0 or state.step == s.max_steps:
+        record = metrics.write_train_record(state, lr, result["grad_norm"], rt)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                        aux=f"{record['aux_loss']:.3f}")  # fmt: skip
+
+
+def run_steps(run: Run, state: TrainState, metrics: MetricsLog, bar, stop: StopRequest) -> tuple[str, dict]:
+    """The loop: optimizer steps, evaluating and saving every eval_interval steps and saving every
+    save_interval steps; at the end save, then evaluate. Returns (status, the last evaluation)."""
+    s = run.settings
+    last_eval = None
+    # evaluate the untrained model once, so the validation curve starts at step 0
+    if state.step == 0 and run.resume_checkpoint is None and s.eval_interval:
+        last_eval = evaluate_and_log(run, state, metrics, bar)
+    while state.step < run.stop_at:
+        step_and_log(run, state, metrics, bar)
+        if state.step < s.max_steps and s.eval_interval and state.step % s.eval_interval == 0:
+            last_eval = evaluate_and_log(run, state, metrics, bar)
+            save(run, state, is_best=last_eval["is_best"])
+        elif s.save_interval and state.step % s.save_interval == 0:
+            save(run, state, is_best=False)
+        if stop_requested(stop.requested, run.runtime):  # Ctrl-C / SIGTERM on any rank
+            save(run, state, is_best=False)
+            return "interrupted", last_eval
+    save(run, state, is_best=False)  # first, so a failing evaluation or sample loses nothing
+    if state.step < s.max_steps:
+        return "stopped", last_eval  # --stop-at-step
+    last_eval = evaluate_and_log(run, state, metrics, bar)
+    if last_eval["is_best"]:
+        save(run, state, is_best=True)
+    return "finished", last_eval
+
+
+def diverged(run: Run, state: TrainState, err: TrainingDiverged) -> TrainingDiverged:
+    """The error a diverged run stops with: the step, what diverged, the last good checkpoint, the fix."""
+    latest = run.out_dir / LATEST_NAME
+    where = (
+        f"the last good checkpoint is {latest} (resume from it with --resume)"
+        if latest.exists()
+        else "no checkpoint was saved before it"
+    )
+    return TrainingDiverged(
+        f"step {state.step + 1}: {err}: stopped without saving the damaged weights; {where}. "
+        "Lower --max-lr, keep --grad-clip on, or use --precision fp32/bf16 instead of fp16"
+    )
+
+
 def train(run: Run, state: TrainState) -> dict:
     """Train `state` (fresh or resumed: run_config.build_state) to the run's last step, to --stop-at-step,
     or until Ctrl-C; returns a summary.
@@ -868,73 +935,6 @@ def train(run: Run, state: TrainState) -> dict:
         "val_loss": last_eval["val_loss"] if last_eval else None,
         "out_dir": str(run.out_dir),
     }
-
-
-def run_steps(run: Run, state: TrainState, metrics: MetricsLog, bar, stop: StopRequest) -> tuple[str, dict]:
-    """The loop: optimizer steps, evaluating and saving every eval_interval steps and saving every
-    save_interval steps; at the end save, then evaluate. Returns (status, the last evaluation)."""
-    s = run.settings
-    last_eval = None
-    # evaluate the untrained model once, so the validation curve starts at step 0
-    if state.step == 0 and run.resume_checkpoint is None and s.eval_interval:
-        last_eval = evaluate_and_log(run, state, metrics, bar)
-    while state.step < run.stop_at:
-        step_and_log(run, state, metrics, bar)
-        if state.step < s.max_steps and s.eval_interval and state.step % s.eval_interval == 0:
-            last_eval = evaluate_and_log(run, state, metrics, bar)
-            save(run, state, is_best=last_eval["is_best"])
-        elif s.save_interval and state.step % s.save_interval == 0:
-            save(run, state, is_best=False)
-        if stop_requested(stop.requested, run.runtime):  # Ctrl-C / SIGTERM on any rank
-            save(run, state, is_best=False)
-            return "interrupted", last_eval
-    save(run, state, is_best=False)  # first, so a failing evaluation or sample loses nothing
-    if state.step < s.max_steps:
-        return "stopped", last_eval  # --stop-at-step
-    last_eval = evaluate_and_log(run, state, metrics, bar)
-    if last_eval["is_best"]:
-        save(run, state, is_best=True)
-    return "finished", last_eval
-
-
-def step_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> None:
-    """One optimizer step at this step's learning rate; every log_interval steps, a metrics record of the
-    window's mean losses, expert load and throughput."""
-    s, rt = run.settings, run.runtime
-    t0 = time.perf_counter()
-    lr = lr_at(state.step, s)
-    set_learning_rate(state.optimizer, lr)
-    batches = [
-        blocks_to_batch(run.data.train_tokens, next(state.sampler), s.seq_len, rt.device)
-        for _ in range(s.grad_accum_steps)
-    ]
-    result = train_step(state.train_model, state.optimizer, state.scaler, batches, s, rt)
-    dt = time.perf_counter() - t0
-    state.step, state.tokens, state.train_time = (
-        state.step + 1,
-        state.tokens + s.tokens_per_step,
-        state.train_time + dt,
-    )
-    bar.update(1)
-    metrics.add(result, dt, s.tokens_per_step)
-    if state.step % s.log_interval == 0 or state.step == s.max_steps:
-        record = metrics.write_train_record(state, lr, result["grad_norm"], rt)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                        aux=f"{record['aux_loss']:.3f}")  # fmt: skip
-
-
-def diverged(run: Run, state: TrainState, err: TrainingDiverged) -> TrainingDiverged:
-    """The error a diverged run stops with: the step, what diverged, the last good checkpoint, the fix."""
-    latest = run.out_dir / LATEST_NAME
-    where = (
-        f"the last good checkpoint is {latest} (resume from it with --resume)"
-        if latest.exists()
-        else "no checkpoint was saved before it"
-    )
-    return TrainingDiverged(
-        f"step {state.step + 1}: {err}: stopped without saving the damaged weights; {where}. "
-        "Lower --max-lr, keep --grad-clip on, or use --precision fp32/bf16 instead of fp16"
-    )
 
 
 if __name__ == "__main__":
