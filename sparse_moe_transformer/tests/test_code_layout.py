@@ -82,10 +82,11 @@ def test_train_py_is_the_model_and_the_loop_only():
 
 
 def test_importing_train_py_loads_no_command_line_or_plotting_module():
+    modules = ("cli", "training_plots", "run_config", "benchmark_mode")
+    ours = [f"sparse_moe_transformer.src.{name}" for name in modules]
     code = (
         "import sys, sparse_moe_transformer.src.train\n"
-        "loaded = [m for m in sys.modules if m.startswith('matplotlib') or m in "
-        "[f'sparse_moe_transformer.src.{n}' for n in ('cli', 'training_plots', 'run_config', 'benchmark_mode')]]\n"
+        f"loaded = [m for m in sys.modules if m.startswith('matplotlib') or m in {ours!r}]\n"
         "print(sorted(set(m.split('.')[0] if m.startswith('matplotlib') else m for m in loaded)))\n"
     )
     result = subprocess.run(
