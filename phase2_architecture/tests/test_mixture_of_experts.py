@@ -336,3 +336,12 @@ def test_training_with_bias_step_moves_each_bias_by_the_step_or_not_at_all():
     assert all(block.moe.balance_bias.abs().sum() > 0 for block in model.blocks)
     _, off = train_moe_language_model(config, get_batch, steps=2, aux_coef=0.0)
     assert all(torch.equal(h["bias"], torch.zeros(4)) for h in off)
+
+
+def test_routing_losses_count_the_choice_the_bias_makes():
+    logits = torch.randn(30, 5, generator=torch.Generator().manual_seed(2))
+    bias = torch.tensor([10.0, 0.0, 0.0, 0.0, -10.0])  # every token's first choice: expert 0; none: 4
+    _, _, counts = routing_losses(logits, 2, bias)
+    assert counts[0] == 30 and counts[4] == 0 and counts.sum() == 60
+    _, _, plain = routing_losses(logits, 2)
+    assert plain[4] > 0
