@@ -32,6 +32,13 @@ The router needs help to use its experts evenly; two auxiliary losses:
     router_z_loss         ST-MoE: mean of logsumexp(z)^2; keeps the gate logits small, so the
                           softmax does not saturate and stays numerically safe in low precision.
 
+or no loss at all (DeepSeek-V3's auxiliary-loss-free balancing):
+
+    route_with_bias       a per-expert bias b is added to the gate logits ONLY to choose the top-k
+                          experts; the chosen experts' weights come from the unbiased logits.
+    update_balance_bias   after each optimizer step, b_e += u * sign(mean load - load_e): a fixed
+                          step towards equal load, no gradient, nothing added to the LM loss.
+
 Capacity: with `capacity` set, each expert takes at most that many (token, slot) pairs; the rest are
 dropped (they add nothing; the residual connection carries the token on). Priority is slot-major:
 every token's first choice before any second choice, earlier tokens first.
@@ -69,6 +76,52 @@ def route_top_k(gate_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, to
     top_logits, indices = torch.topk(gate_logits, top_k, dim=-1)  # [N, k], [N, k]
     weights = torch.softmax(top_logits, dim=-1)  # [N, k]
     return weights, indices
+
+
+def route_with_bias(
+    gate_logits: torch.Tensor, balance_bias: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_logits [N, E], balance_bias [E] -> (weights [N, k], indices [N, k]), as `route_top_k`.
+
+    The bias only decides WHICH experts a token goes to: indices = top-k of (z + b). The weights are
+    a softmax over the chosen experts' UNBIASED logits z, so the bias never scales an expert's
+    output and the language-model gradient never sees it (DeepSeek-V3, Wang et al. 2024). With
+    b = 0 this is `route_top_k`.
+    """
+    if gate_logits.dim() != 2:
+        raise ValueError(f"gate_logits must be [N, E], got shape {tuple(gate_logits.shape)}.")
+    n_expert = gate_logits.shape[1]
+    if balance_bias.shape != (n_expert,):
+        raise ValueError(
+            f"balance_bias must be [E] = [{n_expert}] (one per expert), got {tuple(balance_bias.shape)}."
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_expert:
+        raise ValueError(f"top_k must be an int in [1, n_expert={n_expert}], got {top_k!r}.")
+    indices = torch.topk(gate_logits.detach() + balance_bias, top_k, dim=-1).indices  # [N, k] biased choice
+    weights = torch.softmax(gate_logits.gather(1, indices), dim=-1)  # [N, k] from the unbiased logits
+    return weights, indices
+
+
+@torch.no_grad()
+def update_balance_bias(
+    balance_bias: torch.Tensor, expert_load: torch.Tensor, step_size: float
+) -> torch.Tensor:
+    """The new bias [E]: b_e + step_size * sign(mean(load) - load_e), for expert_load [E] of one step.
+
+    Under-loaded experts (load below the mean) gain step_size, over-loaded ones lose it, exactly
+    balanced ones keep their bias. Only the sign of the imbalance counts, so `expert_load` may be
+    counts or fractions, and the step is the same however skewed the router is (DeepSeek-V3's
+    update rate gamma). Data-parallel: all-reduce the counts first and every rank gets the same bias.
+    """
+    if expert_load.shape != balance_bias.shape or balance_bias.dim() != 1:
+        raise ValueError(
+            f"balance_bias and expert_load must both be [E], got {tuple(balance_bias.shape)} "
+            f"and {tuple(expert_load.shape)}."
+        )
+    if isinstance(step_size, bool) or not isinstance(step_size, int | float) or not step_size > 0:
+        raise ValueError(f"step_size must be a number > 0 (e.g. 1e-3), got {step_size!r}.")
+    load = expert_load.to(balance_bias.dtype)  # [E] counts arrive as integers
+    return balance_bias + step_size * torch.sign(load.mean() - load)  # [E]
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_expert: int, capacity_factor: float | None) -> int | None:
@@ -200,9 +253,17 @@ def sort_pairs_by_expert(indices: torch.Tensor, keep: torch.Tensor, n_expert: in
 def moe_ffn_sorted(x, gate_weight, gate_bias, w1, b1, w2, b2, top_k, capacity=None):
     """The same y as `moe_ffn_loop_reference`: one sort, per-expert matmuls on slices, one scatter-add."""
     _check_shapes(x, gate_weight, gate_bias, w1, b1, w2, b2)
-    n_expert = w1.shape[0]
     gate_logits = x @ gate_weight.t() + gate_bias  # [N, E]
     weights, indices = route_top_k(gate_logits, top_k)  # [N, k], [N, k]
+    return moe_ffn_sorted_from_routing(x, weights, indices, w1, b1, w2, b2, capacity)
+
+
+def moe_ffn_sorted_from_routing(x, weights, indices, w1, b1, w2, b2, capacity=None):
+    """The sorted dispatch for a routing already made: x [N, C], weights and indices [N, k] -> y [N, C].
+
+    The router is then free to choose differently (a balancing bias, `route_with_bias`).
+    """
+    n_expert = w1.shape[0]
     keep = capacity_keep_mask(indices, n_expert, capacity)  # [N, k]
     order, token_of_pair, counts = sort_pairs_by_expert(indices, keep, n_expert)  # [M], [M], [E]
 
@@ -264,7 +325,9 @@ class MoEFeedForward(nn.Module):
     """E expert FFNs and a router; forward(x [..., C]) -> (y [..., C], gate_logits [N, E]).
 
     The gate logits are returned, not stored, so the caller computes the auxiliary losses (as
-    Mixtral's `router_logits`). Parameters have the production model's layout.
+    Mixtral's `router_logits`). Parameters have the production model's layout. The buffer
+    `balance_bias` [E] shifts only the choice of experts (`route_with_bias`); it stays 0 unless the
+    training loop updates it (`update_balance_bias`), and is saved in the state_dict.
     """
 
     def __init__(self, d_model: int, d_ff: int, n_expert: int, top_k: int, capacity_factor=None):
@@ -277,14 +340,14 @@ class MoEFeedForward(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(n_expert, d_ff))  # [E, F]
         self.w2 = nn.Parameter(torch.randn(n_expert, d_ff, d_model) * 0.02)  # [E, F, C]
         self.b2 = nn.Parameter(torch.zeros(n_expert, d_model))  # [E, C]
+        self.register_buffer("balance_bias", torch.zeros(n_expert))  # [E] no gradient
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.reshape(-1, x.shape[-1])  # [N, C]
         capacity = expert_capacity(flat.shape[0], self.top_k, self.n_expert, self.capacity_factor)
-        y = moe_ffn_sorted(
-            flat, self.gate.weight, self.gate.bias, self.w1, self.b1, self.w2, self.b2, self.top_k, capacity
-        )
-        gate_logits = self.gate(flat)  # [N, E] (recomputed for the losses: cheap, keeps the API pure)
+        gate_logits = self.gate(flat)  # [N, E]
+        weights, indices = route_with_bias(gate_logits, self.balance_bias, self.top_k)  # [N, k], [N, k]
+        y = moe_ffn_sorted_from_routing(flat, weights, indices, self.w1, self.b1, self.w2, self.b2, capacity)
         return y.reshape(x.shape), gate_logits
 
 
@@ -346,10 +409,16 @@ class MoELanguageModel(nn.Module):
         return logits, loss, all_gate_logits
 
 
-def routing_losses(gate_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """gate_logits [N, E] -> (balancing loss, z-loss, expert_counts [E]) for one MoE layer."""
+def routing_losses(
+    gate_logits: torch.Tensor, top_k: int, balance_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate_logits [N, E] -> (balancing loss, z-loss, expert_counts [E]) for one MoE layer.
+
+    The counts are of the choice the layer made: with its balance_bias [E] when given.
+    """
     n_expert = gate_logits.shape[1]
-    _, indices = route_top_k(gate_logits, top_k)  # [N, k]
+    bias = gate_logits.new_zeros(n_expert) if balance_bias is None else balance_bias
+    _, indices = route_with_bias(gate_logits, bias, top_k)  # [N, k]
     counts = torch.bincount(indices.reshape(-1), minlength=n_expert)  # [E]
     probs = torch.softmax(gate_logits, dim=-1)  # [N, E]
     return load_balancing_loss(probs, counts), router_z_loss(gate_logits), counts
@@ -363,13 +432,18 @@ def train_moe_language_model(
     lr: float = 3e-3,
     aux_coef: float = 0.01,
     z_coef: float = 1e-3,
+    bias_step: float = 0.0,
     seed: int = 0,
 ) -> tuple[MoELanguageModel, list[dict]]:
-    """Train with AdamW on lm_loss + aux_coef * balancing + z_coef * z-loss (summed over layers).
+    """Train with AdamW on lm_loss + aux_coef * balancing + z_coef * z-loss (averaged over layers).
 
+    bias_step > 0 also balances without a loss: after each optimizer step every layer's
+    balance_bias moves by bias_step towards equal load (`update_balance_bias`).
     History, one dict per step: {"step", "loss" (LM only), "aux", "z", "load" ([E] fraction of the
-    first layer's assignments per expert)}.
+    first layer's assignments per expert), "bias" ([E] the first layer's balance_bias after the step)}.
     """
+    if bias_step < 0:
+        raise ValueError(f"bias_step must be >= 0 (0 turns bias balancing off), got {bias_step}.")
     torch.manual_seed(seed)
     model = MoELanguageModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -377,13 +451,17 @@ def train_moe_language_model(
     for step in range(steps):
         x, y = get_batch("train")
         _, lm_loss, all_gate_logits = model(x, y)
-        losses = [routing_losses(z, config.top_k) for z in all_gate_logits]
+        biases = [block.moe.balance_bias for block in model.blocks]
+        losses = [routing_losses(z, config.top_k, b) for z, b in zip(all_gate_logits, biases)]
         aux = sum(loss for loss, _, _ in losses) / len(losses)
         z = sum(loss for _, loss, _ in losses) / len(losses)
         loss = lm_loss + aux_coef * aux + z_coef * z
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if bias_step > 0:  # after the step, from this step's load: the bias has no gradient
+            for bias, (_, _, layer_counts) in zip(biases, losses):
+                bias.copy_(update_balance_bias(bias, layer_counts, bias_step))
         counts = losses[0][2].float()
         history.append(
             {
@@ -392,6 +470,7 @@ def train_moe_language_model(
                 "aux": aux.item(),
                 "z": z.item(),
                 "load": counts / counts.sum(),
+                "bias": biases[0].clone(),
             }
         )
     return model, history
@@ -406,7 +485,7 @@ def tokens_per_expert(model: MoELanguageModel, idx: torch.Tensor, layer: int = 0
     block = model.blocks[layer]
     x = x + block.attn(block.ln1(x), causal=True)[0]
     _, gate_logits = block.moe(block.ln2(x))  # [B*T, E]
-    first_choice = gate_logits.argmax(dim=-1)  # [B*T]
+    first_choice = (gate_logits + block.moe.balance_bias).argmax(dim=-1)  # [B*T] the choice the layer makes
     table = torch.zeros(model.config.n_expert, model.config.vocab_size)
     table.index_put_((first_choice, idx.reshape(-1)), torch.ones(idx.numel()), accumulate=True)
     return table

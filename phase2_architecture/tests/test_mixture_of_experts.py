@@ -1,4 +1,5 @@
-"""The MoE lesson: router, three dispatches proven equal (forward and gradients), capacity, aux losses."""
+"""The MoE lesson: router, three dispatches proven equal (forward and gradients), capacity, aux losses,
+balancing by a routing bias."""
 
 import math
 
@@ -18,9 +19,12 @@ from phase2_architecture.src.mixture_of_experts import (
     moe_ffn_per_token,
     moe_ffn_sorted,
     route_top_k,
+    route_with_bias,
     router_z_loss,
     routing_losses,
     tokens_per_expert,
+    train_moe_language_model,
+    update_balance_bias,
 )
 
 
@@ -194,3 +198,150 @@ def test_an_expert_is_the_exact_erf_gelu_ffn_of_the_production_model():
     expected = gelu(x @ w1[2] + b1[2], approximate="none") @ w2[2] + b2[2]  # Phase 2's erf GELU
     got = expert_forward(x, w1[2], b1[2], w2[2], b2[2])
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Balancing without an auxiliary loss: a bias on the routing scores, for the choice only
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_balance_bias_changes_the_choice_but_not_the_weights():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g, dtype=torch.float64)  # [N, E]
+    bias = torch.randn(8, generator=g, dtype=torch.float64) * 2.0  # [E] large enough to change choices
+    weights, indices = route_with_bias(logits, bias, 3)
+    _, unbiased_indices = route_top_k(logits, 3)
+    moved = not torch.equal(indices.sort(-1).values, unbiased_indices.sort(-1).values)
+    assert moved, "the bias must change some choices"
+    for n in range(64):  # the choice, by hand: the 3 largest biased scores
+        by_hand = sorted(range(8), key=lambda e: -(logits[n, e] + bias[e]).item())[:3]
+        assert sorted(indices[n].tolist()) == sorted(by_hand)
+    chosen = logits.gather(1, indices)  # [N, 3] the UNBIASED logits of the chosen experts
+    expected = chosen.exp() / chosen.exp().sum(-1, keepdim=True)
+    torch.testing.assert_close(weights, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_zero_bias_is_plain_top_k_and_a_shared_shift_changes_nothing():
+    logits = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    weights, indices = route_top_k(logits, 2)
+    for bias in (torch.zeros(6), torch.full((6,), 5.0)):
+        w, i = route_with_bias(logits, bias, 2)
+        assert torch.equal(i, indices)
+        torch.testing.assert_close(w, weights, rtol=0, atol=0)
+
+
+def test_route_with_bias_names_bad_shapes_and_top_k():
+    logits = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="balance_bias must be"):
+        route_with_bias(logits, torch.zeros(5), 2)
+    with pytest.raises(ValueError, match="top_k must be"):
+        route_with_bias(logits, torch.zeros(6), 7)
+    with pytest.raises(ValueError, match="gate_logits must be"):
+        route_with_bias(torch.zeros(6), torch.zeros(6), 2)
+
+
+def test_update_balance_bias_steps_towards_the_mean_load_by_hand():
+    bias = torch.tensor([0.5, 0.0, -0.5, 0.25])
+    load = torch.tensor([5, 1, 3, 3])  # mean 3: expert 0 over-loaded, 1 under-loaded, 2 and 3 at the mean
+    new = update_balance_bias(bias, load, 0.01)
+    torch.testing.assert_close(new, torch.tensor([0.49, 0.01, -0.5, 0.25]), rtol=0, atol=1e-7)
+    torch.testing.assert_close(bias, torch.tensor([0.5, 0.0, -0.5, 0.25]))  # the input is not changed
+    fractions = load / load.sum()  # only the sign counts: fractions give the same step as counts
+    torch.testing.assert_close(update_balance_bias(bias, fractions, 0.01), new)
+
+
+def test_update_balance_bias_names_bad_input():
+    with pytest.raises(ValueError, match="both be \\[E\\]"):
+        update_balance_bias(torch.zeros(4), torch.zeros(3), 0.01)
+    for step in (0.0, -1e-3, True, "0.01"):
+        with pytest.raises(ValueError, match="step_size must be a number > 0"):
+            update_balance_bias(torch.zeros(4), torch.ones(4), step)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_bias_balances_a_skewed_router_within_150_steps(seed):
+    """A fixed router whose logits favour expert e by 2e/7 (expert 7 by 2.0 over expert 0), 8 experts, top-2.
+
+    At step 0 the favourite takes over twice its share. The bias must cancel the skew: about +-1
+    around its mean, so at u = 0.01 per step it needs at least 100 steps; from step 150 on every
+    expert's load stays within 20% of the mean, and the bias has learnt minus the skew.
+    """
+    E, k, N, u = 8, 2, 4096, 0.01
+    skew = torch.linspace(0, 2, E)  # [E]
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.zeros(E)
+    deviation = []
+    for _ in range(300):
+        logits = torch.randn(N, E, generator=g) + skew  # [N, E] fresh tokens every step
+        _, indices = route_with_bias(logits, bias, k)
+        load = torch.bincount(indices.reshape(-1), minlength=E).float()  # [E]
+        deviation.append(((load / load.mean()) - 1).abs().max().item())
+        bias = update_balance_bias(bias, load, u)
+    assert deviation[0] > 1.0, "the toy router must start skewed"
+    assert max(deviation[150:]) < 0.2
+    torch.testing.assert_close(bias - bias.mean(), -(skew - skew.mean()), rtol=0, atol=0.15)
+
+
+def reference_moe_with_bias(x, layer):
+    """Token by token: the k largest (logit + bias) choose, the softmax of the unbiased logits weighs."""
+    rows = []
+    for x_n in x:
+        z = layer.gate(x_n)  # [E]
+        chosen = sorted(range(layer.n_expert), key=lambda e: -(z[e] + layer.balance_bias[e]).item())
+        chosen = chosen[: layer.top_k]
+        w = torch.softmax(z[chosen], dim=0)  # [k]
+        rows.append(
+            sum(
+                w[j] * expert_forward(x_n, layer.w1[e], layer.b1[e], layer.w2[e], layer.b2[e])
+                for j, e in enumerate(chosen)
+            )
+        )
+    return torch.stack(rows)
+
+
+def test_the_moe_layer_chooses_with_its_balance_bias_and_weighs_without_it():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(d_model=8, d_ff=16, n_expert=4, top_k=2).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    _, plain = route_top_k(layer.gate(x), 2)
+    layer.balance_bias.copy_(torch.tensor([0.0, 3.0, 0.0, -3.0]))  # push towards expert 1, away from 3
+    y, _ = layer(x)
+    torch.testing.assert_close(y, reference_moe_with_bias(x, layer), rtol=1e-12, atol=1e-12)
+    _, biased = route_with_bias(layer.gate(x), layer.balance_bias, 2)
+    assert (biased == 1).any(-1).all() and not (biased == 3).any() and (plain == 3).any()
+    assert "balance_bias" in layer.state_dict() and not layer.balance_bias.requires_grad
+
+
+def test_training_with_bias_step_moves_each_bias_by_the_step_or_not_at_all():
+    config = MoEConfig(
+        vocab_size=11, block_size=8, n_layer=2, n_head=2, d_model=16, n_expert=4, top_k=2, d_ff=16
+    )
+    g = torch.Generator().manual_seed(0)
+
+    def get_batch(split):
+        x = torch.randint(0, 11, (4, 8), generator=g)
+        return x, x.roll(-1, dims=1)
+
+    model, history = train_moe_language_model(config, get_batch, steps=6, aux_coef=0.0, bias_step=0.05)
+    previous = torch.zeros(4)
+    for h in history:
+        step = (h["bias"] - previous).abs()  # [E]
+        assert torch.all((step < 1e-6) | ((step - 0.05).abs() < 1e-6)), "each bias moves by 0 or the step"
+        # the update follows that step's load: over-loaded experts go down, under-loaded up
+        # (loads are counts / 64, exact in binary, so an expert exactly at the mean stays put)
+        expected = previous + 0.05 * torch.sign(h["load"].mean() - h["load"])
+        torch.testing.assert_close(h["bias"], expected, rtol=0, atol=1e-6)
+        previous = h["bias"]
+    assert previous.abs().sum() > 0
+    assert all(block.moe.balance_bias.abs().sum() > 0 for block in model.blocks)
+    _, off = train_moe_language_model(config, get_batch, steps=2, aux_coef=0.0)
+    assert all(torch.equal(h["bias"], torch.zeros(4)) for h in off)
+
+
+def test_routing_losses_count_the_choice_the_bias_makes():
+    logits = torch.randn(30, 5, generator=torch.Generator().manual_seed(2))
+    bias = torch.tensor([10.0, 0.0, 0.0, 0.0, -10.0])  # every token's first choice: expert 0; none: 4
+    _, _, counts = routing_losses(logits, 2, bias)
+    assert counts[0] == 30 and counts[4] == 0 and counts.sum() == 60
+    _, _, plain = routing_losses(logits, 2)
+    assert plain[4] > 0
