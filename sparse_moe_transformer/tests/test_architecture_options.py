@@ -1,6 +1,6 @@
-"""The recipe options of issue 15 (Config.pos="rope", qk_norm, zero_init_proj, logit_softcap;
-TrainSettings.lr_schedule="wsd"): causality and KV-cache equivalence with them on, attention equal
-to its formula written out by hand, the defaults reproduce the original model, old configs load."""
+"""The architecture options of the recipe (Config.pos="rope", qk_norm, zero_init_proj, logit_softcap,
+expert_activation): causality and KV-cache equivalence with them on, attention equal to its formula written
+out by hand, the defaults reproduce the original model, old configs load."""
 
 import math
 from dataclasses import asdict
@@ -13,7 +13,6 @@ from phase2_architecture.src.positional_encoding import apply_rope, rope_angles
 from phase5_production.src.kv_cache import KVCache
 from sparse_moe_transformer.src.param_counts import count_active_parameters, count_parameters
 from sparse_moe_transformer.src.train import Config, SparseMoETransformer, preset_config
-from sparse_moe_transformer.src.train_settings import TrainSettings, lr_at
 
 RECIPES = [
     dict(pos="rope"),
@@ -159,25 +158,6 @@ def test_bad_option_values_are_refused_with_the_fix():
         preset_config("tiny", d_model=36, n_head=4, pos="rope")  # head_dim 9
     with pytest.raises(ValueError, match="logit_softcap"):
         preset_config("tiny", logit_softcap=0.0)
-    base = dict(
-        batch_size=2, grad_accum_steps=1, seq_len=8, max_steps=10, max_lr=1e-3, min_lr=1e-4, warmup_steps=2
-    )
-    with pytest.raises(ValueError, match="--optimizer"):
-        TrainSettings(**base, optimizer="sgd")
-    with pytest.raises(ValueError, match="--lr-schedule"):
-        TrainSettings(**base, lr_schedule="step")
-
-
-def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_lr():
-    s = TrainSettings(batch_size=2, grad_accum_steps=1, seq_len=8, max_steps=100, max_lr=1e-3, min_lr=1e-4,
-                      warmup_steps=10, lr_schedule="wsd", cooldown_frac=0.4)  # fmt: skip
-    lrs = [lr_at(step, s) for step in range(101)]
-    assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1e-3)
-    assert all(lr == pytest.approx(1e-3) for lr in lrs[10:60])  # stable until the last 40 steps
-    assert lrs[80] == pytest.approx(1e-3 + (1e-4 - 1e-3) * 20 / 40)  # halfway down the cool-down
-    assert lrs[100] == pytest.approx(1e-4) and lrs[99] > lrs[100]
-    cosine = TrainSettings(**{**asdict(s), "lr_schedule": "cosine"})
-    assert lr_at(50, cosine) < 1e-3  # the default is still the cosine
 
 
 def test_moe_routing_is_unchanged_by_the_attention_options():
