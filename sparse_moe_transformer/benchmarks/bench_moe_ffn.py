@@ -1,11 +1,11 @@
 """Benchmark: forward + backward of one sparse MoE FFN layer against the alternatives.
 
-    python sparse_moe_transformer/benchmarks/bench_moe_ffn.py                 # the issue's setting
+    python sparse_moe_transformer/benchmarks/bench_moe_ffn.py                 # the reference setting
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --profile       # + where the time goes
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --device cuda   # on a GPU
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --processes 6   # ours / dense, fresh processes
 
-Setting (issue 3): float32, 2 threads, d_model 512, d_ff 1024, 16 experts, top-2, 1024 and 2048
+Setting: float32, 2 threads, d_model 512, d_ff 1024, 16 experts, top-2, 1024 and 2048
 tokens, gradients for the input, the gate and the experts. Implementations, run in alternating
 order every round (so machine noise hits them alike) and reported as medians:
 
