@@ -12,7 +12,7 @@ Contenders (--variants; each trains on the same token stream, tokenizer and samp
                  to 1e-4 at 1,500 iterations, clipping 1.0; attention by F.scaled_dot_product_attention
                  as in nanoGPT (fuse_attention; "baseline:fused_attention=false" = the lesson's kernel)
     ours         the MoE's cpu-small preset: the winning recipe (train.RECIPE, train.TRAINING_RECIPE)
-    nanogpt-moe  the same MoE with nanoGPT's 2022 recipe (the cpu-small preset before the time-to-quality recipe)
+    nanogpt-moe  the same MoE with nanoGPT's 2022 recipe (cpu-small before today's recipe)
     NAME:k=v,…   any of them with Config / TrainSettings fields replaced (for ablations), e.g.
                  "ours:optimizer=adamw", "nanogpt-moe:pos=rope", or "ours:ns_dtype=fp32" (Newton-Schulz in
                  fp32, what a CPU without native bf16 gets; "ours" lets hardware.py choose)
@@ -68,7 +68,7 @@ RECIPES = {
     ),
     # the winning recipe: the cpu-small preset as it is (train.RECIPE, train.TRAINING_RECIPE)
     "ours": dict(model="moe", preset="cpu-small", config={}, settings={}),
-    # the same MoE with nanoGPT's 2022 recipe (the cpu-small preset before the time-to-quality recipe): learned positions,
+    # the same MoE with nanoGPT's 2022 recipe (cpu-small before today's recipe): learned positions,
     # no QK-norm, GPT-2's init, no soft-cap, AdamW with warmup + cosine over 1,400 steps
     "nanogpt-moe": dict(
         model="moe", preset="cpu-small",

@@ -222,12 +222,13 @@ def expert_parallel_ffn(moe: nn.Module, x: torch.Tensor, gate_logits: torch.Tens
     """The MoE FFN with the experts spread over the group: x [N, C], gate_logits [N, n_expert] ->
     (out [N, C], Routing of this rank's pairs). `moe` is a sharded SparseMoEFFN (its w1 .. b2 hold the
     n_local experts of this rank)."""
-    N, k = x.shape[0], moe.top_k
+    N, k, bias = x.shape[0], moe.top_k, moe.balance_bias
     capacity = offset = None
     if moe.capacity_factor is not None:
-        topk_index = torch.topk(gate_logits, k, dim=-1).indices  # [N, k], the same choice route_tokens makes
+        scores = gate_logits if bias is None else gate_logits + bias  # the choice route_tokens makes
+        topk_index = torch.topk(scores, k, dim=-1).indices  # [N, k]
         capacity, offset = capacity_offsets(topk_index, ep.n_expert, moe.capacity_factor, ep)
-    routing = route_tokens(gate_logits, k, capacity, capacity_offset=offset)
+    routing = route_tokens(gate_logits, k, capacity, capacity_offset=offset, choice_bias=bias)
     counts = torch.tensor(routing.counts, device=x.device)  # [n_expert] kept pairs per expert
     recv_counts = exchange_counts(counts, ep)  # [E, n_local]
     send_splits = counts.view(ep.size, ep.n_local).sum(1).tolist()  # rows to each rank of the group

@@ -8,10 +8,10 @@ Model state (P parameters, AdamW, "mixed precision" = torch autocast):
     gradients        4 P bytes   fp32 (.grad has the parameter's dtype)
     optimizer state  8 P bytes   AdamW's exp_avg and exp_avg_sq, fp32; with Muon, 4 bytes (one momentum
                                  buffer) for each of its P_muon hidden-matrix parameters: 8 P - 4 P_muon
-    autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, gate, and the
-                                 experts' w1 and w2) that the forward pass saves for the backward; 0 in
-                                 fp32. On a GPU the autocast cast cache keeps every attention and gate
-                                 copy until the autocast region ends; the CPU has no cache, so under
+    autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, and the experts' w1
+                                 and w2; the router computes in fp32) that the forward pass saves for the
+                                 backward; 0 in fp32. On a GPU the autocast cast cache keeps every
+                                 attention copy until the autocast region ends; the CPU has no cache, so under
                                  activation checkpointing only the rebuilt layer's copies exist there.
                                  The expert dispatch casts its weights itself (no cache anywhere): under
                                  checkpointing only the rebuilt layer's expert copies exist. (The head's
@@ -22,8 +22,8 @@ F = expert hidden size, E = experts, k = top_k, H = heads, T = sequence length, 
 a = 2 under fp16/bf16 autocast and 4 in fp32 (the dtype of matmul outputs, the experts' included); the
 residual stream and LayerNorm outputs stay fp32 (4) in every precision. A dropout mask m(d) costs
 d bytes per element on the CPU (it is a float tensor of its input's dtype, d) and 1 byte on a GPU
-(a bool mask); 0 without dropout. Routing weights r: a on the CPU, 4 on a GPU (CUDA autocast runs
-softmax in fp32).
+(a bool mask); 0 without dropout. The router computes in fp32 in every precision (its logits, softmax
+and top-k), so its input, logits and routing weights are 4 bytes per element.
 
     attention block   LayerNorm input 4C + 8 (plus its mean and rstd), q/k/v projection input aC
                       fused kernel (GPU; CPU without attention dropout): the q/k/v projection output
@@ -33,14 +33,14 @@ softmax in fp32).
                       autocast): q, k, v 3 * 4C, the T x T weights 12 H T (softmax, dropout mask,
                       dropped weights, fp32 each), the output projection's input aC
                       residual dropout mask m(a) C
-    MoE block         LayerNorm input 4C + 8, gate input aC, top-k indices 8k and routing weights
-                      rk, sort index 8k; the expert Function (computing in the autocast dtype) saves
+    MoE block         LayerNorm input 4C + 8, gate input 4C (fp32), top-k indices 8k and routing weights
+                      4k, sort index 8k; the expert Function (computing in the autocast dtype) saves
                       per routed pair the gathered input aC, pre-activation aF, GELU output aF,
                       expert output aC, weight a and three int64 indices 24, so
                       k (2aC + 2aF + a + 24); residual dropout mask m(a) C
     router losses     per layer, computed by `moe_losses` after the forward (outside the layers, so
-                      they are counted outside, L times): the fp32 gate logits 4E (the gate's own
-                      output in fp32, its .float() copy under autocast) that logsumexp saves, the
+                      they are counted outside, L times): the gate logits 4E (fp32: the router's own
+                      output) that logsumexp saves, the
                       router probabilities 4E that the Switch loss's softmax saves, logsumexp 4
     embeddings        token ids 8, embedding dropout mask m(4) C
     head              final LayerNorm input 4C + 8, and the gradient of the head's input 4C that the
@@ -177,7 +177,7 @@ def activation_bytes_per_token(
             return 0
         return 1 if on_gpu else dtype_bytes
 
-    r = 4 if on_gpu else a  # routing weights (softmax of the top-k logits)
+    r = 4  # routing weights: the softmax of the router's fp32 top-k logits
     layer_norm = 4 * C + 8  # fp32 input + mean and rstd
     if math_attention:  # q, k, v and the T x T weights in fp32, then the output projection's input
         core = 3 * 4 * C + 12 * H * seq_len + a * C
@@ -188,7 +188,7 @@ def activation_bytes_per_token(
     # per routed pair, in the compute dtype: gathered input, pre-activation, GELU output, output, weight;
     # and 3 int64 indices
     experts = k * (a * C + a * F + a * F + a * C + a + 3 * 8)
-    moe = layer_norm + a * C + router + experts + mask(a) * C  # + gate input, + residual dropout mask
+    moe = layer_norm + 4 * C + router + experts + mask(a) * C  # + fp32 gate input, + residual dropout mask
     if expert_parallel > 1:  # the combine keeps the returned rows and weights (compute dtype; measured in
         moe += k * (a * C + a + 16)  # fp32), and the gather and un-sort indices
     # moe_losses, per layer: fp32 gate logits and softmax probs [N, E], logsumexp [N] (in fp32 always)
@@ -226,14 +226,14 @@ def chunked_loss_transient_bytes(config, act_bytes: int) -> int:
 
 
 def matmul_params_per_layer(config) -> int:
-    """Weights autocast casts in one layer: the q/k/v and output projections and the gate, and the
-    experts' w1 and w2 (cast by the dispatch itself)."""
-    return attention_and_gate_params_per_layer(config) + expert_matrix_params_per_layer(config)
+    """Weights autocast casts in one layer: the q/k/v and output projections, and the experts' w1 and
+    w2 (cast by the dispatch itself); the router stays in fp32."""
+    return attention_params_per_layer(config) + expert_matrix_params_per_layer(config)
 
 
-def attention_and_gate_params_per_layer(config) -> int:
+def attention_params_per_layer(config) -> int:
     d = _dims(config)
-    return 4 * d["C"] * d["C"] + d["C"] * d["E"]
+    return 4 * d["C"] * d["C"]
 
 
 def expert_matrix_params_per_layer(config) -> int:
@@ -293,11 +293,11 @@ def plan_memory(
     outside = L * per_token["router_losses"] + per_token["embeddings"] + per_token["head"]
     activations = int(tokens * (kept + outside)) + fixed_activation_bytes(config, seq_len)
     transient = int(tokens * per_token["layer"]) + chunked_loss_transient_bytes(config, act)
-    # autocast copies: attention and gate weights in every layer, except on the CPU under checkpointing
+    # autocast copies: attention weights in every layer, except on the CPU under checkpointing
     # (no cast cache: only the rebuilt layer's); the experts' only in the rebuilt layer under checkpointing
     attention_layers = 1 if activation_checkpointing and not on_gpu else L
     expert_layers = 1 if activation_checkpointing else L
-    attention_casts = attention_layers * attention_and_gate_params_per_layer(config)
+    attention_casts = attention_layers * attention_params_per_layer(config)
     expert_casts = expert_layers * expert_matrix_params_per_layer(config) // expert_parallel  # this rank's
     copies = 0 if act == 4 else 2 * (attention_casts + expert_casts)
     # expert parallelism: the other E - 1 ranks of the group hold the rest of the experts

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from phase2_architecture.src.mixture_of_experts import route_with_bias
+
 
 @dataclass
 class Routing:
@@ -68,16 +70,23 @@ def route_tokens(
     top_k: int,
     capacity: int | None = None,
     capacity_offset: torch.Tensor | None = None,
+    choice_bias: torch.Tensor | None = None,
 ) -> Routing:
     """gate_logits [N, E] -> Routing (top-k, softmax over the selected logits, one sort by expert).
+
+    choice_bias [E] (Config.balance="bias"): the experts are the top-k of gate_logits + choice_bias, their
+    weights the softmax of their unbiased logits (Phase 2's route_with_bias).
 
     capacity_offset [k, E] (expert parallelism): how many pairs of other ranks come before this rank's
     slot-j pairs of expert e in the priority order of one process holding every rank's tokens; a pair
     is kept when its position in that order is below `capacity` (expert_parallel.py).
     """
     N, E = gate_logits.shape
-    topk_logits, topk_index = torch.topk(gate_logits, top_k, dim=-1)  # [N, k], [N, k]
-    topk_weight = torch.softmax(topk_logits, dim=-1)  # [N, k], positive, rows sum to 1
+    if choice_bias is None:
+        topk_logits, topk_index = torch.topk(gate_logits, top_k, dim=-1)  # [N, k], [N, k]
+        topk_weight = torch.softmax(topk_logits, dim=-1)  # [N, k], positive, rows sum to 1
+    else:
+        topk_weight, topk_index = route_with_bias(gate_logits, choice_bias, top_k)  # [N, k], [N, k]
 
     # Slot-major enumeration of the pairs: pair p = slot * N + token.
     flat_expert = topk_index.t().reshape(-1)  # [k*N]

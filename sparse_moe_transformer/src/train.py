@@ -52,7 +52,12 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from tqdm.auto import tqdm
 
 from phase1_foundation.src.validation import check_int, check_number
-from phase2_architecture.src.mixture_of_experts import expert_capacity, load_balancing_loss, router_z_loss
+from phase2_architecture.src.mixture_of_experts import (
+    expert_capacity,
+    load_balancing_loss,
+    router_z_loss,
+    update_balance_bias,
+)
 from phase2_architecture.src.positional_encoding import RotaryEmbedding
 from phase3_components.src.lr_schedules import (
     set_learning_rate,
@@ -122,6 +127,10 @@ class Config:
     zero_init_proj: bool = False  # the residual projections (attention out, expert w2) start at 0
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None = no cap
     expert_activation: str = "gelu"  # "gelu" or "relu2" (relu(h)^2) inside every expert
+    # Options of today's sparse models (DeepSeekMoE, DeepSeek-V3); off by default, as above.
+    n_shared_expert: int = 0  # dense experts of d_ff every token passes through, added to the routed output
+    balance: str = "aux_loss"  # "aux_loss": the Switch loss alone; "bias": + a per-expert routing bias
+    balance_bias_step: float = 1e-3  # "bias": how far one optimizer step moves a bias towards equal load
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "n_expert", "top_k", "d_ff"):
@@ -152,6 +161,10 @@ class Config:
             )
         if self.logit_softcap is not None:
             check_number("Config.logit_softcap (None = off)", self.logit_softcap, above=0)
+        check_int("Config.n_shared_expert", self.n_shared_expert, minimum=0)
+        if self.balance not in ("aux_loss", "bias"):
+            raise ValueError(f"Config.balance must be 'aux_loss' or 'bias', got {self.balance!r}.")
+        check_number("Config.balance_bias_step", self.balance_bias_step, above=0)
         if self.expert_activation not in ("gelu", "relu2"):
             raise ValueError(
                 f"Config.expert_activation must be 'gelu' or 'relu2', got {self.expert_activation!r}."
@@ -244,14 +257,37 @@ def preset_config(name: str, **overrides) -> Config:
 # ----------------------------------------------------------------------------- SparseMoEFFN
 
 
+# the activation of a dense (shared) expert, as autograd ops; routed experts use moe_dispatch's fused kernels
+DENSE_ACTIVATIONS = {"gelu": F.gelu, "relu2": lambda h: F.relu(h).square()}
+
+
+class SharedExperts(nn.Module):
+    """n_shared_expert dense experts that every token passes through (DeepSeekMoE's shared experts), as one
+    FFN of hidden n_shared_expert * d_ff with the routed experts' formula: act(x W1 + b1) W2 + b2."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        hidden = config.n_shared_expert * config.d_ff
+        self.w1 = nn.Linear(config.d_model, hidden)
+        self.w2 = nn.Linear(hidden, config.d_model)
+        self.activation = DENSE_ACTIVATIONS[config.expert_activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.activation(self.w1(x)))  # [N, C] -> [N, C]
+
+
 class SparseMoEFFN(nn.Module):
-    """y = sum over the top_k experts e chosen for x of  g_e(x) * (act(x W1_e + b1_e) W2_e + b2_e).
+    """y = sum over the top_k experts e chosen for x of  g_e(x) * (act(x W1_e + b1_e) W2_e + b2_e)
+    (+ the shared experts' output, when Config.n_shared_expert > 0).
 
     act = GELU, or ReLU^2 with Config.expert_activation="relu2".
 
-    Gate logits z = x W_g + b_g [N, E]; the top_k logits are softmaxed among themselves into the
-    routing weights g. Only top_k of n_expert expert FFNs run per token (moe_dispatch.py).
-    forward returns (y, gate logits, routing): the losses are computed from them by the caller.
+    Gate logits z = x W_g + b_g [N, E], in fp32 even under fp16/bf16 autocast. The top_k logits are
+    softmaxed among themselves into the routing weights g. With Config.balance="bias" the experts are
+    chosen by the top_k of z + b instead, b a per-expert bias that train_step moves towards equal load
+    after every optimizer step; g still comes from z alone, so b never scales an expert's output
+    (DeepSeek-V3; Phase 2's route_with_bias). Only top_k of n_expert expert FFNs run per token
+    (moe_dispatch.py). forward returns (y, gate logits, routing): the losses are computed from them.
     """
 
     def __init__(self, config: Config):
@@ -266,18 +302,29 @@ class SparseMoEFFN(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(E, C))  # [E, C]
         nn.init.normal_(self.w1, std=config.init_std)
         nn.init.normal_(self.w2, std=config.init_std)
+        # a buffer: saved in checkpoints, moved by train_step (not by the optimizer), None unless "bias"
+        self.register_buffer("balance_bias", torch.zeros(E) if config.balance == "bias" else None)
+        self.shared = SharedExperts(config) if config.n_shared_expert else None
         self.expert_parallel = None  # set by expert_parallel.shard_experts: this rank holds a slice
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C] -> gate logits [N, E] in fp32 whatever the autocast dtype: in fp16 or bf16, near-ties
+        between experts would round to ties and the choice would follow the rounding."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.gate.weight.float(), self.gate.bias.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, C]
-        gate_logits = self.gate(x)  # [N, E]
+        gate_logits = self.router_logits(x)  # [N, E] fp32
         if self.expert_parallel is not None:  # the other experts live on other ranks: all-to-all
             out, routing = expert_parallel_ffn(self, x, gate_logits, self.expert_parallel)
-            return out.reshape(shape), gate_logits, routing
-        capacity = expert_capacity(x.shape[0], self.top_k, self.n_expert, self.capacity_factor)
-        routing = route_tokens(gate_logits, self.top_k, capacity)
-        out = expert_ffn(x, self.w1, self.b1, self.w2, self.b2, routing, self.activation)  # [N, C]
+        else:
+            capacity = expert_capacity(x.shape[0], self.top_k, self.n_expert, self.capacity_factor)
+            routing = route_tokens(gate_logits, self.top_k, capacity, choice_bias=self.balance_bias)
+            out = expert_ffn(x, self.w1, self.b1, self.w2, self.b2, routing, self.activation)  # [N, C]
+        if self.shared is not None:
+            out = out + self.shared(x)
         return out.reshape(shape), gate_logits, routing
 
 
@@ -395,11 +442,11 @@ class SparseMoETransformer(nn.Module):
         # stream's variance at init does not grow with depth.
         residual_std = config.init_std / math.sqrt(2 * config.n_layer)
         for layer in self.layers:
-            nn.init.normal_(layer.attn.out_proj.weight, std=residual_std)
-            nn.init.normal_(layer.moe.w2, std=residual_std)
-            if config.zero_init_proj:  # modded-nanogpt: every layer starts as the identity
-                nn.init.zeros_(layer.attn.out_proj.weight)
-                nn.init.zeros_(layer.moe.w2)
+            shared = [layer.moe.shared.w2.weight] if layer.moe.shared is not None else []
+            for weight in [layer.attn.out_proj.weight, layer.moe.w2, *shared]:
+                nn.init.normal_(weight, std=residual_std)
+                if config.zero_init_proj:  # modded-nanogpt: every layer starts as the identity
+                    nn.init.zeros_(weight)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -413,19 +460,29 @@ class SparseMoETransformer(nn.Module):
     def decayed_parameters(self) -> list[nn.Parameter]:
         """The weight matrices AdamW decays: attention, gate, experts, head. Norms, biases and the
         embedding tables are left out (decaying them pulls gains, offsets and token vectors to 0)."""
-        decayed = [self.lm_head.weight]
-        for layer in self.layers:
-            decayed += [layer.attn.qkv.weight, layer.attn.out_proj.weight, layer.moe.gate.weight]
-            decayed += [layer.moe.w1, layer.moe.w2]
-        return decayed
+        return (
+            [self.lm_head.weight] + [layer.moe.gate.weight for layer in self.layers] + self.hidden_matrices()
+        )
 
     def hidden_matrices(self) -> list[nn.Parameter]:
-        """What Muon updates (TrainSettings.optimizer "muon"): the attention projections and the expert
-        stacks (each expert orthogonalised separately); not the embeddings, router or head."""
+        """What Muon updates (TrainSettings.optimizer "muon"): the attention projections, the expert
+        stacks (each expert orthogonalised separately) and the shared experts' matrices; not the
+        embeddings, router or head."""
         hidden = []
         for layer in self.layers:
             hidden += [layer.attn.qkv.weight, layer.attn.out_proj.weight, layer.moe.w1, layer.moe.w2]
+            if layer.moe.shared is not None:
+                hidden += [layer.moe.shared.w1.weight, layer.moe.shared.w2.weight]
         return hidden
+
+    @torch.no_grad()
+    def update_balance_biases(self, expert_counts: torch.Tensor) -> None:
+        """Config.balance "bias": after an optimizer step, each layer's routing bias moves by
+        balance_bias_step towards equal load, from expert_counts [L, E] of that step (every rank's
+        counts, so that every rank moves its biases alike; Phase 2's update_balance_bias)."""
+        for layer, counts in zip(self.layers, expert_counts):
+            bias = layer.moe.balance_bias
+            bias.copy_(update_balance_bias(bias, counts, self.config.balance_bias_step))
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         for layer in self.layers:
@@ -678,6 +735,10 @@ def train_step(model, optimizer, scaler, batches, s: TrainSettings, rt: Runtime)
     scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scaler then lowers its scale)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if config.balance == "bias":  # towards equal load over the global batch: the same move on every rank
+        unwrap(model).update_balance_biases(
+            sum_over_ranks(expert_counts.clone()) if rt.distributed else expert_counts
+        )
     return {"losses": stats, "grad_norm": grad_norm, "expert_counts": expert_counts}
 
 
