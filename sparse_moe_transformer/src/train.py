@@ -308,10 +308,11 @@ class SparseMoEFFN(nn.Module):
         self.expert_parallel = None  # set by expert_parallel.shard_experts: this rank holds a slice
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, C] -> gate logits [N, E] in fp32 whatever the autocast dtype: in fp16 or bf16, near-ties
-        between experts would round to ties and the choice would follow the rounding."""
+        """x [N, C] -> gate logits [N, E] in fp32 (or wider) whatever the autocast dtype: in fp16 or bf16,
+        near-ties between experts would round to ties and the choice would follow the rounding."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.gate.weight.float(), self.gate.bias.float())
+            return F.linear(x.to(dtype), self.gate.weight.to(dtype), self.gate.bias.to(dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Routing]:
         shape = x.shape
