@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from phase1_foundation.src.attention_mechanism import causal_mask
+from phase2_architecture.src.generation import stream_tokens
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase5_production.src.kv_cache import (
     KVCache,
@@ -92,9 +93,9 @@ def test_crop_rolls_the_cache_back():
 
 
 @pytest.mark.parametrize("overrides", CONFIGS)
-@pytest.mark.parametrize("prompt_len,new_tokens", [(1, 10), (4, 12), (6, 30)])
+@pytest.mark.parametrize("prompt_len,new_tokens", [(1, 10), (4, 12), (6, 10)])
 def test_greedy_generation_matches_uncached(overrides, prompt_len, new_tokens):
-    """(6, 30) runs past block_size 16: the cache slides like GPT.generate's cropping."""
+    """(4, 12) and (6, 10) end exactly at block_size 16, the last position the model was trained on."""
     model = _gpt(**overrides)
     idx = _tokens(2, prompt_len, seed=prompt_len)
     expected = model.generate(idx, new_tokens, temperature=0)
@@ -103,12 +104,44 @@ def test_greedy_generation_matches_uncached(overrides, prompt_len, new_tokens):
     assert torch.equal(got, expected)
 
 
-def test_long_prompt_is_cropped_like_uncached_generate():
+def test_generation_past_block_size_is_refused_like_uncached_generate():
     model = _gpt()
-    idx = _tokens(1, 40)  # longer than block_size 16
-    assert torch.equal(
-        generate_with_cache(model, idx, 5, temperature=0), model.generate(idx, 5, temperature=0)
+    for prompt_len, new_tokens in ((6, 11), (40, 5)):  # block_size 16
+        idx = _tokens(1, prompt_len)
+        message = rf"prompt length {prompt_len} \+ max_new_tokens {new_tokens} exceeds block_size 16"
+        with pytest.raises(ValueError, match=message):
+            generate_with_cache(model, idx, new_tokens, temperature=0)
+        with pytest.raises(ValueError, match=message):
+            model.generate(idx, new_tokens, temperature=0)
+
+
+def test_eos_stops_cached_generation_as_it_stops_uncached_generation():
+    model = _gpt()
+    idx = _tokens(2, 3, seed=2)
+    greedy = generate_with_cache(model, idx, 12, temperature=0)
+    eos = int(greedy[0, 6])  # row 0 reaches it by its 4th new token
+    cached = generate_with_cache(model, idx, 12, temperature=0, eos_token_id=eos)
+    assert torch.equal(cached, model.generate(idx, 12, temperature=0, eos_token_id=eos))
+    first = int((cached[0, 3:] == eos).nonzero()[0])
+    assert torch.equal(cached[0, : 3 + first + 1], greedy[0, : 3 + first + 1])
+    assert (cached[0, 3 + first :] == eos).all()  # a finished row repeats EOS while others go on
+    alone = generate_with_cache(model, idx[:1], 12, temperature=0, eos_token_id=eos)
+    assert alone.shape == (1, 3 + first + 1)  # one row: generation stops right after its EOS
+
+
+def test_a_cached_step_feeds_one_token_and_the_cache_grows_by_one():
+    model = _gpt()
+    fed = []
+
+    def logits_fn(ids, cache):
+        fed.append((ids.shape[1], cache.length))
+        return forward_with_cache(model, ids, cache)
+
+    steps = stream_tokens(
+        logits_fn, _tokens(2, 5), 6, lambda z, _: z.argmax(-1), block_size=16, cache=KVCache.for_model(model)
     )
+    assert len(list(steps)) == 6
+    assert fed == [(5, 0)] + [(1, 5 + i) for i in range(5)]  # prefill, then one new token per step
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from phase1_foundation.src.validation import check_int, check_number
+from phase2_architecture.src.generation import evaluating, stream_tokens
 from phase2_architecture.src.mixture_of_experts import expert_capacity, load_balancing_loss, router_z_loss
 from phase2_architecture.src.positional_encoding import RotaryEmbedding
 from phase3_components.src.hardware import (
@@ -72,7 +73,7 @@ from phase3_components.src.lr_schedules import (
 )
 from phase4_training.src.training_loop import autocast_context, capture_rng_state, restore_rng_state
 from phase5_production.src.kv_cache import KVCache, shifted_causal_mask
-from phase5_production.src.sampling import sample_next_token
+from phase5_production.src.sampling import sampler
 from sparse_moe_transformer.src.checkpointing import (
     BEST_NAME,
     LATEST_NAME,
@@ -640,52 +641,32 @@ class SparseMoETransformer(nn.Module):
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, LongTensor [B], one step at a time.
 
-        Sampling is Phase 5's sample_next_token (temperature 0 = greedy); the repetition penalty
-        sees the prompt and the tokens generated so far. Rows that produced eos_token_id keep
-        producing it; generation stops once every row has. With use_cache the prompt is prefilled
-        once into Phase 5's KVCache and each step feeds one token; without it every step recomputes
-        the whole prefix (same tokens, slower). prompt + max_new_tokens must fit in block_size.
+        The loop is Phase 2's stream_tokens (the course GPT's), sampling Phase 5's sample_next_token
+        (temperature 0 = greedy; the repetition penalty sees the prompt and the tokens generated so
+        far). Rows that produced eos_token_id keep producing it; generation stops once every row has.
+        With use_cache the prompt is prefilled once into Phase 5's KVCache and each step feeds one
+        token; without it every step recomputes the whole prefix (same tokens, slower).
+        prompt + max_new_tokens must fit in block_size: a ValueError before any work otherwise.
         """
-        check_int("max_new_tokens", max_new_tokens, minimum=0)
         self._check_idx(idx)
-        B, T0 = idx.shape
-        if T0 + max_new_tokens > self.config.block_size:
-            raise ValueError(
-                f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds block_size="
-                f"{self.config.block_size}; shorten the prompt or ask for fewer tokens."
-            )
         if eos_token_id is not None and not 0 <= eos_token_id < self.config.vocab_size:
             raise ValueError(f"eos_token_id must be in [0, {self.config.vocab_size}), got {eos_token_id!r}.")
         generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)
-        was_training = self.training
-        self.eval()
-        try:
-            cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
-            logits = self(idx, cache=cache).logits[:, -1]  # prefill -> [B, V]
-            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for step in range(max_new_tokens):
-                next_token = sample_next_token(
-                    logits,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    repetition_penalty=repetition_penalty,
-                    previous_ids=idx,
-                    generator=generator,
-                )  # [B]
-                if eos_token_id is not None:
-                    next_token = next_token.masked_fill(finished, eos_token_id)
-                    finished |= next_token == eos_token_id
-                yield next_token
-                idx = torch.cat([idx, next_token[:, None]], dim=1)  # [B, T + 1]
-                if step == max_new_tokens - 1 or bool(finished.all()):
-                    break
-                if cache is not None:
-                    logits = self(next_token[:, None], cache=cache).logits[:, -1]
-                else:
-                    logits = self(idx).logits[:, -1]
-        finally:
-            self.train(was_training)
+        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+
+        def logits_fn(ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+            return self(ids, cache=cache).logits  # [B, T, V]
+
+        with evaluating(self):
+            yield from stream_tokens(
+                logits_fn,
+                idx,
+                max_new_tokens,
+                sampler(**knobs, generator=generator),
+                block_size=self.config.block_size,
+                cache=KVCache(self.config.n_layer, self.config.block_size) if use_cache else None,
+                eos_token_id=eos_token_id,
+            )
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

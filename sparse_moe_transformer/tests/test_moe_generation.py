@@ -70,9 +70,25 @@ def test_finished_rows_keep_emitting_eos(model):
     assert (row0[first:] == eos).all()
 
 
+def test_generation_up_to_block_size_with_and_without_cache_agree(model):
+    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    with_cache = model.generate(prompt, 25, temperature=0)  # 7 + 25 = block_size 32
+    assert with_cache.shape == (2, 32)
+    assert torch.equal(with_cache, model.generate(prompt, 25, temperature=0, use_cache=False))
+    assert torch.equal(with_cache, greedy_by_recomputation(model, prompt, 25))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_past_block_size_is_refused_naming_the_numbers_and_the_fix(model, use_cache):
+    for prompt_len, new_tokens in ((30, 5), (8, 25)):
+        numbers = rf"prompt length {prompt_len} \+ max_new_tokens {new_tokens} exceeds block_size 32"
+        message = numbers + ".*never trained.*shorten the prompt"
+        with pytest.raises(ValueError, match=message):
+            model.generate(torch.zeros(1, prompt_len, dtype=torch.long), new_tokens, use_cache=use_cache)
+    assert model.training  # refused before switching to eval mode
+
+
 def test_generation_errors(model):
-    with pytest.raises(ValueError, match="exceeds block_size=32"):
-        model.generate(torch.zeros(1, 30, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), -1)
     with pytest.raises(ValueError, match="eos_token_id"):
