@@ -4,23 +4,25 @@ A language model maps tokens idx [B, T] to logits [B, T, V]; the last row, logit
 every candidate for token T. Generation repeats: score, choose one token per row, append it.
 
     stream_tokens(logits_fn, idx, max_new_tokens, next_token_fn, block_size=..., cache=None)
-        prefill   logits = logits_fn(idx, cache)[:, -1]          the whole prompt, once   [B, V]
-        step      token  = next_token_fn(logits, idx)            one id per row           [B]
+        prefill   logits = logits_fn(idx[:, -block_size:], cache)[:, -1]   the prompt, once      [B, V]
+        step      token  = next_token_fn(logits, idx)                        one id per row        [B]
                   yield token; idx = idx + token
-                  logits = logits_fn(token, cache)[:, -1]        with a cache: the new token only
-                         = logits_fn(idx, None)[:, -1]           without one: the whole sequence again
+                  logits = logits_fn(token, cache)[:, -1]             with a cache: the new token only
+                         = logits_fn(idx[:, -block_size:], None)[:, -1]   without: the whole window again
 
 The loop knows nothing about a model's layers: `logits_fn(ids, cache)` runs the model, and `cache`
 is whatever object it keeps keys and values in (Phase 5's `KVCache`; with it each step feeds one
 token instead of the whole sequence, the same tokens far faster). The Phase 2 GPT generates without a
 cache, Phase 5's `generate_with_cache` and the Sparse MoE model with one: all three run this loop.
 
-The context limit. A model is trained on block_size positions; positions past that were never
-trained (a learned position table has no row for them, and RoPE angles past it were never seen), so
-generation refuses before the first step when prompt + max_new_tokens > block_size, with a
-ValueError naming both numbers and the fix (shorten the prompt, ask for fewer tokens, or train with
-a larger block_size). Sliding the window instead would shift every token's position at each step,
-producing text the model was never trained to continue.
+Past the context (block_size). A model is trained on windows of at most block_size tokens cut
+anywhere from its text, at positions 0..block_size-1. So once prompt + generated tokens exceed
+block_size, every step runs the model on the LAST block_size tokens, at positions 0..block_size-1
+again (as nanoGPT's generate does): no position is ever one the model was not trained on, and a
+window that starts mid-text is exactly what training showed it. The price: tokens that slid out are
+forgotten, and with a cache every step past block_size re-prefills the whole window (each token's
+position changed by one, so its cached keys are stale): O(block_size) work per token instead of O(1).
+The HTTP server (Phase 5's batching engine) slides the same way for every model it serves.
 
 EOS. With eos_token_id, a row that produced it keeps producing it (so the batch stays rectangular),
 and the loop stops as soon as every row has.
@@ -127,17 +129,6 @@ def sample_next_token(
 # ----------------------------------------------------------------------------- the loop
 
 
-def check_context(prompt_length: int, max_new_tokens: int, block_size: int) -> None:
-    """Refuse a generation whose prompt + new tokens would run past the trained context."""
-    if prompt_length + max_new_tokens > block_size:
-        raise ValueError(
-            f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} exceeds block_size "
-            f"{block_size}: positions past block_size were never trained; shorten the prompt to at most "
-            f"{max(block_size - max_new_tokens, 0)} tokens, ask for at most "
-            f"{max(block_size - prompt_length, 0)} new tokens, or train a model with a larger block_size."
-        )
-
-
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
     """Eval mode (no dropout) inside the block; the previous train/eval mode restored after it."""
@@ -162,20 +153,21 @@ def stream_tokens(
 ) -> Iterator[torch.Tensor]:
     """Yield up to max_new_tokens next tokens, each a LongTensor [B] (see the module docstring).
 
-    logits_fn(ids [B, T], cache) -> logits [B, T, V]: the model; with a cache it is given only the
-    tokens the cache has not seen (the prompt first, then one token per step) and must append them.
+    logits_fn(ids [B, T], cache) -> logits [B, T, V]: the model, never given more than block_size
+    tokens. With a cache it is given only the tokens the cache has not seen (a window first, then
+    one token per step) and must append them; `cache.reset()` empties it when the window slides.
     next_token_fn(logits [B, V], idx [B, T]) -> [B]: the sampler (idx: every token so far).
-    Raises ValueError before any work when idx.shape[1] + max_new_tokens > block_size.
     The caller puts the model in eval mode (`evaluating`).
     """
     check_int("max_new_tokens", max_new_tokens, minimum=0)
+    check_int("block_size", block_size, minimum=1)
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError("idx must be a LongTensor [B, T] with at least one token per row.")
-    check_context(idx.shape[1], max_new_tokens, block_size)
     if max_new_tokens == 0:
         return
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # [B] rows past EOS
-    logits = logits_fn(idx, cache)[:, -1]  # prefill -> [B, V]
+    logits = logits_fn(idx[:, -block_size:], cache)[:, -1]  # prefill the last window -> [B, V]
+    cached = min(idx.shape[1], block_size)  # tokens the cache holds (when there is one)
     for step in range(max_new_tokens):
         next_token = next_token_fn(logits, idx)  # [B]
         if eos_token_id is not None:
@@ -185,5 +177,10 @@ def stream_tokens(
         idx = torch.cat([idx, next_token[:, None]], dim=1)  # [B, T + 1]
         if step == max_new_tokens - 1 or bool(finished.all()):
             return
-        new_ids = idx if cache is None else next_token[:, None]  # the cache already holds the rest
-        logits = logits_fn(new_ids, cache)[:, -1]  # [B, V]
+        if cache is not None and cached < block_size:  # the usual cached step: the new token only
+            logits = logits_fn(next_token[:, None], cache)[:, -1]  # [B, V]
+            cached += 1
+            continue
+        if cache is not None:  # the window slides: every token moves one position, so re-prefill
+            cache.reset()
+        logits = logits_fn(idx[:, -block_size:], cache)[:, -1]  # [B, V]

@@ -233,11 +233,11 @@ class GPT(nn.Module):
         The loop is `generation.stream_tokens`, run here without a cache: every step re-runs the whole
         sequence (Phase 5's `generate_with_cache` runs the same loop with a KV cache).
         temperature = 0 picks the most likely token (greedy); top_k keeps only the k most likely.
-        T + max_new_tokens must fit in block_size (ValueError otherwise: positions past it were never
-        trained). With eos_token_id, n < max_new_tokens when every row has produced it.
+        Past block_size the model sees the last block_size tokens (the window slides; see
+        generation.py for why). With eos_token_id, n < max_new_tokens once every row has produced it.
         Dropout is switched off while generating and the previous train/eval mode restored after.
         """
-        self._check_idx(idx, check_length=False)  # stream_tokens names the context limit and the fix
+        self._check_idx(idx, check_length=False)  # longer prompts: the loop keeps the last window
         if eos_token_id is not None:
             check_int("eos_token_id", eos_token_id, minimum=0, maximum=self.config.vocab_size - 1)
 

@@ -205,8 +205,8 @@ def batched_cached_decode(model: GPT, tokens: list[int], caches: list[KVCache]) 
 class KVCachedGPTStep:
     """Next-token logits for a batch of requests to a Phase 2 GPT, with one KVCache per request.
 
-    A request without a cache (new), or whose cache fills the context (the window slides: the
-    server answers past block_size), is prefilled alone from its last block_size tokens; all the others decode
+    A request without a cache (new), or whose cache fills the context (the window slides, as in
+    stream_with_cache), is prefilled alone from its last block_size tokens; all the others decode
     their newest token together in one `batched_cached_decode`.
     """
 

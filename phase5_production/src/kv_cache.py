@@ -32,9 +32,12 @@ Generation is Phase 2's loop (`phase2_architecture/src/generation.py`, `stream_t
 `GPT.generate` runs without a cache; here it gets this cache and `forward_with_cache`, so it feeds
 the prompt once and then one token per step. Same tokens as `GPT.generate`, far fewer operations.
 
-The context limit: the model was trained on positions 0..block_size-1, so the cache holds at most
-block_size tokens; `forward_with_cache` raises a ValueError past it, and the generation loop refuses
-before the first step when prompt + max_new_tokens > block_size (as `GPT.generate` does).
+The context limit: positions are learned for 0..block_size-1, so the cache holds at most
+block_size tokens; `forward_with_cache` raises a ValueError past it. The generation loop then slides
+the window like the uncached `GPT.generate` does (keep the last block_size tokens), and because every
+token's position changes when the window slides, it empties the cache and prefills the window again.
+The output stays identical to uncached generation; beyond block_size each new token costs one
+full-window forward.
 
     tokens = generate_with_cache(model, idx, max_new_tokens=100, temperature=0.8, top_k=20)
     for token in stream_with_cache(model, idx, 100): ...        # one [B] tensor per step
@@ -145,7 +148,7 @@ def forward_with_cache(model: GPT, idx_new: torch.Tensor, cache: KVCache) -> tor
     if offset + t_new > model.config.block_size:
         raise ValueError(
             f"the cache holds {offset} tokens and {t_new} more would exceed block_size "
-            f"{model.config.block_size}, the longest context the model was trained on; feed fewer tokens."
+            f"{model.config.block_size}; crop the context and rebuild the cache (the generation loop does)."
         )
     if cache.keys[0] is not None and cache.keys[0].shape[0] != idx_new.shape[0]:
         raise ValueError(
@@ -174,11 +177,11 @@ def stream_with_cache(
     The loop is Phase 2's `stream_tokens` (the one GPT.generate runs without a cache): the prompt is
     prefilled into a fresh KVCache and every step feeds one token. Sampling is `sample_next_token`
     with the keyword arguments temperature, top_k, top_p, repetition_penalty, generator (the penalty
-    sees the prompt and everything generated so far). prompt + max_new_tokens must fit in
-    block_size (ValueError before any work). The model is in eval mode while the generator runs and
-    its previous mode is restored when it finishes (or is closed).
+    sees the prompt and everything generated so far). Past block_size the window slides, as in
+    GPT.generate. The model is in eval mode while the generator runs and its previous mode is
+    restored when it finishes (or is closed).
     """
-    model._check_idx(idx, check_length=False)  # the loop names the context limit and the fix
+    model._check_idx(idx, check_length=False)  # longer prompts: the loop keeps the last window
 
     def logits_fn(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return forward_with_cache(model, ids, cache)  # [B, T_new, V]

@@ -93,9 +93,9 @@ def test_crop_rolls_the_cache_back():
 
 
 @pytest.mark.parametrize("overrides", CONFIGS)
-@pytest.mark.parametrize("prompt_len,new_tokens", [(1, 10), (4, 12), (6, 10)])
+@pytest.mark.parametrize("prompt_len,new_tokens", [(1, 10), (4, 12), (6, 30)])
 def test_greedy_generation_matches_uncached(overrides, prompt_len, new_tokens):
-    """(4, 12) and (6, 10) end exactly at block_size 16, the last position the model was trained on."""
+    """(4, 12) ends exactly at block_size 16; (6, 30) runs past it: the window slides as in GPT.generate."""
     model = _gpt(**overrides)
     idx = _tokens(2, prompt_len, seed=prompt_len)
     expected = model.generate(idx, new_tokens, temperature=0)
@@ -104,15 +104,12 @@ def test_greedy_generation_matches_uncached(overrides, prompt_len, new_tokens):
     assert torch.equal(got, expected)
 
 
-def test_generation_past_block_size_is_refused_like_uncached_generate():
+def test_long_prompt_is_cropped_like_uncached_generate():
     model = _gpt()
-    for prompt_len, new_tokens in ((6, 11), (40, 5)):  # block_size 16
-        idx = _tokens(1, prompt_len)
-        message = rf"prompt length {prompt_len} \+ max_new_tokens {new_tokens} exceeds block_size 16"
-        with pytest.raises(ValueError, match=message):
-            generate_with_cache(model, idx, new_tokens, temperature=0)
-        with pytest.raises(ValueError, match=message):
-            model.generate(idx, new_tokens, temperature=0)
+    idx = _tokens(1, 40)  # longer than block_size 16
+    assert torch.equal(
+        generate_with_cache(model, idx, 5, temperature=0), model.generate(idx, 5, temperature=0)
+    )
 
 
 def test_eos_stops_cached_generation_as_it_stops_uncached_generation():
@@ -129,7 +126,7 @@ def test_eos_stops_cached_generation_as_it_stops_uncached_generation():
     assert alone.shape == (1, 3 + first + 1)  # one row: generation stops right after its EOS
 
 
-def test_a_cached_step_feeds_one_token_and_the_cache_grows_by_one():
+def test_a_cached_step_feeds_one_token_until_the_window_is_full_then_re_prefills_it():
     model = _gpt()
     fed = []
 
@@ -137,11 +134,11 @@ def test_a_cached_step_feeds_one_token_and_the_cache_grows_by_one():
         fed.append((ids.shape[1], cache.length))
         return forward_with_cache(model, ids, cache)
 
-    steps = stream_tokens(
-        logits_fn, _tokens(2, 5), 6, lambda z, _: z.argmax(-1), block_size=16, cache=KVCache.for_model(model)
-    )
-    assert len(list(steps)) == 6
-    assert fed == [(5, 0)] + [(1, 5 + i) for i in range(5)]  # prefill, then one new token per step
+    cache = KVCache.for_model(model)
+    steps = stream_tokens(logits_fn, _tokens(2, 12), 8, lambda z, _: z.argmax(-1), block_size=16, cache=cache)
+    assert len(list(steps)) == 8
+    # prefill 12, one token per step up to 16 cached, then the window (16 tokens) into an emptied cache
+    assert fed == [(12, 0), (1, 12), (1, 13), (1, 14), (1, 15), (16, 0), (16, 0), (16, 0)]
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():

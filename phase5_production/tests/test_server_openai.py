@@ -67,12 +67,12 @@ def _greedy(model, tokenizer, prompt: str, n: int) -> str:
 
 def test_openai_client_completion_equals_greedy_generation(served):
     server, model, tokenizer = served
-    result = _client(server).completions.create(model=NAME, prompt="the cat", max_tokens=25, temperature=0)
+    result = _client(server).completions.create(model=NAME, prompt="the cat", max_tokens=40, temperature=0)
     choice = result.choices[0]
-    assert choice.text == _greedy(model, tokenizer, "the cat", 25)  # 7 + 25 = block_size 32
+    assert choice.text == _greedy(model, tokenizer, "the cat", 40)  # 7 + 40 > block_size: sliding window
     assert choice.finish_reason == "length" and result.object == "text_completion" and result.model == NAME
     usage = result.usage
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (7, 25, 32)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (7, 40, 47)
 
 
 def test_the_neutral_values_clients_send_by_default_are_accepted(served):
@@ -98,11 +98,11 @@ def test_openai_client_stream_joins_to_the_same_text(served):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stop_sequence_ends_the_text_before_it(served, stream):
     server, model, tokenizer = served
-    full = _greedy(model, tokenizer, "the", 29)
+    full = _greedy(model, tokenizer, "the", 30)
     stop = full[10:12]
     expected = full[: full.find(stop)]
     result = _client(server).completions.create(
-        model=NAME, prompt="the", max_tokens=29, temperature=0, stop=[stop, "zzzz"], stream=stream
+        model=NAME, prompt="the", max_tokens=30, temperature=0, stop=[stop, "zzzz"], stream=stream
     )
     if stream:
         chunks = list(result)

@@ -645,10 +645,14 @@ class SparseMoETransformer(nn.Module):
         (temperature 0 = greedy; the repetition penalty sees the prompt and the tokens generated so
         far). Rows that produced eos_token_id keep producing it; generation stops once every row has.
         With use_cache the prompt is prefilled once into Phase 5's KVCache and each step feeds one
-        token; without it every step recomputes the whole prefix (same tokens, slower).
-        prompt + max_new_tokens must fit in block_size: a ValueError before any work otherwise.
+        token; without it every step recomputes the whole prefix (same tokens, slower). Past
+        block_size the model sees the last block_size tokens (the window slides, as in the course
+        GPT; phase2_architecture/src/generation.py says why).
         """
-        self._check_idx(idx)
+        if not torch.is_tensor(idx) or idx.dim() != 2:
+            self._check_idx(idx)  # raises: idx must be a LongTensor [B, T]
+        for window in idx.split(self.config.block_size, dim=1):  # a longer prompt: every id checked
+            self._check_idx(window)
         if eos_token_id is not None and not 0 <= eos_token_id < self.config.vocab_size:
             raise ValueError(f"eos_token_id must be in [0, {self.config.vocab_size}), got {eos_token_id!r}.")
         generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)

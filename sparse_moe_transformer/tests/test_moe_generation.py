@@ -16,7 +16,7 @@ def greedy_by_recomputation(model, ids, n):
     model.eval()
     with torch.no_grad():
         for _ in range(n):
-            next_id = model(ids).logits[:, -1].argmax(-1)
+            next_id = model(ids[:, -model.config.block_size :]).logits[:, -1].argmax(-1)  # the last window
             ids = torch.cat([ids, next_id[:, None]], 1)
     model.train()
     return ids
@@ -70,22 +70,16 @@ def test_finished_rows_keep_emitting_eos(model):
     assert (row0[first:] == eos).all()
 
 
-def test_generation_up_to_block_size_with_and_without_cache_agree(model):
-    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
-    with_cache = model.generate(prompt, 25, temperature=0)  # 7 + 25 = block_size 32
-    assert with_cache.shape == (2, 32)
-    assert torch.equal(with_cache, model.generate(prompt, 25, temperature=0, use_cache=False))
-    assert torch.equal(with_cache, greedy_by_recomputation(model, prompt, 25))
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_generation_past_block_size_is_refused_naming_the_numbers_and_the_fix(model, use_cache):
-    for prompt_len, new_tokens in ((30, 5), (8, 25)):
-        numbers = rf"prompt length {prompt_len} \+ max_new_tokens {new_tokens} exceeds block_size 32"
-        message = numbers + ".*never trained.*shorten the prompt"
-        with pytest.raises(ValueError, match=message):
-            model.generate(torch.zeros(1, prompt_len, dtype=torch.long), new_tokens, use_cache=use_cache)
-    assert model.training  # refused before switching to eval mode
+def test_generation_past_block_size_slides_the_window_with_and_without_cache(model):
+    prompt = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    with_cache = model.generate(prompt, 12, temperature=0)  # 30 + 12 > block_size 32
+    assert with_cache.shape == (2, 42)
+    assert torch.equal(with_cache, model.generate(prompt, 12, temperature=0, use_cache=False))
+    assert torch.equal(with_cache, greedy_by_recomputation(model, prompt, 12))  # the last 32 tokens
+    long_prompt = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(
+        model.generate(long_prompt, 3, temperature=0), greedy_by_recomputation(model, long_prompt, 3)
+    )
 
 
 def test_generation_errors(model):
@@ -95,6 +89,8 @@ def test_generation_errors(model):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, eos_token_id=97)
     with pytest.raises(ValueError, match="token ids"):
         model.generate(torch.tensor([[100]]), 2)
+    with pytest.raises(ValueError, match="token ids"):  # outside the last window, but still checked
+        model.generate(torch.tensor([[100] + [1] * 40]), 2)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, top_p=0)
     assert torch.equal(model.generate(torch.tensor([[3]]), 0), torch.tensor([[3]]))
