@@ -86,7 +86,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     than k to choose from).
     """
     check_logits(logits)
-    check_int("top_k", k, minimum=1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"top_k must be a positive integer (or None to disable it), got {k!r}.")
     if k >= logits.shape[-1]:
         return logits.clone()
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # [..., 1]
