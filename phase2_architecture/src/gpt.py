@@ -29,6 +29,7 @@ from torch import nn
 
 from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.feed_forward import swiglu_hidden_size
+from phase2_architecture.src.generation import evaluating, sample_next_token, stream_tokens
 from phase2_architecture.src.norms import make_norm
 from phase2_architecture.src.positional_encoding import LearnedPositionalEmbedding
 from phase2_architecture.src.transformer_blocks import TransformerBlock
@@ -218,7 +219,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -226,46 +226,38 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        eos_token_id: int | None = None,
     ) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to idx [B, T]; returns [B, T + max_new_tokens].
+        """Append up to `max_new_tokens` sampled tokens to idx [B, T]; returns [B, T + n].
 
-        The whole (cropped) context is re-run for every new token (no KV cache; Phase 5 adds one).
+        The loop is `generation.stream_tokens`, run here without a cache: every step re-runs the whole
+        sequence (Phase 5's `generate_with_cache` runs the same loop with a KV cache).
         temperature = 0 picks the most likely token (greedy); top_k keeps only the k most likely.
+        Past block_size the model sees the last block_size tokens (the window slides; see
+        generation.py for why). With eos_token_id, n < max_new_tokens once every row has produced it.
         Dropout is switched off while generating and the previous train/eval mode restored after.
         """
-        check_int("max_new_tokens", max_new_tokens, minimum=0)
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-        if top_k is not None:
-            check_int("top_k (or None)", top_k, minimum=1)
-        self._check_idx(idx, check_length=False)  # longer prompts are cropped below
-        was_training = self.training
-        self.eval()
-        try:
-            for _ in range(max_new_tokens):
-                context = idx[:, -self.config.block_size :]  # [B, <=block_size]
-                logits, _ = self(context)
-                logits = logits[:, -1, :]  # [B, V] prediction for the next token
-                idx_next = self._sample(logits, temperature, top_k, generator)  # [B, 1]
-                idx = torch.cat([idx, idx_next], dim=1)
-        finally:
-            self.train(was_training)
-        return idx
+        self._check_idx(idx, check_length=False)  # longer prompts: the loop keeps the last window
+        if eos_token_id is not None:
+            check_int("eos_token_id", eos_token_id, minimum=0, maximum=self.config.vocab_size - 1)
 
-    @staticmethod
-    def _sample(
-        logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """logits [B, V] -> next token ids [B, 1]."""
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
-        if top_k is not None:
-            k = min(top_k, logits.shape[-1])
-            kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]  # [B, 1]
-            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-        probs = F.softmax(logits, dim=-1)  # [B, V]
-        return torch.multinomial(probs, num_samples=1, generator=generator)
+        def next_token(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+            return sample_next_token(logits, temperature=temperature, top_k=top_k, generator=generator)
+
+        def logits_fn(ids: torch.Tensor, cache: None) -> torch.Tensor:
+            return self(ids)[0]  # [B, T, V]
+
+        with evaluating(self):
+            stream = stream_tokens(
+                logits_fn,
+                idx,
+                max_new_tokens,
+                next_token,
+                block_size=self.config.block_size,
+                eos_token_id=eos_token_id,
+            )
+            new_tokens = [token[:, None] for token in stream]  # each [B, 1]
+        return torch.cat([idx, *new_tokens], dim=1)
 
 
 def gpt_parameter_count(config: GPTConfig) -> int:

@@ -123,20 +123,41 @@ def test_dropout_only_in_training_mode():
     assert torch.equal(model(idx)[0], model(idx)[0])
 
 
-def test_generate_greedy_matches_repeated_argmax_and_crops_context():
+def test_generate_greedy_matches_repeated_argmax_over_the_last_block_size_tokens():
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=8)).train()
-    prompt = torch.randint(0, 37, (2, 10))  # longer than block_size: generate crops the context
+    prompt = torch.randint(0, 37, (2, 10))  # longer than block_size: the window slides from the start
     out = model.generate(prompt, 5, temperature=0.0)
     assert out.shape == (2, 15) and torch.equal(out[:, :10], prompt)
     assert model.training  # mode restored
     model.eval()
     seq = prompt
     for _ in range(5):
-        logits, _ = model(seq[:, -8:])
+        logits, _ = model(seq[:, -8:])  # positions 0..7, the ones the model was trained on
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
     assert torch.equal(model.generate(prompt, 5, top_k=1), seq)  # top-1 sampling is greedy
+
+
+def test_generate_stops_at_eos_and_finished_rows_repeat_it():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    prompt = torch.randint(0, 37, (2, 2), generator=torch.Generator().manual_seed(4))
+    greedy = model.generate(prompt, 10, temperature=0)
+    eos = int(greedy[0, 5])  # row 0 produces it at step 4 at the latest
+    out = model.generate(prompt, 10, temperature=0, eos_token_id=eos)
+    # the step at which each row first produced EOS (9 = the last step, for a row that never did)
+    steps = [int(f[0]) if len(f) else 9 for f in ((row[2:] == eos).nonzero() for row in greedy)]
+    assert steps[0] <= 3
+    assert out.shape == (2, 2 + max(steps) + 1)  # stopped once every row had produced EOS
+    for row, step in enumerate(steps):
+        end = 2 + step + 1
+        assert torch.equal(out[row, :end], greedy[row, :end])  # identical until its EOS
+        assert (out[row, end:] == eos).all()  # then EOS only
+    alone = model.generate(prompt[:1], 10, temperature=0, eos_token_id=eos)
+    assert torch.equal(alone, greedy[:1, : 2 + steps[0] + 1])  # one row: stops right after its EOS
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(prompt, 2, eos_token_id=37)
 
 
 def test_generate_sampling_is_reproducible_with_generator_and_respects_top_k():

@@ -28,12 +28,16 @@ Every block is run with its own modules (ln1, attn.q_proj/k_proj/v_proj, split_h
 merge_heads, out_proj, ln2, ffn) and Phase 1's `scaled_dot_product_attention`, so the logits
 equal the full forward's logits (tested to ~1e-5).
 
+Generation is Phase 2's loop (`phase2_architecture/src/generation.py`, `stream_tokens`), the one
+`GPT.generate` runs without a cache; here it gets this cache and `forward_with_cache`, so it feeds
+the prompt once and then one token per step. Same tokens as `GPT.generate`, far fewer operations.
+
 The context limit: positions are learned for 0..block_size-1, so the cache holds at most
-block_size tokens; `forward_with_cache` raises a ValueError past it. `generate_with_cache` then
-slides the window like the uncached `GPT.generate` does (keep the last block_size tokens), and
-because every token's position changes when the window slides, it rebuilds the cache from the
-cropped context with one prefill. The output stays identical to uncached generation; beyond
-block_size each new token costs one full-window forward.
+block_size tokens; `forward_with_cache` raises a ValueError past it. The generation loop then slides
+the window like the uncached `GPT.generate` does (keep the last block_size tokens), and because every
+token's position changes when the window slides, it empties the cache and prefills the window again.
+The output stays identical to uncached generation; beyond block_size each new token costs one
+full-window forward.
 
     tokens = generate_with_cache(model, idx, max_new_tokens=100, temperature=0.8, top_k=20)
     for token in stream_with_cache(model, idx, 100): ...        # one [B] tensor per step
@@ -49,10 +53,10 @@ import torch
 from torch import nn
 
 from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
-from phase1_foundation.src.validation import check_int
+from phase2_architecture.src.generation import evaluating, stream_tokens
 from phase2_architecture.src.gpt import GPT
 from phase2_architecture.src.rotary_attention import RotaryMultiHeadAttention
-from phase5_production.src.sampling import sample_next_token
+from phase5_production.src.sampling import sampler
 
 
 class KVCache:
@@ -144,7 +148,7 @@ def forward_with_cache(model: GPT, idx_new: torch.Tensor, cache: KVCache) -> tor
     if offset + t_new > model.config.block_size:
         raise ValueError(
             f"the cache holds {offset} tokens and {t_new} more would exceed block_size "
-            f"{model.config.block_size}; crop the context and rebuild the cache (generate_with_cache does)."
+            f"{model.config.block_size}; crop the context and rebuild the cache (the generation loop does)."
         )
     if cache.keys[0] is not None and cache.keys[0].shape[0] != idx_new.shape[0]:
         raise ValueError(
@@ -160,63 +164,44 @@ def forward_with_cache(model: GPT, idx_new: torch.Tensor, cache: KVCache) -> tor
     return model.lm_head(model.ln_f(x))  # [B, T_new, V]
 
 
-def _check_generation_args(max_new_tokens) -> None:
-    check_int("max_new_tokens", max_new_tokens, minimum=0)
-
-
-@torch.no_grad()
 def stream_with_cache(
     model: GPT,
     idx: torch.Tensor,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+    **sampling,
 ) -> Iterator[torch.Tensor]:
-    """Yield max_new_tokens next tokens, each a LongTensor [B], using a KV cache.
+    """Yield up to max_new_tokens next tokens, each a LongTensor [B], using a KV cache.
 
-    Sampling is Phase 5's `sample_next_token` (temperature 0 = greedy); the repetition penalty
-    sees the prompt and everything generated so far. The model is put in eval mode while the
-    generator runs and its previous mode restored when it finishes (or is closed).
+    The loop is Phase 2's `stream_tokens` (the one GPT.generate runs without a cache): the prompt is
+    prefilled into a fresh KVCache and every step feeds one token. Sampling is `sample_next_token`
+    with the keyword arguments temperature, top_k, top_p, repetition_penalty, generator (the penalty
+    sees the prompt and everything generated so far). Past block_size the window slides, as in
+    GPT.generate. The model is in eval mode while the generator runs and its previous mode is
+    restored when it finishes (or is closed).
     """
-    _check_generation_args(max_new_tokens)
-    model._check_idx(idx, check_length=False)
-    block_size = model.config.block_size
-    was_training = model.training
-    model.eval()
-    try:
-        cache = KVCache.for_model(model)
-        logits = forward_with_cache(model, idx[:, -block_size:], cache)[:, -1, :]  # prefill -> [B, V]
-        for step in range(max_new_tokens):
-            next_token = sample_next_token(
-                logits,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
-                previous_ids=idx,
-                generator=generator,
-            )  # [B]
-            yield next_token
-            idx = torch.cat([idx, next_token[:, None]], dim=1)  # [B, T + 1]
-            if step == max_new_tokens - 1:
-                break
-            if cache.length == block_size:  # window full: slide it and rebuild the cache
-                cache.reset()
-                logits = forward_with_cache(model, idx[:, -block_size:], cache)[:, -1, :]
-            else:  # the usual step: one new token
-                logits = forward_with_cache(model, next_token[:, None], cache)[:, -1, :]
-    finally:
-        model.train(was_training)
+    model._check_idx(idx, check_length=False)  # longer prompts: the loop keeps the last window
+
+    def logits_fn(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return forward_with_cache(model, ids, cache)  # [B, T_new, V]
+
+    with evaluating(model):
+        yield from stream_tokens(
+            logits_fn,
+            idx,
+            max_new_tokens,
+            sampler(**sampling),
+            block_size=model.config.block_size,
+            cache=KVCache.for_model(model),
+            eos_token_id=eos_token_id,
+        )
 
 
-def generate_with_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-    """idx [B, T] -> [B, T + max_new_tokens]; the same contract as GPT.generate, with a KV cache.
+def generate_with_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """idx [B, T] -> [B, T + n], n <= max_new_tokens; the contract of GPT.generate, with a KV cache.
 
-    Keyword arguments: temperature, top_k, top_p, repetition_penalty, generator.
+    Keyword arguments: temperature, top_k, top_p, repetition_penalty, generator, eos_token_id.
     """
-    new_tokens = [token[:, None] for token in stream_with_cache(model, idx, max_new_tokens, **sampling)]
+    new_tokens = [token[:, None] for token in stream_with_cache(model, idx, max_new_tokens, **kwargs)]
     return torch.cat([idx, *new_tokens], dim=1)

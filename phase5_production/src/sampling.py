@@ -16,14 +16,21 @@ Filters work on the last dimension of a tensor of any shape [..., V] and return 
 
 `sample_next_token` chains them in the usual order (penalty, temperature, top-k, top-p) and draws
 one token per row; temperature 0 means greedy decoding (argmax, no randomness). With a seeded
-`torch.Generator` the draw is reproducible.
+`torch.Generator` the draw is reproducible. Temperature, top-k and the draw are Phase 2's sampler
+(`phase2_architecture/src/generation.py`, the one the GPT's `generate` uses); this module adds the
+repetition penalty before it and top-p after top-k. `sampler(**knobs)` turns the knobs into the
+next-token function of Phase 2's generation loop.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import torch
+
+from phase1_foundation.src.validation import check_number
+from phase2_architecture.src.generation import apply_temperature, check_logits, top_k_filter
+from phase2_architecture.src.generation import sample_next_token as sample_with_filters
 
 __all__ = [
     "apply_temperature",
@@ -31,56 +38,8 @@ __all__ = [
     "top_p_filter",
     "apply_repetition_penalty",
     "sample_next_token",
+    "sampler",
 ]
-
-
-def _check_logits(logits: torch.Tensor) -> None:
-    if not isinstance(logits, torch.Tensor) or not torch.is_floating_point(logits):
-        raise TypeError(
-            f"logits must be a floating-point torch.Tensor [..., V], got {type(logits).__name__}."
-        )
-    if logits.dim() == 0 or logits.shape[-1] == 0:
-        raise ValueError(
-            f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}."
-        )
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits [..., V] -> logits / temperature.
-
-    softmax(z / T): T = 1 leaves the distribution unchanged, T < 1 sharpens it, T > 1 flattens it.
-    T = 0 is the limit "always the argmax"; it cannot be written as a division, so greedy decoding
-    is handled by `sample_next_token(..., temperature=0)`.
-    """
-    _check_logits(logits)
-    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
-    if temperature == 0:
-        raise ValueError(
-            "temperature 0 means greedy decoding and cannot be applied as a division; "
-            "use sample_next_token(..., temperature=0) or logits.argmax(-1)."
-        )
-    return logits / temperature
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of every row [..., V]; set the others to -inf.
-
-    Tokens tied with the k-th largest logit are all kept (as in nanoGPT), so a row may keep more
-    than k entries only when there are exact ties. k >= V keeps every token (there are not more
-    than k to choose from).
-    """
-    _check_logits(logits)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"top_k must be a positive integer (or None to disable it), got {k!r}.")
-    if k >= logits.shape[-1]:
-        return logits.clone()
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # [..., 1]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -90,9 +49,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     of the tokens before it, q_1 + ... + q_{i-1}, is still below p. The most likely token is
     always kept (its mass-before is 0), so the result is never empty; p = 1 keeps every token.
     """
-    _check_logits(logits)
-    if not _is_number(p) or not (0 < p <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1] (or None to disable it), got {p!r}.")
+    check_logits(logits)
+    check_number("top_p", p, above=0, high=1)
     if p == 1:
         return logits.clone()
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # [..., V]
@@ -115,9 +73,8 @@ def apply_repetition_penalty(
     With penalty > 1 both cases lower the logit; penalty = 1 changes nothing; a token seen several
     times is penalised once.
     """
-    _check_logits(logits)
-    if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {penalty!r}.")
+    check_logits(logits)
+    check_number("repetition_penalty (1.0 = off)", penalty, above=0)
     if logits.dim() != 2:
         raise ValueError(
             f"logits must be [B, V] for the repetition penalty, got shape {tuple(logits.shape)}."
@@ -157,34 +114,24 @@ def sample_next_token(
     multinomial draw per row (using `generator`, so a seeded generator reproduces the draw).
     temperature == 0 is greedy: the argmax of the penalised logits, with no randomness.
     """
-    _check_logits(logits)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [B, V] (one row per sequence), got shape {tuple(logits.shape)}.")
-    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer (or None to disable it), got {top_k!r}.")
-    if top_p is not None and (not _is_number(top_p) or not (0 < top_p <= 1)):
-        raise ValueError(f"top_p must be a number in (0, 1] (or None to disable it), got {top_p!r}.")
-
+    if top_p is not None:
+        check_number("top_p (or None)", top_p, above=0, high=1)
+    check_number("repetition_penalty (1.0 = off)", repetition_penalty, above=0)
     if repetition_penalty != 1.0:
         if previous_ids is None:
             raise ValueError("repetition_penalty != 1 needs previous_ids (the token ids seen so far).")
         logits = apply_repetition_penalty(logits, previous_ids, repetition_penalty)
-    elif not _is_number(repetition_penalty):
-        raise ValueError(
-            f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}."
-        )
+    nucleus = () if top_p is None else (lambda z: top_p_filter(z, top_p),)
+    return sample_with_filters(
+        logits, temperature=temperature, top_k=top_k, filters=nucleus, generator=generator
+    )  # [B]
 
-    if temperature == 0:
-        return logits.argmax(dim=-1)  # [B] greedy
 
-    # Subtract each row's max first (softmax does not change): the best logit becomes 0 and the others
-    # negative, so even a tiny temperature (1e-40) divides into -inf at worst, never inf - inf = NaN.
-    logits = apply_temperature(logits.float() - logits.float().amax(dim=-1, keepdim=True), temperature)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits.float(), dim=-1)  # [B, V]
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # [B]
+def sampler(**knobs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The next_token_fn of Phase 2's `stream_tokens`: (logits [B, V], idx [B, T]) -> [B] by
+    `sample_next_token(logits, **knobs)`, the repetition penalty seeing idx (every token so far)."""
+
+    def next_token(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return sample_next_token(logits, previous_ids=idx, **knobs)
+
+    return next_token

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from phase1_foundation.src.attention_mechanism import causal_mask
+from phase2_architecture.src.generation import stream_tokens
 from phase2_architecture.src.gpt import GPT, GPTConfig
 from phase5_production.src.kv_cache import (
     KVCache,
@@ -94,7 +95,7 @@ def test_crop_rolls_the_cache_back():
 @pytest.mark.parametrize("overrides", CONFIGS)
 @pytest.mark.parametrize("prompt_len,new_tokens", [(1, 10), (4, 12), (6, 30)])
 def test_greedy_generation_matches_uncached(overrides, prompt_len, new_tokens):
-    """(6, 30) runs past block_size 16: the cache slides like GPT.generate's cropping."""
+    """(4, 12) ends exactly at block_size 16; (6, 30) runs past it: the window slides as in GPT.generate."""
     model = _gpt(**overrides)
     idx = _tokens(2, prompt_len, seed=prompt_len)
     expected = model.generate(idx, new_tokens, temperature=0)
@@ -109,6 +110,35 @@ def test_long_prompt_is_cropped_like_uncached_generate():
     assert torch.equal(
         generate_with_cache(model, idx, 5, temperature=0), model.generate(idx, 5, temperature=0)
     )
+
+
+def test_eos_stops_cached_generation_as_it_stops_uncached_generation():
+    model = _gpt()
+    idx = _tokens(2, 3, seed=2)
+    greedy = generate_with_cache(model, idx, 12, temperature=0)
+    eos = int(greedy[0, 6])  # row 0 reaches it by its 4th new token
+    cached = generate_with_cache(model, idx, 12, temperature=0, eos_token_id=eos)
+    assert torch.equal(cached, model.generate(idx, 12, temperature=0, eos_token_id=eos))
+    first = int((cached[0, 3:] == eos).nonzero()[0])
+    assert torch.equal(cached[0, : 3 + first + 1], greedy[0, : 3 + first + 1])
+    assert (cached[0, 3 + first :] == eos).all()  # a finished row repeats EOS while others go on
+    alone = generate_with_cache(model, idx[:1], 12, temperature=0, eos_token_id=eos)
+    assert alone.shape == (1, 3 + first + 1)  # one row: generation stops right after its EOS
+
+
+def test_a_cached_step_feeds_one_token_until_the_window_is_full_then_re_prefills_it():
+    model = _gpt()
+    fed = []
+
+    def logits_fn(ids, cache):
+        fed.append((ids.shape[1], cache.length))
+        return forward_with_cache(model, ids, cache)
+
+    cache = KVCache.for_model(model)
+    steps = stream_tokens(logits_fn, _tokens(2, 12), 8, lambda z, _: z.argmax(-1), block_size=16, cache=cache)
+    assert len(list(steps)) == 8
+    # prefill 12, one token per step up to 16 cached, then the window (16 tokens) into an emptied cache
+    assert fed == [(12, 0), (1, 12), (1, 13), (1, 14), (1, 15), (16, 0), (16, 0), (16, 0)]
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():

@@ -36,13 +36,12 @@ from sparse_moe_transformer.src.param_counts import (
 )
 from sparse_moe_transformer.src.rank_checks import RanksStopped
 from sparse_moe_transformer.src.run_config import DEFAULT_PRESET, build_state, merge_settings, resolve_run
-from sparse_moe_transformer.src.runtime import setup_runtime
+from sparse_moe_transformer.src.runtime import TrainingDiverged, setup_runtime
 from sparse_moe_transformer.src.serving import load_trained_model
 from sparse_moe_transformer.src.token_cache import prepare_data
 from sparse_moe_transformer.src.train import (
     PRESETS,
     Config,
-    TrainingDiverged,
     evaluate,
     preset_config,
     prompt_ids,
@@ -147,12 +146,7 @@ def generate_main(args) -> list[str]:
     """Stream samples from a checkpoint to the terminal."""
     rt = setup_runtime(args.device, "fp32")
     model, tokenizer, _ = load_trained_model(_checkpoint_arg(args), rt.device)
-    ids = prompt_ids(tokenizer, args.prompt)
-    if len(ids) + args.max_new_tokens > model.config.block_size:
-        raise ValueError(
-            f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
-            f"block_size {model.config.block_size}: shorten the prompt or lower --max-new-tokens"
-        )
+    ids = prompt_ids(tokenizer, args.prompt)  # past block_size the generation window slides
     texts = []
     for i in range(args.num_samples):
         if args.num_samples > 1:

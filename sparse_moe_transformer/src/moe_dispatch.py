@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from phase2_architecture.src.mixture_of_experts import route_with_bias
 
@@ -289,3 +290,21 @@ def expert_ffn(
             top_k,
             activation,
         )
+
+
+# the activation of a dense (shared) expert, as autograd ops; routed experts use moe_dispatch's fused kernels
+DENSE_ACTIVATIONS = {"gelu": F.gelu, "relu2": lambda h: F.relu(h).square()}
+
+
+class SharedExperts(nn.Module):
+    """Dense experts that every token passes through (DeepSeekMoE's shared experts): S experts of hidden F
+    as one FFN of hidden S F, with the routed experts' formula act(x W1 + b1) W2 + b2."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden)
+        self.w2 = nn.Linear(hidden, d_model)
+        self.activation = DENSE_ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.activation(self.w1(x)))  # [N, C] -> [N, C]

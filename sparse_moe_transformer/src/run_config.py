@@ -7,19 +7,21 @@ the settings of a run, and where everything that can fail before the first step 
                          with_vocab_of gives it the tokenizer's vocabulary size
     read_resume_checkpoint, check_resume_flags, check_schedule_on_resume
                          what a resumed run may change, and what it may not
-    resolve_run          the Run the training loop executes (train.py's `train`)
-    build_state          its model, optimizer, scaler and sampler: fresh, or exactly as a checkpoint left them
+    Run, resolve_run     everything decided before the first step, for the training loop (train.py's `train`)
+    TrainState, build_state
+                         its model, optimizer, scaler and sampler: fresh, or exactly as a checkpoint left them
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 
 from phase4_training.src.training_loop import restore_rng_state
 from sparse_moe_transformer.src.batches import BlockBatchSampler
@@ -39,19 +41,50 @@ from sparse_moe_transformer.src.expert_parallel import (
 )
 from sparse_moe_transformer.src.moe_optimizer import make_optimizer
 from sparse_moe_transformer.src.rank_checks import TIMEOUT_ENV, check_same_inputs
-from sparse_moe_transformer.src.runtime import seed_everything, setup_runtime
+from sparse_moe_transformer.src.runtime import Runtime, seed_everything, setup_runtime
 from sparse_moe_transformer.src.text_tokenizers import tokenizer_from_state
 from sparse_moe_transformer.src.token_cache import prepare_data
 from sparse_moe_transformer.src.train import (
     PRESETS,
     Config,
-    Run,
     SparseMoETransformer,
-    TrainState,
     preset_config,
     prompt_ids,
 )
 from sparse_moe_transformer.src.train_settings import TrainSettings, lr_at
+
+
+@dataclass
+class Run:
+    """Everything decided before the first step (run_config.resolve_run: a run that would fail later fails
+    there instead)."""
+
+    out_dir: Path
+    preset: str
+    config: Config
+    settings: TrainSettings
+    runtime: Runtime
+    data: object  # token_cache.PreparedData
+    tokenizer: object  # text_tokenizers.TextTokenizer
+    sample_prompt: str
+    stop_at: int
+    resume_checkpoint: dict | None
+    changed_on_resume: list[str]
+    overwrite: bool = False  # delete the previous run's checkpoints and metrics first
+
+
+@dataclass
+class TrainState:
+    model: SparseMoETransformer  # the plain model (what is saved)
+    train_model: nn.Module  # the same, wrapped by torch.compile / DDP when asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BlockBatchSampler
+    step: int = 0
+    tokens: int = 0
+    best_val: float | None = None
+    train_time: float = 0.0  # seconds spent in optimizer steps (evaluation, sampling, saving excluded)
+
 
 DEFAULT_PRESET = "cpu-demo"
 SETTINGS_FIELDS = tuple(f.name for f in fields(TrainSettings))

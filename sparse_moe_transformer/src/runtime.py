@@ -158,3 +158,7 @@ def stop_requested(local: bool, rt: Runtime) -> bool:
     flag = torch.tensor([1.0 if local else 0.0], device=rt.device)
     torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN or infinite."""

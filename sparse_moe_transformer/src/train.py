@@ -13,7 +13,7 @@ The model
     SparseMoETransformerLayer   pre-norm: x + attn(ln1(x)); x + moe(ln2(x))
     SparseMoETransformer        embeddings, layers, final norm, untied head; forward(idx, targets)
                                 -> MoEOutput (training: the head and loss chunk by chunk, chunked_loss.py);
-                                generate / stream_generate (Phase 5's sampling)
+                                generate / stream_generate (Phase 2's generation loop, Phase 5's sampling)
     moe_losses                  the objective lm + aux_loss_coef * aux + z_loss_coef * z from what the
                                 model returns, with Phase 2's load_balancing_loss (Switch) and
                                 router_z_loss (ST-MoE)
@@ -29,7 +29,7 @@ The training loop
                                 evaluate, save (atomic latest.pt / best.pt), stop on Ctrl-C
 
 Around it, each in its own module: the runtime (runtime.py: device, precision, DDP, stop requests),
-flags -> a run (run_config.py), parameter counts (param_counts.py), what a run logs (training_log.py),
+flags -> a run (run_config.py), parameter counts (param_counts.py), what a run logs (run_folder.py),
 and the command line (cli.py): python sparse_moe_transformer/src/train.py --help
 """
 
@@ -39,9 +39,8 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +51,7 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 from tqdm.auto import tqdm
 
 from phase1_foundation.src.validation import check_int, check_number
+from phase2_architecture.src.generation import evaluating, stream_tokens
 from phase2_architecture.src.mixture_of_experts import (
     expert_capacity,
     load_balancing_loss,
@@ -62,14 +62,11 @@ from phase2_architecture.src.positional_encoding import RotaryEmbedding
 from phase3_components.src.lr_schedules import (
     set_learning_rate,
 )
-from phase4_training.src.training_loop import capture_rng_state
 from phase5_production.src.kv_cache import KVCache, shifted_causal_mask
-from phase5_production.src.sampling import sample_next_token
-from sparse_moe_transformer.src.batches import BlockBatchSampler, blocks_to_batch, iter_eval_batches
+from phase5_production.src.sampling import sampler
+from sparse_moe_transformer.src.batches import blocks_to_batch, iter_eval_batches
 from sparse_moe_transformer.src.checkpointing import (
-    LATEST_NAME,
     RunFolderLock,
-    save_run_checkpoints,
 )
 from sparse_moe_transformer.src.chunked_loss import linear_cross_entropy
 from sparse_moe_transformer.src.expert_parallel import (
@@ -77,17 +74,21 @@ from sparse_moe_transformer.src.expert_parallel import (
     every_rank_batches,
     expert_parallel_ffn,
 )
-from sparse_moe_transformer.src.moe_dispatch import Routing, expert_ffn, route_tokens
+from sparse_moe_transformer.src.moe_dispatch import Routing, SharedExperts, expert_ffn, route_tokens
 from sparse_moe_transformer.src.rank_checks import RankHeartbeat, is_collective_failure
+from sparse_moe_transformer.src.run_folder import MetricsLog, diverged, print_header, save, start_run_folder
 from sparse_moe_transformer.src.runtime import (
     Runtime,
     StopRequest,
+    TrainingDiverged,
     stop_requested,
     sum_over_ranks,
     unwrap,
 )
 from sparse_moe_transformer.src.train_settings import TrainSettings, lr_at
-from sparse_moe_transformer.src.training_log import MetricsLog, print_header, start_run_folder
+
+if TYPE_CHECKING:  # annotations only: run_config.py builds the Run and its TrainState from the flags
+    from sparse_moe_transformer.src.run_config import Run, TrainState
 
 # ----------------------------------------------------------------------------- Config
 
@@ -257,25 +258,6 @@ def preset_config(name: str, **overrides) -> Config:
 # ----------------------------------------------------------------------------- SparseMoEFFN
 
 
-# the activation of a dense (shared) expert, as autograd ops; routed experts use moe_dispatch's fused kernels
-DENSE_ACTIVATIONS = {"gelu": F.gelu, "relu2": lambda h: F.relu(h).square()}
-
-
-class SharedExperts(nn.Module):
-    """n_shared_expert dense experts that every token passes through (DeepSeekMoE's shared experts), as one
-    FFN of hidden n_shared_expert * d_ff with the routed experts' formula: act(x W1 + b1) W2 + b2."""
-
-    def __init__(self, config: Config):
-        super().__init__()
-        hidden = config.n_shared_expert * config.d_ff
-        self.w1 = nn.Linear(config.d_model, hidden)
-        self.w2 = nn.Linear(hidden, config.d_model)
-        self.activation = DENSE_ACTIVATIONS[config.expert_activation]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.activation(self.w1(x)))  # [N, C] -> [N, C]
-
-
 class SparseMoEFFN(nn.Module):
     """y = sum over the top_k experts e chosen for x of  g_e(x) * (act(x W1_e + b1_e) W2_e + b2_e)
     (+ the shared experts' output, when Config.n_shared_expert > 0).
@@ -304,7 +286,8 @@ class SparseMoEFFN(nn.Module):
         nn.init.normal_(self.w2, std=config.init_std)
         # a buffer: saved in checkpoints, moved by train_step (not by the optimizer), None unless "bias"
         self.register_buffer("balance_bias", torch.zeros(E) if config.balance == "bias" else None)
-        self.shared = SharedExperts(config) if config.n_shared_expert else None
+        hidden = config.n_shared_expert * Fh  # the shared experts as one dense FFN (moe_dispatch.py)
+        self.shared = SharedExperts(C, hidden, config.expert_activation) if hidden else None
         self.expert_parallel = None  # set by expert_parallel.shard_experts: this rank holds a slice
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -590,52 +573,36 @@ class SparseMoETransformer(nn.Module):
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, LongTensor [B], one step at a time.
 
-        Sampling is Phase 5's sample_next_token (temperature 0 = greedy); the repetition penalty
-        sees the prompt and the tokens generated so far. Rows that produced eos_token_id keep
-        producing it; generation stops once every row has. With use_cache the prompt is prefilled
-        once into Phase 5's KVCache and each step feeds one token; without it every step recomputes
-        the whole prefix (same tokens, slower). prompt + max_new_tokens must fit in block_size.
+        The loop is Phase 2's stream_tokens (the course GPT's), sampling Phase 5's sample_next_token
+        (temperature 0 = greedy; the repetition penalty sees the prompt and the tokens generated so
+        far). Rows that produced eos_token_id keep producing it; generation stops once every row has.
+        With use_cache the prompt is prefilled once into Phase 5's KVCache and each step feeds one
+        token; without it every step recomputes the whole prefix (same tokens, slower). Past
+        block_size the model sees the last block_size tokens (the window slides, as in the course
+        GPT; phase2_architecture/src/generation.py says why).
         """
-        check_int("max_new_tokens", max_new_tokens, minimum=0)
-        self._check_idx(idx)
-        B, T0 = idx.shape
-        if T0 + max_new_tokens > self.config.block_size:
-            raise ValueError(
-                f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds block_size="
-                f"{self.config.block_size}; shorten the prompt or ask for fewer tokens."
-            )
+        if not torch.is_tensor(idx) or idx.dim() != 2:
+            self._check_idx(idx)  # raises: idx must be a LongTensor [B, T]
+        for window in idx.split(self.config.block_size, dim=1):  # a longer prompt: every id checked
+            self._check_idx(window)
         if eos_token_id is not None and not 0 <= eos_token_id < self.config.vocab_size:
             raise ValueError(f"eos_token_id must be in [0, {self.config.vocab_size}), got {eos_token_id!r}.")
         generator = None if seed is None else torch.Generator(device=idx.device).manual_seed(seed)
-        was_training = self.training
-        self.eval()
-        try:
-            cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
-            logits = self(idx, cache=cache).logits[:, -1]  # prefill -> [B, V]
-            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for step in range(max_new_tokens):
-                next_token = sample_next_token(
-                    logits,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    repetition_penalty=repetition_penalty,
-                    previous_ids=idx,
-                    generator=generator,
-                )  # [B]
-                if eos_token_id is not None:
-                    next_token = next_token.masked_fill(finished, eos_token_id)
-                    finished |= next_token == eos_token_id
-                yield next_token
-                idx = torch.cat([idx, next_token[:, None]], dim=1)  # [B, T + 1]
-                if step == max_new_tokens - 1 or bool(finished.all()):
-                    break
-                if cache is not None:
-                    logits = self(next_token[:, None], cache=cache).logits[:, -1]
-                else:
-                    logits = self(idx).logits[:, -1]
-        finally:
-            self.train(was_training)
+        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+
+        def logits_fn(ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+            return self(ids, cache=cache).logits  # [B, T, V]
+
+        with evaluating(self):
+            yield from stream_tokens(
+                logits_fn,
+                idx,
+                max_new_tokens,
+                sampler(**knobs, generator=generator),
+                block_size=self.config.block_size,
+                cache=KVCache(self.config.n_layer, self.config.block_size) if use_cache else None,
+                eos_token_id=eos_token_id,
+            )
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
@@ -685,10 +652,6 @@ def moe_losses(
 # =============================================================================================
 
 # ----------------------------------------------------------------------------- one step, evaluation, a sample
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN or infinite."""
 
 
 def train_step(model, optimizer, scaler, batches, s: TrainSettings, rt: Runtime) -> dict:
@@ -792,7 +755,6 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device, seed
     so the training run's random streams (dropout, data) are untouched and resume stays exact."""
     raw = unwrap(model)
     ids = torch.tensor([prompt_ids(tokenizer, prompt)], dtype=torch.long, device=device)
-    max_new_tokens = min(max_new_tokens, raw.config.block_size - ids.shape[1])
     stream = raw.stream_generate(
         ids, max_new_tokens, temperature=0.8, top_k=50, eos_token_id=tokenizer.eot_id, seed=seed
     )
@@ -801,73 +763,6 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, device, seed
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Run:
-    """Everything decided before the first step (run_config.resolve_run: a run that would fail later fails
-    there instead)."""
-
-    out_dir: Path
-    preset: str
-    config: Config
-    settings: TrainSettings
-    runtime: Runtime
-    data: object  # token_cache.PreparedData
-    tokenizer: object  # text_tokenizers.TextTokenizer
-    sample_prompt: str
-    stop_at: int
-    resume_checkpoint: dict | None
-    changed_on_resume: list[str]
-    overwrite: bool = False  # delete the previous run's checkpoints and metrics first
-
-
-@dataclass
-class TrainState:
-    model: SparseMoETransformer  # the plain model (what is saved)
-    train_model: nn.Module  # the same, wrapped by torch.compile / DDP when asked
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    sampler: BlockBatchSampler
-    step: int = 0
-    tokens: int = 0
-    best_val: float | None = None
-    train_time: float = 0.0  # seconds spent in optimizer steps (evaluation, sampling, saving excluded)
-
-
-def save(run: Run, state: TrainState, is_best: bool) -> None:
-    """latest.pt (and best.pt when is_best), atomically, on rank 0; every rank's RNG state goes in.
-
-    Weights that are not finite are never saved: the previous checkpoint stays the good one."""
-    rt = run.runtime
-    rng = [capture_rng_state()]
-    if rt.distributed:
-        rng = [None] * rt.world_size
-        torch_dist.all_gather_object(rng, capture_rng_state())
-    model, optimizer = state.model, state.optimizer
-    if isinstance(state.train_model, ExpertParallelModel):  # collective: every rank's experts, gathered
-        model, optimizer = state.train_model.full_state(state.optimizer)
-    if not rt.is_main:
-        return
-    if not all(torch.isfinite(p).all() for p in state.model.parameters()):
-        raise TrainingDiverged("the weights are not finite; they were not saved")
-    save_run_checkpoints(
-        run.out_dir,
-        model,
-        optimizer,
-        state.step,
-        is_best=is_best,
-        tokens=state.tokens,
-        preset=run.preset,
-        scaler=state.scaler.state_dict(),
-        sampler=state.sampler.state_dict(),
-        rng=rng,
-        config=asdict(run.config),
-        train_args=asdict(run.settings),
-        tokenizer=run.tokenizer.to_state(),
-        best_val_loss=state.best_val,
-        train_time_s=state.train_time,
-    )
 
 
 def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> dict:
@@ -946,20 +841,6 @@ def run_steps(run: Run, state: TrainState, metrics: MetricsLog, bar, stop: StopR
     if last_eval["is_best"]:
         save(run, state, is_best=True)
     return "finished", last_eval
-
-
-def diverged(run: Run, state: TrainState, err: TrainingDiverged) -> TrainingDiverged:
-    """The error a diverged run stops with: the step, what diverged, the last good checkpoint, the fix."""
-    latest = run.out_dir / LATEST_NAME
-    where = (
-        f"the last good checkpoint is {latest} (resume from it with --resume)"
-        if latest.exists()
-        else "no checkpoint was saved before it"
-    )
-    return TrainingDiverged(
-        f"step {state.step + 1}: {err}: stopped without saving the damaged weights; {where}. "
-        "Lower --max-lr, keep --grad-clip on, or use --precision fp32/bf16 instead of fp16"
-    )
 
 
 def train(run: Run, state: TrainState) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_moe_transformer.src.training_log import METRICS_FILE
+from sparse_moe_transformer.src.run_folder import METRICS_FILE
 
 PLOT_FILES = ("loss.png", "learning_rate.png", "expert_load.png")
 

@@ -16,7 +16,7 @@ def greedy_by_recomputation(model, ids, n):
     model.eval()
     with torch.no_grad():
         for _ in range(n):
-            next_id = model(ids).logits[:, -1].argmax(-1)
+            next_id = model(ids[:, -model.config.block_size :]).logits[:, -1].argmax(-1)  # the last window
             ids = torch.cat([ids, next_id[:, None]], 1)
     model.train()
     return ids
@@ -70,15 +70,27 @@ def test_finished_rows_keep_emitting_eos(model):
     assert (row0[first:] == eos).all()
 
 
+def test_generation_past_block_size_slides_the_window_with_and_without_cache(model):
+    prompt = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    with_cache = model.generate(prompt, 12, temperature=0)  # 30 + 12 > block_size 32
+    assert with_cache.shape == (2, 42)
+    assert torch.equal(with_cache, model.generate(prompt, 12, temperature=0, use_cache=False))
+    assert torch.equal(with_cache, greedy_by_recomputation(model, prompt, 12))  # the last 32 tokens
+    long_prompt = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(
+        model.generate(long_prompt, 3, temperature=0), greedy_by_recomputation(model, long_prompt, 3)
+    )
+
+
 def test_generation_errors(model):
-    with pytest.raises(ValueError, match="exceeds block_size=32"):
-        model.generate(torch.zeros(1, 30, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), -1)
     with pytest.raises(ValueError, match="eos_token_id"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, eos_token_id=97)
     with pytest.raises(ValueError, match="token ids"):
         model.generate(torch.tensor([[100]]), 2)
+    with pytest.raises(ValueError, match="token ids"):  # outside the last window, but still checked
+        model.generate(torch.tensor([[100] + [1] * 40]), 2)
     with pytest.raises(ValueError, match="top_p"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, top_p=0)
     assert torch.equal(model.generate(torch.tensor([[3]]), 0), torch.tensor([[3]]))

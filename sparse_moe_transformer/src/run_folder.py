@@ -1,9 +1,11 @@
-"""What a training run writes besides its checkpoints: the run folder's summary files, the header it
-prints before the first step, and metrics.jsonl.
+"""What a training run writes to its folder and prints: the summary files, the header, metrics.jsonl and
+the checkpoints.
 
     start_run_folder   the folder, tokenizer.json, config.json; --overwrite clears the previous run
     print_header       data, tokenizer, model, hardware, device, optimizer, batch and the memory plan
     MetricsLog         metrics.jsonl records: the window's mean losses, throughput and expert load
+    save               latest.pt (and best.pt) on rank 0, with every rank's RNG state; never NaN weights
+    diverged           the error a diverged run stops with, naming the last good checkpoint
 """
 
 from __future__ import annotations
@@ -16,17 +18,24 @@ import torch
 import torch.distributed as torch_dist
 
 from phase3_components.src.hardware import hardware_facts
-from sparse_moe_transformer.src.checkpointing import BEST_NAME, LATEST_NAME, remove_stale_temp_files
+from phase4_training.src.training_loop import capture_rng_state
+from sparse_moe_transformer.src.checkpointing import (
+    BEST_NAME,
+    LATEST_NAME,
+    remove_stale_temp_files,
+    save_run_checkpoints,
+)
+from sparse_moe_transformer.src.expert_parallel import ExpertParallelModel
 from sparse_moe_transformer.src.memory_plan import format_memory_plan, plan_memory
 from sparse_moe_transformer.src.param_counts import (
     count_hidden_matrix_parameters,
     count_parameters,
     parameter_summary,
 )
-from sparse_moe_transformer.src.runtime import Runtime
+from sparse_moe_transformer.src.runtime import Runtime, TrainingDiverged
 
 if TYPE_CHECKING:  # annotations only
-    from sparse_moe_transformer.src.train import Run, TrainState
+    from sparse_moe_transformer.src.run_config import Run, TrainState
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -143,3 +152,52 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def save(run: Run, state: TrainState, is_best: bool) -> None:
+    """latest.pt (and best.pt when is_best), atomically, on rank 0; every rank's RNG state goes in.
+
+    Weights that are not finite are never saved: the previous checkpoint stays the good one."""
+    rt = run.runtime
+    rng = [capture_rng_state()]
+    if rt.distributed:
+        rng = [None] * rt.world_size
+        torch_dist.all_gather_object(rng, capture_rng_state())
+    model, optimizer = state.model, state.optimizer
+    if isinstance(state.train_model, ExpertParallelModel):  # collective: every rank's experts, gathered
+        model, optimizer = state.train_model.full_state(state.optimizer)
+    if not rt.is_main:
+        return
+    if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+        raise TrainingDiverged("the weights are not finite; they were not saved")
+    save_run_checkpoints(
+        run.out_dir,
+        model,
+        optimizer,
+        state.step,
+        is_best=is_best,
+        tokens=state.tokens,
+        preset=run.preset,
+        scaler=state.scaler.state_dict(),
+        sampler=state.sampler.state_dict(),
+        rng=rng,
+        config=asdict(run.config),
+        train_args=asdict(run.settings),
+        tokenizer=run.tokenizer.to_state(),
+        best_val_loss=state.best_val,
+        train_time_s=state.train_time,
+    )
+
+
+def diverged(run: Run, state: TrainState, err: TrainingDiverged) -> TrainingDiverged:
+    """The error a diverged run stops with: the step, what diverged, the last good checkpoint, the fix."""
+    latest = run.out_dir / LATEST_NAME
+    where = (
+        f"the last good checkpoint is {latest} (resume from it with --resume)"
+        if latest.exists()
+        else "no checkpoint was saved before it"
+    )
+    return TrainingDiverged(
+        f"step {state.step + 1}: {err}: stopped without saving the damaged weights; {where}. "
+        "Lower --max-lr, keep --grad-clip on, or use --precision fp32/bf16 instead of fp16"
+    )
