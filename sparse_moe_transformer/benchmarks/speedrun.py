@@ -11,7 +11,7 @@ Contenders (--variants; each trains on the same token stream, tokenizer and samp
                  AdamW (0.9, 0.95), weight decay 0.1 on matrices, lr 1e-3, 100 warm-up steps, cosine
                  to 1e-4 at 1,500 iterations, clipping 1.0; attention by F.scaled_dot_product_attention
                  as in nanoGPT (fuse_attention; "baseline:fused_attention=false" = the lesson's kernel)
-    ours         the MoE's cpu-small preset: the winning recipe (train.RECIPE, train.TRAINING_RECIPE)
+    ours         the MoE's cpu-small preset: the winning recipe (train.RECIPE, TrainSettings' defaults)
     nanogpt-moe  the same MoE with nanoGPT's 2022 recipe (cpu-small before today's recipe)
     NAME:k=v,…   any of them with Config / TrainSettings fields replaced (for ablations), e.g.
                  "ours:optimizer=adamw", "nanogpt-moe:pos=rope", or "ours:ns_dtype=fp32" (Newton-Schulz in
@@ -63,10 +63,10 @@ RECIPES = {
         config=dict(n_layer=4, n_head=4, d_model=128, block_size=256, dropout=0.0, tie_weights=True),
         settings=dict(
             batch_size=16, grad_accum_steps=1, seq_len=256, max_steps=1500, max_lr=1e-3, min_lr=1e-4,
-            warmup_steps=100,
+            warmup_steps=100, optimizer="adamw", lr_schedule="cosine",
         ),
     ),
-    # the winning recipe: the cpu-small preset as it is (train.RECIPE, train.TRAINING_RECIPE)
+    # the winning recipe: the cpu-small preset as it is (train.RECIPE, TrainSettings' defaults)
     "ours": dict(model="moe", preset="cpu-small", config={}, settings={}),
     # the same MoE with nanoGPT's 2022 recipe (cpu-small before today's recipe): learned positions,
     # no QK-norm, GPT-2's init, no soft-cap, AdamW with warmup + cosine over 1,400 steps

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sparse_moe_transformer.src.train as train
-from sparse_moe_transformer.src import cli
+from sparse_moe_transformer.src import cli, run_config
 from sparse_moe_transformer.src.checkpointing import LATEST_NAME, read_checkpoint
 
 TRAIN_SCRIPT = Path(train.__file__)
@@ -86,7 +86,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir, monkeypatc
     # Control: the same resume without restoring the RNG states drifts (dropout masks differ), so
     # the comparison above really checks the restored state.
     cli.main(_argv(tmp_path / "norng", cache_dir, "--stop-at-step", 4))
-    monkeypatch.setattr(train, "restore_rng_state", lambda state: None)
+    monkeypatch.setattr(run_config, "restore_rng_state", lambda state: None)
     torch.manual_seed(1234)
     cli.main(_argv(tmp_path / "norng", cache_dir, "--resume"))
     drift = _train_losses(tmp_path / "norng")
