@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phase1_foundation.src.validation import check_int
+from phase1_foundation.src.validation import check_int, check_number
 
 
 def causal_mask(T: int, device=None) -> torch.Tensor:
@@ -160,18 +160,15 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads: int | None = None,
     ):
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive integer, got {d_model!r}.")
-        if not isinstance(n_heads, int) or n_heads < 1:
-            raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}.")
+        check_int("d_model", d_model, minimum=1)
+        check_int("n_heads", n_heads, minimum=1)
         if d_model % n_heads != 0:
             raise ValueError(
                 f"d_model={d_model} is not divisible by n_heads={n_heads}; each head gets "
                 f"d_model / n_heads dimensions, so choose n_heads among the divisors "
                 f"{[h for h in range(1, d_model + 1) if d_model % h == 0]}."
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        check_number("dropout", dropout, low=0, below=1)
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         check_int("n_kv_heads", n_kv_heads, minimum=1)  # (None means n_heads)
         if n_heads % n_kv_heads != 0:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from phase1_foundation.src.primitives import silu  # x * sigmoid(x), written in Phase 1
+from phase1_foundation.src.validation import check_int
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -57,11 +58,6 @@ class GELU(nn.Module):
         return f"approximate={self.approximate!r}"
 
 
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
 class GELUFeedForward(nn.Module):
     """The GPT-2 feed-forward network: Linear(C -> H), GELU, Linear(H -> C), dropout.
 
@@ -78,8 +74,8 @@ class GELUFeedForward(nn.Module):
     ):
         super().__init__()
         d_hidden = 4 * d_model if d_hidden is None else d_hidden
-        _check_positive("d_model", d_model)
-        _check_positive("d_hidden", d_hidden)
+        check_int("d_model", d_model, minimum=1)
+        check_int("d_hidden", d_hidden, minimum=1)
         self.up_proj = nn.Linear(d_model, d_hidden, bias=bias)
         self.act = GELU(approximate)
         self.down_proj = nn.Linear(d_hidden, d_model, bias=bias)
@@ -92,8 +88,8 @@ class GELUFeedForward(nn.Module):
 
 def swiglu_hidden_size(d_model: int, multiple_of: int = 64) -> int:
     """Llama's hidden size: 2/3 of 4*d_model (parameters of a 4x GELU FFN), rounded up to `multiple_of`."""
-    _check_positive("d_model", d_model)
-    _check_positive("multiple_of", multiple_of)
+    check_int("d_model", d_model, minimum=1)
+    check_int("multiple_of", multiple_of, minimum=1)
     hidden = int(2 * 4 * d_model / 3)
     return multiple_of * math.ceil(hidden / multiple_of)
 
@@ -117,8 +113,8 @@ class SwiGLUFeedForward(nn.Module):
     ):
         super().__init__()
         d_hidden = swiglu_hidden_size(d_model, multiple_of) if d_hidden is None else d_hidden
-        _check_positive("d_model", d_model)
-        _check_positive("d_hidden", d_hidden)
+        check_int("d_model", d_model, minimum=1)
+        check_int("d_hidden", d_hidden, minimum=1)
         self.gate_proj = nn.Linear(d_model, d_hidden, bias=bias)
         self.up_proj = nn.Linear(d_model, d_hidden, bias=bias)
         self.down_proj = nn.Linear(d_hidden, d_model, bias=bias)
