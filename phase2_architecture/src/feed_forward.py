@@ -67,18 +67,18 @@ class GELUFeedForward(nn.Module):
     def __init__(
         self,
         d_model: int,
-        d_hidden: int | None = None,
+        d_ff: int | None = None,
         dropout: float = 0.0,
         bias: bool = True,
         approximate: str = "none",
     ):
         super().__init__()
-        d_hidden = 4 * d_model if d_hidden is None else d_hidden
+        d_ff = 4 * d_model if d_ff is None else d_ff
         check_int("d_model", d_model, minimum=1)
-        check_int("d_hidden", d_hidden, minimum=1)
-        self.up_proj = nn.Linear(d_model, d_hidden, bias=bias)
+        check_int("d_ff", d_ff, minimum=1)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.act = GELU(approximate)
-        self.down_proj = nn.Linear(d_hidden, d_model, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,25 +99,25 @@ class SwiGLUFeedForward(nn.Module):
 
     Args:
         d_model: width C of the residual stream.
-        d_hidden: hidden size H; default `swiglu_hidden_size(d_model, multiple_of)`.
+        d_ff: hidden size H; default `swiglu_hidden_size(d_model, multiple_of)`.
         bias: Llama uses no biases; kept as an option so it can match a GELU FFN's configuration.
     """
 
     def __init__(
         self,
         d_model: int,
-        d_hidden: int | None = None,
+        d_ff: int | None = None,
         dropout: float = 0.0,
         bias: bool = False,
         multiple_of: int = 64,
     ):
         super().__init__()
-        d_hidden = swiglu_hidden_size(d_model, multiple_of) if d_hidden is None else d_hidden
+        d_ff = swiglu_hidden_size(d_model, multiple_of) if d_ff is None else d_ff
         check_int("d_model", d_model, minimum=1)
-        check_int("d_hidden", d_hidden, minimum=1)
-        self.gate_proj = nn.Linear(d_model, d_hidden, bias=bias)
-        self.up_proj = nn.Linear(d_model, d_hidden, bias=bias)
-        self.down_proj = nn.Linear(d_hidden, d_model, bias=bias)
+        check_int("d_ff", d_ff, minimum=1)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ class SwiGLUFeedForward(nn.Module):
 def make_feed_forward(
     kind: str,
     d_model: int,
-    d_hidden: int | None = None,
+    d_ff: int | None = None,
     dropout: float = 0.0,
     bias: bool = True,
     gelu_approximate: str = "none",
@@ -139,7 +139,7 @@ def make_feed_forward(
     `gelu_approximate` ("none" exact, "tanh" GPT-2's) applies to the GELU FFN only.
     """
     if kind == "gelu":
-        return GELUFeedForward(d_model, d_hidden, dropout=dropout, bias=bias, approximate=gelu_approximate)
+        return GELUFeedForward(d_model, d_ff, dropout=dropout, bias=bias, approximate=gelu_approximate)
     if kind == "swiglu":
-        return SwiGLUFeedForward(d_model, d_hidden, dropout=dropout, bias=bias)
+        return SwiGLUFeedForward(d_model, d_ff, dropout=dropout, bias=bias)
     raise ValueError(f"Unknown feed-forward {kind!r}; choose 'gelu' or 'swiglu'.")

@@ -203,23 +203,23 @@ class PaddedBatch:
 
 
 def pad_documents(
-    documents: Sequence[Sequence[int]], pad_id: int, max_length: int | None = None
+    documents: Sequence[Sequence[int]], pad_id: int, block_size: int | None = None
 ) -> PaddedBatch:
     """Turn each document (>= 2 tokens) into one (input, target) row, right-padded with pad_id.
 
     A document of n tokens gives n - 1 prediction positions. Rows are padded to T = max(n) - 1,
-    or to `max_length` if given (documents longer than max_length + 1 raise: truncate them or pack).
+    or to `block_size` if given (documents longer than block_size + 1 raise: truncate them or pack).
     """
     if len(documents) == 0:
         raise ValueError("pad_documents got no documents")
     lengths = [len(doc) for doc in documents]
     if min(lengths) < 2:
         raise ValueError("every document needs at least 2 tokens to give one (input, target) pair")
-    T = max(lengths) - 1 if max_length is None else max_length
+    T = max(lengths) - 1 if block_size is None else block_size
     if max(lengths) - 1 > T:
         raise ValueError(
-            f"a document has {max(lengths)} tokens, more than max_length + 1 = {T + 1}: "
-            "truncate the documents or raise max_length"
+            f"a document has {max(lengths)} tokens, more than block_size + 1 = {T + 1}: "
+            "truncate the documents or raise block_size"
         )
     B = len(documents)
     inputs = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
