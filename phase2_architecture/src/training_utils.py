@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from phase1_foundation.src.validation import check_int
+from phase1_foundation.src.primitives import Linear
+from phase1_foundation.src.validation import check_int, check_number
 from phase2_architecture.src.atomic_files import atomic_write
 
 GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
@@ -71,22 +72,38 @@ def warmup_cosine(step: int, lr: float, min_lr: float, warmup_steps: int, steps:
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def weight_decay_groups(
+    model: nn.Module, weight_decay: float, exclude: Iterable[nn.Parameter] = ()
+) -> list[dict]:
+    """AdamW's two parameter groups, by one rule: weight decay on the matmul weights, none on the rest.
+
+    Decayed: the weight of every `nn.Linear` (and of Phase 1's `Linear`), and every parameter with >= 3
+    dimensions (a stack of per-expert matrices [E, C, F]): the matrices an input is multiplied by.
+    Not decayed: biases of any shape (a stack of expert biases [E, F] is 2-D), norm gains, and embedding
+    tables. Decay pulls a parameter towards 0, a sensible prior for a matrix (smaller weights, smoother
+    function) but not for a gain (its neutral value is 1) or an offset. An embedding row gets a gradient only
+    in batches that hold its token, while AdamW shrinks every row at every step, so decay would pull rare
+    tokens' vectors to 0 between their appearances. A table tied to the output head is that head's matmul
+    weight, with a gradient for every row at every step: it is decayed. Raw matrices that no `Linear` holds
+    (LoRA's A and B) count as "the rest": fine-tuning here runs without weight decay.
+
+    `exclude`: parameters another optimizer updates (Muon's hidden matrices); they are in neither group.
+    Only parameters with requires_grad are listed; each appears once even when tied.
+    """
+    check_number("weight_decay", weight_decay, low=0)
+    matmul_weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, Linear))}
+    excluded = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
+    decay = [p for p in params if id(p) in matmul_weights or p.dim() >= 3]
+    no_decay = [p for p in params if not (id(p) in matmul_weights or p.dim() >= 3)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_adamw(
     model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases or norm gains.
-
-    Decaying a gain or a bias pulls it towards 0, which is not a sensible prior (nanoGPT's rule:
-    decay parameters with >= 2 dimensions).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    """AdamW over `weight_decay_groups(model, weight_decay)`: decay on the matmul weights only."""
+    return torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, betas=betas)
 
 
 def train_model(

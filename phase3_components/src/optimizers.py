@@ -20,6 +20,9 @@ Weight decay in SGD/RMSProp/Adam is the classic L2 form g <- g + wd * p: it goes
 adaptive scaling in Adam, so large-gradient weights are barely decayed; AdamW's decoupled decay
 shrinks every weight by the same factor, which is why LLMs are trained with AdamW.
 
+Which parameters get weight decay is one rule for the whole course, Phase 2's
+`training_utils.weight_decay_groups` (matmul weights yes; biases, norm gains, embedding tables no).
+
 Like torch.optim, parameters whose .grad is None are skipped, and `zero_grad()` sets grads to None.
 Each optimizer has an `lr` attribute that a schedule may change between steps
 (`phase3_components.src.lr_schedules.set_learning_rate`).
