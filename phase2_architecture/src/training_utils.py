@@ -116,8 +116,8 @@ def train_model(
     warmup_steps: int = 0,
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.95),
-    grad_clip: float | None = 1.0,
-    eval_every: int | None = None,
+    grad_clip: float = 1.0,
+    eval_interval: int = 0,
     eval_batches: int = 10,
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
@@ -126,23 +126,22 @@ def train_model(
 
     Each step: lr from the schedule (linear warmup for `warmup_steps`, cosine decay to `min_lr`
     at `steps`; `min_lr=None` means a constant lr after warmup), forward, backward, clip the global
-    gradient norm to `grad_clip`, AdamW step. A given `optimizer` (e.g. restored from a checkpoint)
-    is used instead of a fresh `make_adamw`; the schedule sets its learning rate at every step.
+    gradient norm to `grad_clip` (0 = no clipping), AdamW step. A given `optimizer` (e.g. restored
+    from a checkpoint) is used instead of a fresh `make_adamw`; the schedule sets its learning rate at
+    every step.
 
     History entries: {"step", "lr", "loss" (this batch), "grad_norm", "time_s"} and, every
-    `eval_every` steps and at the last step, {"train_loss", "val_loss"} from `estimate_loss`.
+    `eval_interval` steps and at the last step (0 = only at the last), {"train_loss", "val_loss"} from
+    `estimate_loss`. Off is 0, as in Phase 4's TrainingConfig and on the MoE's command line.
     """
     check_int("steps", steps, minimum=1)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}.")
+    check_number("lr", lr, above=0)
     if min_lr is not None and not 0 <= min_lr <= lr:
         raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}.")
     if not 0 <= warmup_steps <= steps:
         raise ValueError(f"warmup_steps must be in [0, steps={steps}], got {warmup_steps}.")
-    if eval_every is not None and eval_every < 1:
-        raise ValueError(f"eval_every must be a positive integer or None, got {eval_every}.")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}.")
+    check_int("eval_interval (0 = only at the last step)", eval_interval, minimum=0)
+    check_number("grad_clip (0 = no clipping)", grad_clip, low=0)
 
     if optimizer is None:
         optimizer = make_adamw(model, lr, weight_decay, betas)
@@ -164,7 +163,7 @@ def train_model(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip is not None:
+        if grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
         else:
             grad_norm = math.sqrt(
@@ -179,7 +178,7 @@ def train_model(
             "grad_norm": grad_norm,
             "time_s": time.perf_counter() - start,
         }
-        if eval_every is not None and (step % eval_every == 0 or step == steps - 1):
+        if (eval_interval and step % eval_interval == 0) or step == steps - 1:
             losses = estimate_loss(model, get_batch, eval_batches)
             record["train_loss"], record["val_loss"] = losses["train"], losses["val"]
             bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")

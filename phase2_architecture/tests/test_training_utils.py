@@ -50,7 +50,7 @@ def test_train_model_learns_and_follows_the_lr_schedule():
         lr=3e-3,
         min_lr=3e-4,
         warmup_steps=10,
-        eval_every=30,
+        eval_interval=30,
         eval_batches=4,
         progress=False,
     )
@@ -93,6 +93,30 @@ def test_grad_clip_bounds_the_update():
     assert history[0]["grad_norm"] == pytest.approx(true_norm, rel=1e-4)  # reported: norm before clipping
     update = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before)))
     assert update.item() == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_zero_is_off_for_grad_clip_and_eval_interval():
+    """grad_clip=0: the SGD (lr 1) update is the whole gradient; eval_interval=0: one evaluation, the last."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_get_batch(seed=2)("train")
+    model(x, y)[1].backward()
+    true_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    model.zero_grad(set_to_none=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_model(model, make_get_batch(seed=2), steps=1, lr=1.0, grad_clip=0, optimizer=sgd, progress=False)
+    update = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before)))
+    assert update.item() == pytest.approx(true_norm, rel=1e-4)
+
+    evaluated = {}
+    for interval in (0, 2):
+        history = train_model(GPT(CONFIG), make_get_batch(), steps=5, lr=1e-3, eval_interval=interval,
+                              eval_batches=1, progress=False)  # fmt: skip
+        evaluated[interval] = [h["step"] for h in history if "val_loss" in h]
+    assert evaluated == {0: [4], 2: [0, 2, 4]}
+    with pytest.raises(ValueError, match="no clipping. must be a finite number >= 0, got None"):
+        train_model(GPT(CONFIG), make_get_batch(), steps=1, lr=1e-3, grad_clip=None)
 
 
 def decayed_names(model, groups) -> set[str]:
