@@ -110,8 +110,7 @@ def get_random_batch(
     Pass a seeded torch.Generator for reproducible batches. Works on np.memmap without reading
     more than the sampled windows.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_int("batch_size", batch_size, minimum=1)
     _check_stream(tokens, block_size)
     starts = torch.randint(0, len(tokens) - block_size, (batch_size,), generator=generator)  # [B]
     x = np.stack([np.asarray(tokens[s : s + block_size], dtype=np.int64) for s in starts.tolist()])  # [B, T]
@@ -382,8 +381,8 @@ def load_text_dataset(
 
     if source in LOCAL_FORMATS and data_files is None:
         raise ValueError(f"load_text_dataset({source!r}) reads local files: pass data_files='path/to/file'")
-    if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
+    if max_documents is not None:
+        check_int("max_documents (None = all)", max_documents, minimum=1)
     if data_files is not None:
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         missing = [str(f) for f in files if not Path(f).exists()]

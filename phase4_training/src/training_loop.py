@@ -90,8 +90,7 @@ class TrainingConfig:
             check_int(f"TrainingConfig.{name}", value, minimum=0)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
-        if not self.max_lr > 0:
-            raise ValueError(f"max_lr must be > 0, got {self.max_lr}")
+        check_number("TrainingConfig.max_lr", self.max_lr, above=0)
         if self.min_lr is not None and not 0 <= self.min_lr <= self.max_lr:
             raise ValueError(f"min_lr must be in [0, max_lr={self.max_lr}], got {self.min_lr}")
         check_number("TrainingConfig.grad_clip (0 = no clipping)", self.grad_clip, low=0)
