@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phase1_foundation.src.validation import check_int
+from phase1_foundation.src.validation import check_int, check_number
 
 
 def causal_mask(T: int, device=None) -> torch.Tensor:
@@ -143,67 +143,64 @@ class MultiHeadAttention(nn.Module):
     encoder-decoder's decoder).
 
     Args:
-        d_model: model width C; must be divisible by n_heads.
-        n_heads: number of heads H; each head has Dh = C / H dimensions.
+        d_model: model width C; must be divisible by n_head.
+        n_head: number of heads H; each head has Dh = C / H dimensions.
         bias: whether the four projections have biases.
         dropout: dropout probability on the attention weights, active in training mode only.
-        n_kv_heads: key/value heads H_kv (grouped-query attention); must divide n_heads. None means
-            n_heads (multi-head attention); 1 is multi-query attention.
+        n_kv_head: key/value heads H_kv (grouped-query attention); must divide n_head. None means
+            n_head (multi-head attention); 1 is multi-query attention.
     """
 
     def __init__(
         self,
         d_model: int,
-        n_heads: int,
+        n_head: int,
         bias: bool = True,
         dropout: float = 0.0,
-        n_kv_heads: int | None = None,
+        n_kv_head: int | None = None,
     ):
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive integer, got {d_model!r}.")
-        if not isinstance(n_heads, int) or n_heads < 1:
-            raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}.")
-        if d_model % n_heads != 0:
+        check_int("d_model", d_model, minimum=1)
+        check_int("n_head", n_head, minimum=1)
+        if d_model % n_head != 0:
             raise ValueError(
-                f"d_model={d_model} is not divisible by n_heads={n_heads}; each head gets "
-                f"d_model / n_heads dimensions, so choose n_heads among the divisors "
+                f"d_model={d_model} is not divisible by n_head={n_head}; each head gets "
+                f"d_model / n_head dimensions, so choose n_head among the divisors "
                 f"{[h for h in range(1, d_model + 1) if d_model % h == 0]}."
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        check_int("n_kv_heads", n_kv_heads, minimum=1)  # (None means n_heads)
-        if n_heads % n_kv_heads != 0:
+        check_number("dropout", dropout, low=0, below=1)
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        check_int("n_kv_head", n_kv_head, minimum=1)  # (None means n_head)
+        if n_head % n_kv_head != 0:
             raise ValueError(
-                f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}; every key/value head serves "
-                f"an equal group of query heads, so choose n_kv_heads among "
-                f"{[h for h in range(1, n_heads + 1) if n_heads % h == 0]}."
+                f"n_head={n_head} is not divisible by n_kv_head={n_kv_head}; every key/value head serves "
+                f"an equal group of query heads, so choose n_kv_head among "
+                f"{[h for h in range(1, n_head + 1) if n_head % h == 0]}."
             )
         self.d_model = d_model
-        self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head
+        self.head_dim = d_model // n_head
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_head * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, C] -> [B, H, T, Dh]: head h owns channels h*Dh .. (h+1)*Dh - 1."""
         B, T, C = x.shape
-        x = x.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Dh]
+        x = x.view(B, T, self.n_head, self.head_dim)  # [B, T, H, Dh]
         return x.transpose(1, 2)  # [B, H, T, Dh]
 
     def split_kv_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, H_kv * Dh] -> [B, H_kv, T, Dh]: the key or value heads (= split_heads without GQA)."""
         B, T, _ = x.shape
-        return x.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, Dh]
+        return x.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, H_kv, T, Dh]
 
     def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H_kv, T, Dh] -> [B, H, T, Dh]: key/value head g serves query heads g*r .. g*r + r - 1."""
-        group_size = self.n_heads // self.n_kv_heads  # r query heads per key/value head
+        group_size = self.n_head // self.n_kv_head  # r query heads per key/value head
         return x.repeat_interleave(group_size, dim=1) if group_size > 1 else x
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,14 +262,14 @@ def to_torch_multihead_attention(mha: MultiHeadAttention) -> nn.MultiheadAttenti
     """
     if not isinstance(mha, MultiHeadAttention):
         raise TypeError(f"expected a phase-1 MultiHeadAttention, got {type(mha).__name__}.")
-    if mha.n_kv_heads != mha.n_heads:
+    if mha.n_kv_head != mha.n_head:
         raise ValueError(
             "nn.MultiheadAttention has no grouped-query attention; compare a GQA module with "
             "F.scaled_dot_product_attention(..., enable_gqa=True) instead."
         )
     bias = mha.q_proj.bias is not None
     ref = nn.MultiheadAttention(
-        mha.d_model, mha.n_heads, dropout=mha.attn_dropout.p, bias=bias, batch_first=True
+        mha.d_model, mha.n_head, dropout=mha.attn_dropout.p, bias=bias, batch_first=True
     )
     ref = ref.to(device=mha.q_proj.weight.device, dtype=mha.q_proj.weight.dtype)
     with torch.no_grad():

@@ -186,9 +186,9 @@ def test_split_and_merge_heads_are_inverse_and_slice_channels():
 
 
 def test_bad_shapes_raise_clear_errors():
-    with pytest.raises(ValueError, match="not divisible by n_heads"):
+    with pytest.raises(ValueError, match="not divisible by n_head"):
         MultiHeadAttention(10, 3)
-    with pytest.raises(ValueError, match="n_heads must be a positive integer"):
+    with pytest.raises(ValueError, match="n_head must be a positive integer"):
         MultiHeadAttention(8, 0)
     with pytest.raises(ValueError, match="dropout"):
         MultiHeadAttention(8, 2, dropout=1.0)

@@ -34,14 +34,14 @@ from phase2_architecture.src.transformer_blocks import DecoderBlock, EncoderBloc
 
 @dataclass
 class EncoderDecoderConfig:
-    """src/tgt_vocab_size: vocabularies; max_len: longest source or target; d_ff default 4*d_model.
+    """src/tgt_vocab_size: vocabularies; block_size: longest source or target; d_ff default 4*d_model.
 
     pad_id: source padding id (mask derived from it) or None.  norm_first: False = post-norm (paper).
     """
 
     src_vocab_size: int
     tgt_vocab_size: int
-    max_len: int = 128
+    block_size: int = 128
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 128
@@ -51,7 +51,7 @@ class EncoderDecoderConfig:
     norm_first: bool = False
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "max_len", "n_layer", "n_head", "d_model"):
+        for name in ("src_vocab_size", "tgt_vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             value = getattr(self, name)
             check_int(f"EncoderDecoderConfig.{name}", value, minimum=1)
         if self.d_model % self.n_head != 0:
@@ -68,7 +68,7 @@ class EncoderDecoderTransformer(nn.Module):
         block_args = dict(d_ff=config.d_ff, dropout=config.dropout, norm_first=config.norm_first)
         self.src_emb = nn.Embedding(config.src_vocab_size, C)
         self.tgt_emb = nn.Embedding(config.tgt_vocab_size, C)
-        self.pos_enc = SinusoidalPositionalEncoding(config.max_len, C)
+        self.pos_enc = SinusoidalPositionalEncoding(config.block_size, C)
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(
             EncoderBlock(C, config.n_head, **block_args) for _ in range(config.n_layer)
@@ -96,7 +96,7 @@ class EncoderDecoderTransformer(nn.Module):
                 f"got [{int(ids.min())}, {int(ids.max())}]."
             )
         x = table(ids) * math.sqrt(self.config.d_model)  # [B, L, C]
-        return self.drop(self.pos_enc(x))  # pos_enc checks L <= max_len
+        return self.drop(self.pos_enc(x))  # pos_enc checks L <= block_size
 
     def source_mask(self, src: torch.Tensor, src_key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """[B, S] True for real source tokens: the given mask, else src != pad_id, else None (no padding)."""
@@ -148,9 +148,10 @@ class EncoderDecoderTransformer(nn.Module):
         self, src: torch.Tensor, bos_id: int, max_new_tokens: int, src_key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Encode once, then append the most likely token max_new_tokens times -> [B, 1 + max_new_tokens]."""
-        if max_new_tokens + 1 > self.config.max_len:
+        if max_new_tokens + 1 > self.config.block_size:
             raise ValueError(
-                f"1 + max_new_tokens must be <= max_len {self.config.max_len}, got {max_new_tokens + 1}."
+                f"1 + max_new_tokens must be <= block_size {self.config.block_size}, "
+                f"got {max_new_tokens + 1}."
             )
         was_training = self.training
         self.eval()

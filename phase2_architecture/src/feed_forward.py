@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from phase1_foundation.src.primitives import silu  # x * sigmoid(x), written in Phase 1
+from phase1_foundation.src.validation import check_int
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -57,11 +58,6 @@ class GELU(nn.Module):
         return f"approximate={self.approximate!r}"
 
 
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
 class GELUFeedForward(nn.Module):
     """The GPT-2 feed-forward network: Linear(C -> H), GELU, Linear(H -> C), dropout.
 
@@ -71,18 +67,18 @@ class GELUFeedForward(nn.Module):
     def __init__(
         self,
         d_model: int,
-        d_hidden: int | None = None,
+        d_ff: int | None = None,
         dropout: float = 0.0,
         bias: bool = True,
         approximate: str = "none",
     ):
         super().__init__()
-        d_hidden = 4 * d_model if d_hidden is None else d_hidden
-        _check_positive("d_model", d_model)
-        _check_positive("d_hidden", d_hidden)
-        self.up_proj = nn.Linear(d_model, d_hidden, bias=bias)
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        check_int("d_model", d_model, minimum=1)
+        check_int("d_ff", d_ff, minimum=1)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.act = GELU(approximate)
-        self.down_proj = nn.Linear(d_hidden, d_model, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +88,8 @@ class GELUFeedForward(nn.Module):
 
 def swiglu_hidden_size(d_model: int, multiple_of: int = 64) -> int:
     """Llama's hidden size: 2/3 of 4*d_model (parameters of a 4x GELU FFN), rounded up to `multiple_of`."""
-    _check_positive("d_model", d_model)
-    _check_positive("multiple_of", multiple_of)
+    check_int("d_model", d_model, minimum=1)
+    check_int("multiple_of", multiple_of, minimum=1)
     hidden = int(2 * 4 * d_model / 3)
     return multiple_of * math.ceil(hidden / multiple_of)
 
@@ -103,25 +99,25 @@ class SwiGLUFeedForward(nn.Module):
 
     Args:
         d_model: width C of the residual stream.
-        d_hidden: hidden size H; default `swiglu_hidden_size(d_model, multiple_of)`.
+        d_ff: hidden size H; default `swiglu_hidden_size(d_model, multiple_of)`.
         bias: Llama uses no biases; kept as an option so it can match a GELU FFN's configuration.
     """
 
     def __init__(
         self,
         d_model: int,
-        d_hidden: int | None = None,
+        d_ff: int | None = None,
         dropout: float = 0.0,
         bias: bool = False,
         multiple_of: int = 64,
     ):
         super().__init__()
-        d_hidden = swiglu_hidden_size(d_model, multiple_of) if d_hidden is None else d_hidden
-        _check_positive("d_model", d_model)
-        _check_positive("d_hidden", d_hidden)
-        self.gate_proj = nn.Linear(d_model, d_hidden, bias=bias)
-        self.up_proj = nn.Linear(d_model, d_hidden, bias=bias)
-        self.down_proj = nn.Linear(d_hidden, d_model, bias=bias)
+        d_ff = swiglu_hidden_size(d_model, multiple_of) if d_ff is None else d_ff
+        check_int("d_model", d_model, minimum=1)
+        check_int("d_ff", d_ff, minimum=1)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +129,7 @@ class SwiGLUFeedForward(nn.Module):
 def make_feed_forward(
     kind: str,
     d_model: int,
-    d_hidden: int | None = None,
+    d_ff: int | None = None,
     dropout: float = 0.0,
     bias: bool = True,
     gelu_approximate: str = "none",
@@ -143,7 +139,7 @@ def make_feed_forward(
     `gelu_approximate` ("none" exact, "tanh" GPT-2's) applies to the GELU FFN only.
     """
     if kind == "gelu":
-        return GELUFeedForward(d_model, d_hidden, dropout=dropout, bias=bias, approximate=gelu_approximate)
+        return GELUFeedForward(d_model, d_ff, dropout=dropout, bias=bias, approximate=gelu_approximate)
     if kind == "swiglu":
-        return SwiGLUFeedForward(d_model, d_hidden, dropout=dropout, bias=bias)
+        return SwiGLUFeedForward(d_model, d_ff, dropout=dropout, bias=bias)
     raise ValueError(f"Unknown feed-forward {kind!r}; choose 'gelu' or 'swiglu'.")

@@ -130,8 +130,8 @@ class GPT(nn.Module):
                 ffn=config.ffn,
                 norm_first=True,
                 causal=True,
-                n_kv_heads=config.n_kv_head,
-                rope_max_len=config.block_size if config.pos == "rope" else None,
+                n_kv_head=config.n_kv_head,
+                rope_block_size=config.block_size if config.pos == "rope" else None,
                 gelu_approximate=config.gelu_approximate,
             )
             for _ in range(config.n_layer)

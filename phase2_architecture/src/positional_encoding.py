@@ -11,8 +11,8 @@ same way. Word order has to be put in explicitly.
    Each pair of features is a clock ticking at its own frequency, from one turn every 2*pi tokens
    (i = 0) to one turn every 2*pi*base tokens. No parameters; defined for any position.
 
-2. Learned (GPT-2): a trainable table `nn.Embedding(max_len, C)`, one vector per position,
-   added to the embeddings. Simple and effective, but it knows nothing beyond max_len.
+2. Learned (GPT-2): a trainable table `nn.Embedding(block_size, C)`, one vector per position,
+   added to the embeddings. Simple and effective, but it knows nothing beyond block_size.
 
 3. Rotary (Su et al., 2021, RoFormer; used by Llama): nothing is added to the embeddings. Instead
    the query and key of each head are *rotated* by an angle proportional to their position. View
@@ -34,22 +34,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from phase1_foundation.src.validation import check_int
+
 # ---------------------------------------------------------------------------------------------
 # 1. Sinusoidal
 # ---------------------------------------------------------------------------------------------
 
 
-def sinusoidal_encoding(max_len: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
-    """The table PE[pos, :] of "Attention is all you need", shape [max_len, d_model] (d_model even)."""
-    if max_len <= 0:
-        raise ValueError(f"max_len must be a positive integer, got {max_len}.")
+def sinusoidal_encoding(block_size: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
+    """The table PE[pos, :] of "Attention is all you need", shape [block_size, d_model] (d_model even)."""
+    check_int("block_size", block_size, minimum=1)
     if d_model <= 0 or d_model % 2 != 0:
         raise ValueError(f"d_model must be a positive even integer (sin/cos pairs), got {d_model}.")
-    positions = torch.arange(max_len, dtype=torch.float32)[:, None]  # [T, 1]
+    positions = torch.arange(block_size, dtype=torch.float32)[:, None]  # [T, 1]
     two_i = torch.arange(0, d_model, 2, dtype=torch.float32)  # [C/2] = 0, 2, 4, ...
     inv_freq = base ** (-two_i / d_model)  # [C/2] = 1 / base^(2i/C)
     angles = positions * inv_freq[None, :]  # [T, C/2]
-    pe = torch.zeros(max_len, d_model)
+    pe = torch.zeros(block_size, d_model)
     pe[:, 0::2] = torch.sin(angles)  # even features
     pe[:, 1::2] = torch.cos(angles)  # odd features
     return pe
@@ -58,18 +59,18 @@ def sinusoidal_encoding(max_len: int, d_model: int, base: float = 10000.0) -> to
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds the fixed sinusoidal table to token embeddings: x [B, T, C] -> x + PE[:T]."""
 
-    def __init__(self, max_len: int, d_model: int, base: float = 10000.0):
+    def __init__(self, block_size: int, d_model: int, base: float = 10000.0):
         super().__init__()
-        self.max_len = max_len
+        self.block_size = block_size
         # A buffer: moves with .to(device), is not trained; not saved (it is recomputed from the formula).
-        self.register_buffer("pe", sinusoidal_encoding(max_len, d_model, base), persistent=False)
+        self.register_buffer("pe", sinusoidal_encoding(block_size, d_model, base), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[-2]
-        if T > self.max_len:
+        if T > self.block_size:
             raise ValueError(
-                f"sequence length {T} exceeds max_len {self.max_len} of the positional encoding; "
-                "build it with a larger max_len or feed shorter sequences."
+                f"sequence length {T} exceeds block_size {self.block_size} of the positional encoding; "
+                "build it with a larger block_size or feed shorter sequences."
             )
         return x + self.pe[:T].to(x.dtype)  # [B, T, C] + [T, C]
 
@@ -80,14 +81,14 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 class LearnedPositionalEmbedding(nn.Embedding):
-    """A trainable position table: an `nn.Embedding(max_len, d_model)` plus a length check.
+    """A trainable position table: an `nn.Embedding(block_size, d_model)` plus a length check.
 
     It *is* an nn.Embedding (GPT's `pos_emb`), so `pos_emb(torch.arange(T))` works as usual;
-    `positions(T)` returns the first T rows after checking T <= max_len.
+    `positions(T)` returns the first T rows after checking T <= block_size.
     """
 
-    def __init__(self, max_len: int, d_model: int):
-        super().__init__(max_len, d_model)
+    def __init__(self, block_size: int, d_model: int):
+        super().__init__(block_size, d_model)
 
     def positions(self, T: int, offset: int = 0) -> torch.Tensor:
         """Embeddings of positions offset .. offset+T-1, shape [T, C]."""
@@ -106,16 +107,15 @@ class LearnedPositionalEmbedding(nn.Embedding):
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_angles(max_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles pos * theta_i, each [max_len, head_dim / 2]."""
+def rope_angles(block_size: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles pos * theta_i, each [block_size, head_dim / 2]."""
     if head_dim <= 0 or head_dim % 2 != 0:
         raise ValueError(
             f"RoPE rotates feature pairs: head_dim must be a positive even integer, got {head_dim}."
         )
-    if max_len <= 0:
-        raise ValueError(f"max_len must be a positive integer, got {max_len}.")
+    check_int("block_size", block_size, minimum=1)
     theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [Dh/2]
-    positions = torch.arange(max_len, dtype=torch.float32)  # [T]
+    positions = torch.arange(block_size, dtype=torch.float32)  # [T]
     angles = positions[:, None] * theta[None, :]  # [T, Dh/2]
     return torch.cos(angles), torch.sin(angles)
 
@@ -143,24 +143,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed RoPE rotations for positions 0 .. max_len-1 of a head of size head_dim.
+    """Precomputed RoPE rotations for positions 0 .. block_size-1 of a head of size head_dim.
 
     `forward(x, offset=0)` rotates x [..., T, Dh] as if its tokens sat at positions offset .. offset+T-1.
     """
 
-    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, block_size: int, base: float = 10000.0):
         super().__init__()
         self.head_dim = head_dim
-        self.max_len = max_len
-        cos, sin = rope_angles(max_len, head_dim, base)
-        self.register_buffer("cos", cos, persistent=False)  # [max_len, Dh/2]
+        self.block_size = block_size
+        cos, sin = rope_angles(block_size, head_dim, base)
+        self.register_buffer("cos", cos, persistent=False)  # [block_size, Dh/2]
         self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         T = x.shape[-2]
-        if offset < 0 or offset + T > self.max_len:
+        if offset < 0 or offset + T > self.block_size:
             raise ValueError(
-                f"positions {offset}..{offset + T - 1} exceed the {self.max_len} precomputed RoPE "
-                "positions; build RotaryEmbedding with a larger max_len."
+                f"positions {offset}..{offset + T - 1} exceed the {self.block_size} precomputed RoPE "
+                "positions; build RotaryEmbedding with a larger block_size."
             )
         return apply_rope(x, self.cos[offset : offset + T], self.sin[offset : offset + T])

@@ -29,24 +29,24 @@ class RotaryMultiHeadAttention(MultiHeadAttention):
     """Self-attention with RoPE on queries and keys.
 
     Args:
-        d_model, n_heads, bias, dropout: as Phase 1's MultiHeadAttention.
-        max_len: number of positions with precomputed rotations.
+        d_model, n_head, bias, dropout: as Phase 1's MultiHeadAttention.
+        block_size: number of positions with precomputed rotations.
         base: RoPE frequency base (10000 in RoFormer and Llama 1/2).
-        n_kv_heads: key/value heads for grouped-query attention (None = n_heads), as in the parent.
+        n_kv_head: key/value heads for grouped-query attention (None = n_head), as in the parent.
     """
 
     def __init__(
         self,
         d_model: int,
-        n_heads: int,
-        max_len: int,
+        n_head: int,
+        block_size: int,
         bias: bool = True,
         dropout: float = 0.0,
         base: float = 10000.0,
-        n_kv_heads: int | None = None,
+        n_kv_head: int | None = None,
     ):
-        super().__init__(d_model, n_heads, bias=bias, dropout=dropout, n_kv_heads=n_kv_heads)
-        self.rope = RotaryEmbedding(d_model // n_heads, max_len, base)
+        super().__init__(d_model, n_head, bias=bias, dropout=dropout, n_kv_head=n_kv_head)
+        self.rope = RotaryEmbedding(d_model // n_head, block_size, base)
 
     def forward(
         self,

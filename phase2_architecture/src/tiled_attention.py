@@ -34,11 +34,12 @@ import math
 
 import torch
 
+from phase1_foundation.src.validation import check_int
+
 
 def online_logsumexp(x: torch.Tensor, block: int) -> torch.Tensor:
     """log sum exp(x) over the last axis, reading x in blocks of `block` with a running max and sum."""
-    if block < 1:
-        raise ValueError(f"block must be a positive integer, got {block}.")
+    check_int("block", block, minimum=1)
     m = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype, device=x.device)  # running max
     l = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)  # running sum of exp(x - m)
     for start in range(0, x.shape[-1], block):

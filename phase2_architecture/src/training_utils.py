@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from phase1_foundation.src.validation import check_int
+from phase1_foundation.src.primitives import Linear
+from phase1_foundation.src.validation import check_int, check_number
 from phase2_architecture.src.atomic_files import atomic_write
 
 GetBatch = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
@@ -72,22 +73,38 @@ def warmup_cosine(step: int, lr: float, min_lr: float, warmup_steps: int, steps:
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def weight_decay_groups(
+    model: nn.Module, weight_decay: float, exclude: Iterable[nn.Parameter] = ()
+) -> list[dict]:
+    """AdamW's two parameter groups, by one rule: weight decay on the matmul weights, none on the rest.
+
+    Decayed: the weight of every `nn.Linear` (and of Phase 1's `Linear`), and every parameter with >= 3
+    dimensions (a stack of per-expert matrices [E, C, F]): the matrices an input is multiplied by.
+    Not decayed: biases of any shape (a stack of expert biases [E, F] is 2-D), norm gains, and embedding
+    tables. Decay pulls a parameter towards 0, a sensible prior for a matrix (smaller weights, smoother
+    function) but not for a gain (its neutral value is 1) or an offset. An embedding row gets a gradient only
+    in batches that hold its token, while AdamW shrinks every row at every step, so decay would pull rare
+    tokens' vectors to 0 between their appearances. A table tied to the output head is that head's matmul
+    weight, with a gradient for every row at every step: it is decayed. Raw matrices that no `Linear` holds
+    (LoRA's A and B) count as "the rest": fine-tuning here runs without weight decay.
+
+    `exclude`: parameters another optimizer updates (Muon's hidden matrices); they are in neither group.
+    Only parameters with requires_grad are listed; each appears once even when tied.
+    """
+    check_number("weight_decay", weight_decay, low=0)
+    matmul_weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, Linear))}
+    excluded = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
+    decay = [p for p in params if id(p) in matmul_weights or p.dim() >= 3]
+    no_decay = [p for p in params if not (id(p) in matmul_weights or p.dim() >= 3)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_adamw(
     model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases or norm gains.
-
-    Decaying a gain or a bias pulls it towards 0, which is not a sensible prior (nanoGPT's rule:
-    decay parameters with >= 2 dimensions).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    """AdamW over `weight_decay_groups(model, weight_decay)`: decay on the matmul weights only."""
+    return torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, betas=betas)
 
 
 def train_model(
@@ -100,8 +117,8 @@ def train_model(
     warmup_steps: int = 0,
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.95),
-    grad_clip: float | None = 1.0,
-    eval_every: int | None = None,
+    grad_clip: float = 1.0,
+    eval_interval: int = 0,
     eval_batches: int = 10,
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
@@ -110,23 +127,22 @@ def train_model(
 
     Each step: lr from the schedule (linear warmup for `warmup_steps`, cosine decay to `min_lr`
     at `steps`; `min_lr=None` means a constant lr after warmup), forward, backward, clip the global
-    gradient norm to `grad_clip`, AdamW step. A given `optimizer` (e.g. restored from a checkpoint)
-    is used instead of a fresh `make_adamw`; the schedule sets its learning rate at every step.
+    gradient norm to `grad_clip` (0 = no clipping), AdamW step. A given `optimizer` (e.g. restored
+    from a checkpoint) is used instead of a fresh `make_adamw`; the schedule sets its learning rate at
+    every step.
 
     History entries: {"step", "lr", "loss" (this batch), "grad_norm", "time_s"} and, every
-    `eval_every` steps and at the last step, {"train_loss", "val_loss"} from `estimate_loss`.
+    `eval_interval` steps and at the last step (0 = only at the last), {"train_loss", "val_loss"} from
+    `estimate_loss`. Off is 0, as in Phase 4's TrainingConfig and on the MoE's command line.
     """
     check_int("steps", steps, minimum=1)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}.")
+    check_number("lr", lr, above=0)
     if min_lr is not None and not 0 <= min_lr <= lr:
         raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}.")
     if not 0 <= warmup_steps <= steps:
         raise ValueError(f"warmup_steps must be in [0, steps={steps}], got {warmup_steps}.")
-    if eval_every is not None and eval_every < 1:
-        raise ValueError(f"eval_every must be a positive integer or None, got {eval_every}.")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}.")
+    check_int("eval_interval (0 = only at the last step)", eval_interval, minimum=0)
+    check_number("grad_clip (0 = no clipping)", grad_clip, low=0)
 
     if optimizer is None:
         optimizer = make_adamw(model, lr, weight_decay, betas)
@@ -148,7 +164,7 @@ def train_model(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip is not None:
+        if grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
         else:
             grad_norm = math.sqrt(
@@ -163,7 +179,7 @@ def train_model(
             "grad_norm": grad_norm,
             "time_s": time.perf_counter() - start,
         }
-        if eval_every is not None and (step % eval_every == 0 or step == steps - 1):
+        if (eval_interval and step % eval_interval == 0) or step == steps - 1:
             losses = estimate_loss(model, get_batch, eval_batches)
             record["train_loss"], record["val_loss"] = losses["train"], losses["val"]
             bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")

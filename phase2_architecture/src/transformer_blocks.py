@@ -50,7 +50,7 @@ class TransformerBlock(nn.Module):
     """Self-attention + feed-forward with residual connections.
 
     Args:
-        d_model, n_heads: width of the residual stream and number of attention heads.
+        d_model, n_head: width of the residual stream and number of attention heads.
         d_ff: hidden size of the FFN (default: 4 * d_model for GELU, 2/3 of that for SwiGLU).
         dropout: on the attention weights (inside Phase 1's attention) and on each sub-layer's output
             before it is added to the residual stream (`resid_drop` after attention, inside the FFN).
@@ -58,15 +58,15 @@ class TransformerBlock(nn.Module):
         norm: "layernorm" or "rmsnorm".  ffn: "gelu" or "swiglu".
         norm_first: True = pre-norm (GPT-2), False = post-norm (2017 transformer).
         causal: True = each token attends to itself and earlier tokens only (decoder-only LM).
-        n_kv_heads: key/value heads (grouped-query attention; None = n_heads, 1 = multi-query).
-        rope_max_len: if given, attention rotates queries and keys by RoPE for positions up to this.
+        n_kv_head: key/value heads (grouped-query attention; None = n_head, 1 = multi-query).
+        rope_block_size: if given, attention rotates queries and keys by RoPE for positions up to this.
         gelu_approximate: "none" (exact GELU) or "tanh" (GPT-2's approximation); GELU FFN only.
     """
 
     def __init__(
         self,
         d_model: int,
-        n_heads: int,
+        n_head: int,
         *,
         d_ff: int | None = None,
         dropout: float = 0.0,
@@ -75,19 +75,19 @@ class TransformerBlock(nn.Module):
         ffn: str = "gelu",
         norm_first: bool = True,
         causal: bool = True,
-        n_kv_heads: int | None = None,
-        rope_max_len: int | None = None,
+        n_kv_head: int | None = None,
+        rope_block_size: int | None = None,
         gelu_approximate: str = "none",
     ):
         super().__init__()
         self.norm_first = norm_first
         self.causal = causal
         self.ln1 = make_norm(norm, d_model, bias=bias)
-        if rope_max_len is None:
-            self.attn = MultiHeadAttention(d_model, n_heads, bias, dropout, n_kv_heads=n_kv_heads)
+        if rope_block_size is None:
+            self.attn = MultiHeadAttention(d_model, n_head, bias, dropout, n_kv_head=n_kv_head)
         else:
             self.attn = RotaryMultiHeadAttention(
-                d_model, n_heads, rope_max_len, bias=bias, dropout=dropout, n_kv_heads=n_kv_heads
+                d_model, n_head, rope_block_size, bias=bias, dropout=dropout, n_kv_head=n_kv_head
             )
         self.resid_drop = nn.Dropout(dropout)
         self.ln2 = make_norm(norm, d_model, bias=bias)
@@ -117,8 +117,8 @@ class EncoderBlock(TransformerBlock):
     source padding mask [B, S] (True = real token).
     """
 
-    def __init__(self, d_model: int, n_heads: int, *, norm_first: bool = False, **kwargs):
-        super().__init__(d_model, n_heads, norm_first=norm_first, causal=False, **kwargs)
+    def __init__(self, d_model: int, n_head: int, *, norm_first: bool = False, **kwargs):
+        super().__init__(d_model, n_head, norm_first=norm_first, causal=False, **kwargs)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x, key_padding_to_attention_mask(key_mask))
@@ -134,7 +134,7 @@ class DecoderBlock(nn.Module):
     def __init__(
         self,
         d_model: int,
-        n_heads: int,
+        n_head: int,
         *,
         d_ff: int | None = None,
         dropout: float = 0.0,
@@ -146,9 +146,9 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.norm_first = norm_first
         self.ln1 = make_norm(norm, d_model, bias=bias)
-        self.self_attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
+        self.self_attn = MultiHeadAttention(d_model, n_head, bias=bias, dropout=dropout)
         self.ln2 = make_norm(norm, d_model, bias=bias)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
+        self.cross_attn = MultiHeadAttention(d_model, n_head, bias=bias, dropout=dropout)
         self.ln3 = make_norm(norm, d_model, bias=bias)
         self.ffn = make_feed_forward(ffn, d_model, d_ff, dropout=dropout, bias=bias)
         self.resid_drop = nn.Dropout(dropout)

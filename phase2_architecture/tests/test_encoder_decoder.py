@@ -8,7 +8,7 @@ from phase2_architecture.src.encoder_decoder import EncoderDecoderConfig, Encode
 
 
 def make_model(**overrides):
-    args = dict(src_vocab_size=20, tgt_vocab_size=15, max_len=16, n_layer=2, n_head=2, d_model=32)
+    args = dict(src_vocab_size=20, tgt_vocab_size=15, block_size=16, n_layer=2, n_head=2, d_model=32)
     args.update(overrides)
     torch.manual_seed(0)
     return EncoderDecoderTransformer(EncoderDecoderConfig(**args)).eval()
@@ -86,7 +86,7 @@ def test_learns_to_reverse_a_fixed_batch_and_greedy_decodes_it():
 
 def test_bad_inputs():
     model = make_model()
-    with pytest.raises(ValueError, match="max_len"):
+    with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"src ids must be in \[0, 19\]"):
         model(torch.full((1, 3), 20), torch.zeros(1, 3, dtype=torch.long))

@@ -77,5 +77,7 @@ def test_bad_arguments():
         GELU("sigmoid")
     with pytest.raises(ValueError, match="Unknown feed-forward"):
         make_feed_forward("relu", 8)
-    with pytest.raises(ValueError, match="d_hidden"):
-        GELUFeedForward(8, d_hidden=0)
+    with pytest.raises(ValueError, match="d_ff must be a positive integer, got 0"):
+        GELUFeedForward(8, d_ff=0)
+    with pytest.raises(ValueError, match="multiple_of must be a positive integer, got 0"):
+        swiglu_hidden_size(8, multiple_of=0)

@@ -41,7 +41,7 @@ def test_sinusoidal_module_adds_table_and_checks_length():
     x = torch.randn(2, 4, 6)
     torch.testing.assert_close(module(x), x + sinusoidal_encoding(10, 6)[:4])
     assert len(list(module.parameters())) == 0
-    with pytest.raises(ValueError, match="exceeds max_len 10"):
+    with pytest.raises(ValueError, match="exceeds block_size 10"):
         module(torch.randn(1, 11, 6))
     with pytest.raises(ValueError, match="even"):
         sinusoidal_encoding(4, 7)
@@ -83,13 +83,13 @@ def test_rope_preserves_norms_and_position_zero_is_identity():
 
 def test_rope_score_depends_only_on_relative_position():
     torch.manual_seed(0)
-    Dh, max_len = 32, 128
-    rope = RotaryEmbedding(Dh, max_len)
+    Dh, block_size = 32, 128
+    rope = RotaryEmbedding(Dh, block_size)
     q, k = torch.randn(Dh, dtype=torch.float64), torch.randn(Dh, dtype=torch.float64)
 
     def score(i, j):
-        qi = rope(q.float()[None].expand(max_len, Dh).clone())[i].double()  # q placed at position i
-        kj = rope(k.float()[None].expand(max_len, Dh).clone())[j].double()  # k placed at position j
+        qi = rope(q.float()[None].expand(block_size, Dh).clone())[i].double()  # q placed at position i
+        kj = rope(k.float()[None].expand(block_size, Dh).clone())[j].double()  # k placed at position j
         return (qi @ kj).item()
 
     for i, j, shift in [(5, 2, 10), (3, 9, 50), (0, 0, 100), (40, 7, 60)]:
@@ -103,7 +103,7 @@ def test_rope_offset_matches_slice_of_full_sequence():
     x = torch.randn(2, 20, 8)
     full = rope(x)
     torch.testing.assert_close(rope(x[:, 12:15], offset=12), full[:, 12:15])
-    with pytest.raises(ValueError, match="larger max_len"):
+    with pytest.raises(ValueError, match="larger block_size"):
         rope(x[:, :5], offset=16)
     with pytest.raises(ValueError, match="even"):
         RotaryEmbedding(7, 10)

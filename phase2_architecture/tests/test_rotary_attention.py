@@ -37,7 +37,7 @@ def reference(attn, x, causal, offset=0):
 @pytest.mark.parametrize("causal", [True, False])
 def test_matches_independent_reference(causal):
     torch.manual_seed(0)
-    attn = RotaryMultiHeadAttention(C, H, max_len=64).double().eval()
+    attn = RotaryMultiHeadAttention(C, H, block_size=64).double().eval()
     assert isinstance(attn, MultiHeadAttention)  # reuses phase 1's projections and attention
     x = torch.randn(B, T, C, dtype=torch.float64)
     out, weights = attn(x, causal=causal, offset=3)
@@ -51,7 +51,7 @@ def test_matches_independent_reference(causal):
 def test_output_is_invariant_to_a_common_position_shift():
     """Scores depend on i - j only, so moving the whole sequence changes nothing."""
     torch.manual_seed(0)
-    attn = RotaryMultiHeadAttention(C, H, max_len=128).double().eval()
+    attn = RotaryMultiHeadAttention(C, H, block_size=128).double().eval()
     x = torch.randn(B, T, C, dtype=torch.float64)
     base, _ = attn(x, causal=True, offset=0)
     for offset in (1, 17, 100):
@@ -66,7 +66,7 @@ def test_output_is_invariant_to_a_common_position_shift():
 
 def test_causal():
     torch.manual_seed(0)
-    attn = RotaryMultiHeadAttention(C, H, max_len=64).eval()
+    attn = RotaryMultiHeadAttention(C, H, block_size=64).eval()
     x = torch.randn(B, T, C)
     y = x.clone()
     y[:, 6:] = torch.randn(B, T - 6, C)
@@ -77,8 +77,8 @@ def test_causal():
 
 
 def test_errors():
-    attn = RotaryMultiHeadAttention(C, H, max_len=8)
+    attn = RotaryMultiHeadAttention(C, H, block_size=8)
     with pytest.raises(ValueError, match="self-attention only"):
         attn(torch.randn(1, 4, C), context=torch.randn(1, 5, C))
-    with pytest.raises(ValueError, match="larger max_len"):
+    with pytest.raises(ValueError, match="larger block_size"):
         attn(torch.randn(1, 9, C))

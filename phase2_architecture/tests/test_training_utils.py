@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
+from phase1_foundation.src.primitives import Embedding, Linear
 from phase2_architecture.src import training_utils
 from phase2_architecture.src.gpt import GPT, GPTConfig
+from phase2_architecture.src.mixture_of_experts import MoEConfig, MoELanguageModel
 from phase2_architecture.src.training_utils import (
     estimate_loss,
     load_checkpoint,
@@ -16,6 +18,7 @@ from phase2_architecture.src.training_utils import (
     save_checkpoint,
     train_model,
     warmup_cosine,
+    weight_decay_groups,
 )
 
 CONFIG = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, d_model=32)
@@ -48,7 +51,7 @@ def test_train_model_learns_and_follows_the_lr_schedule():
         lr=3e-3,
         min_lr=3e-4,
         warmup_steps=10,
-        eval_every=30,
+        eval_interval=30,
         eval_batches=4,
         progress=False,
     )
@@ -93,13 +96,82 @@ def test_grad_clip_bounds_the_update():
     assert update.item() == pytest.approx(1e-2, rel=1e-3)
 
 
-def test_make_adamw_decays_only_matrices():
+def test_zero_is_off_for_grad_clip_and_eval_interval():
+    """grad_clip=0: the SGD (lr 1) update is the whole gradient; eval_interval=0: one evaluation, the last."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_get_batch(seed=2)("train")
+    model(x, y)[1].backward()
+    true_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    model.zero_grad(set_to_none=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_model(model, make_get_batch(seed=2), steps=1, lr=1.0, grad_clip=0, optimizer=sgd, progress=False)
+    update = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before)))
+    assert update.item() == pytest.approx(true_norm, rel=1e-4)
+
+    evaluated = {}
+    for interval in (0, 2):
+        history = train_model(GPT(CONFIG), make_get_batch(), steps=5, lr=1e-3, eval_interval=interval,
+                              eval_batches=1, progress=False)  # fmt: skip
+        evaluated[interval] = [h["step"] for h in history if "val_loss" in h]
+    assert evaluated == {0: [4], 2: [0, 2, 4]}
+    with pytest.raises(ValueError, match="no clipping. must be a finite number >= 0, got None"):
+        train_model(GPT(CONFIG), make_get_batch(), steps=1, lr=1e-3, grad_clip=None)
+
+
+def decayed_names(model, groups) -> set[str]:
+    decayed = {id(p) for p in groups[0]["params"]}
+    return {name for name, p in model.named_parameters() if id(p) in decayed}
+
+
+def test_weight_decay_groups_decay_matmul_weights_only_in_gpt_moe_and_tied_models():
+    # Named by hand: every matrix an input is multiplied by, and nothing else.
+    gpt = GPT(CONFIG)
+    groups = weight_decay_groups(gpt, 0.1)
+    projections = [f"attn.{m}_proj" for m in ("q", "k", "v", "out")] + ["ffn.up_proj", "ffn.down_proj"]
+    expected = {f"blocks.{i}.{m}.weight" for i in range(CONFIG.n_layer) for m in projections}
+    expected.add("lm_head.weight")
+    assert decayed_names(gpt, groups) == expected  # no embeddings, norm gains or biases
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(gpt.parameters()))
+
+    moe = MoELanguageModel(
+        MoEConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, d_model=16, n_expert=2, top_k=1, d_ff=24)
+    )
+    moe_groups = weight_decay_groups(moe, 0.1)
+    attention = {f"blocks.0.attn.{m}_proj.weight" for m in ("q", "k", "v", "out")}
+    experts = {"blocks.0.moe.w1", "blocks.0.moe.w2", "blocks.0.moe.gate.weight"}  # b1, b2 are [E, F] biases
+    assert decayed_names(moe, moe_groups) == attention | experts | {"lm_head.weight"}
+
+    tied = GPT(dataclasses.replace(CONFIG, tie_weights=True))  # the table is also the head's matmul weight
+    assert "tok_emb.weight" in decayed_names(tied, weight_decay_groups(tied, 0.1))
+    assert "pos_emb.weight" not in decayed_names(tied, weight_decay_groups(tied, 0.1))
+
+    from_primitives = torch.nn.Sequential(Embedding(11, 8), Linear(8, 11))  # Phase 1's own modules
+    assert decayed_names(from_primitives, weight_decay_groups(from_primitives, 0.1)) == {"1.weight"}
+
+
+def test_weight_decay_groups_leave_out_excluded_and_frozen_parameters():
+    model = GPT(CONFIG)
+    model.tok_emb.weight.requires_grad_(False)
+    muon = [block.attn.q_proj.weight for block in model.blocks]  # updated by another optimizer
+    groups = weight_decay_groups(model, 0.1, exclude=muon)
+    listed = {id(p) for g in groups for p in g["params"]}
+    assert not listed & {id(p) for p in muon} and id(model.tok_emb.weight) not in listed
+    assert len(listed) == len(list(model.parameters())) - len(muon) - 1
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got -0.1"):
+        weight_decay_groups(model, -0.1)
+
+
+def test_make_adamw_uses_the_weight_decay_groups():
     model = GPT(CONFIG)
     opt = make_adamw(model, lr=1e-3, weight_decay=0.1)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    expected = weight_decay_groups(model, 0.1)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
+        [id(p) for p in g["params"]] for g in expected
+    ]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
 def test_estimate_loss_restores_training_mode_and_is_deterministic_in_eval():

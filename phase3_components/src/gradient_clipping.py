@@ -23,6 +23,8 @@ from typing import Iterable
 
 import torch
 
+from phase1_foundation.src.validation import check_number
+
 
 def global_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """The norm of all gradients concatenated into one vector (parameters without grad are skipped)."""
@@ -53,8 +55,7 @@ def clip_grad_norm(
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     parameters = list(parameters)
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    check_number("max_norm", max_norm, above=0)
     if not norm_type > 0:
         raise ValueError(f"norm_type must be > 0 (e.g. 2.0 or float('inf')), got {norm_type}")
     grads = [p.grad for p in parameters if p.grad is not None]

@@ -25,27 +25,34 @@ the first update already has a non-zero lr and step warmup_steps - 1 reaches max
 from __future__ import annotations
 
 import math
-import numbers
+
+from phase1_foundation.src.validation import check_int, check_number
 
 
-def _check_step(step: int) -> None:
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-
-
-def _check_lrs(max_lr: float, min_lr: float) -> None:
-    if not (max_lr >= 0 and min_lr >= 0):
-        raise ValueError(f"learning rates must be >= 0, got max_lr={max_lr}, min_lr={min_lr}")
+def _check_step_and_lrs(step: int, max_lr: float, min_lr: float) -> None:
+    """Every schedule's shared arguments: a step count and two learning rates with min_lr <= max_lr."""
+    check_int("step", step, minimum=0)
+    check_number("max_lr", max_lr, low=0)
+    check_number("min_lr", min_lr, low=0)
     if min_lr > max_lr:
         raise ValueError(f"min_lr ({min_lr}) is larger than max_lr ({max_lr}): swap them or lower min_lr")
 
 
+def _check_warmup_within(warmup_steps: int, total_steps: int) -> None:
+    """A warmup followed by a decay: 0 <= warmup_steps <= total_steps."""
+    check_int("warmup_steps", warmup_steps, minimum=0)
+    check_int("total_steps", total_steps, minimum=0)
+    if total_steps < warmup_steps:
+        raise ValueError(
+            f"total_steps ({total_steps}) is smaller than warmup_steps ({warmup_steps}): "
+            "the decay must end after the warmup; raise total_steps or lower warmup_steps"
+        )
+
+
 def linear_warmup_lr(step: int, *, max_lr: float, warmup_steps: int) -> float:
     """max_lr * (step + 1) / warmup_steps while step < warmup_steps, then max_lr."""
-    _check_step(step)
-    _check_lrs(max_lr, 0.0)
-    if warmup_steps < 1:
-        raise ValueError(f"warmup_steps must be >= 1 for a warmup, got {warmup_steps}")
+    _check_step_and_lrs(step, max_lr, 0.0)
+    check_int("warmup_steps", warmup_steps, minimum=1)
     if step >= warmup_steps:
         return max_lr
     return max_lr * (step + 1) / warmup_steps
@@ -56,10 +63,8 @@ def cosine_decay_lr(step: int, *, max_lr: float, min_lr: float, total_steps: int
 
     lr = min_lr + (max_lr - min_lr) * (1 + cos(pi * step / total_steps)) / 2
     """
-    _check_step(step)
-    _check_lrs(max_lr, min_lr)
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    _check_step_and_lrs(step, max_lr, min_lr)
+    check_int("total_steps", total_steps, minimum=1)
     if step >= total_steps:
         return min_lr
     progress = step / total_steps  # 0 -> 1
@@ -68,10 +73,8 @@ def cosine_decay_lr(step: int, *, max_lr: float, min_lr: float, total_steps: int
 
 def linear_decay_lr(step: int, *, max_lr: float, min_lr: float, total_steps: int) -> float:
     """A straight line from max_lr (step 0) to min_lr (step total_steps); min_lr afterwards."""
-    _check_step(step)
-    _check_lrs(max_lr, min_lr)
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    _check_step_and_lrs(step, max_lr, min_lr)
+    check_int("total_steps", total_steps, minimum=1)
     progress = min(step, total_steps) / total_steps
     return max_lr + (min_lr - max_lr) * progress
 
@@ -83,15 +86,8 @@ def warmup_cosine_lr(
 
     warmup_steps = 0 means no warmup (pure cosine decay from step 0).
     """
-    _check_step(step)
-    _check_lrs(max_lr, min_lr)
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if total_steps < warmup_steps:
-        raise ValueError(
-            f"total_steps ({total_steps}) is smaller than warmup_steps ({warmup_steps}): "
-            "the decay must end after the warmup; raise total_steps or lower warmup_steps"
-        )
+    _check_step_and_lrs(step, max_lr, min_lr)
+    _check_warmup_within(warmup_steps, total_steps)
     if step < warmup_steps:
         return linear_warmup_lr(step, max_lr=max_lr, warmup_steps=warmup_steps)
     if step >= total_steps:
@@ -105,13 +101,8 @@ def warmup_linear_decay_lr(
     step: int, *, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int
 ) -> float:
     """Linear warmup, then a straight line down to min_lr at total_steps (the BERT recipe)."""
-    _check_step(step)
-    _check_lrs(max_lr, min_lr)
-    if warmup_steps < 0 or total_steps < warmup_steps:
-        raise ValueError(
-            f"need 0 <= warmup_steps <= total_steps, got warmup_steps={warmup_steps}, "
-            f"total_steps={total_steps}"
-        )
+    _check_step_and_lrs(step, max_lr, min_lr)
+    _check_warmup_within(warmup_steps, total_steps)
     if step < warmup_steps:
         return linear_warmup_lr(step, max_lr=max_lr, warmup_steps=warmup_steps)
     if step >= total_steps:
@@ -123,8 +114,7 @@ def warmup_linear_decay_lr(
 
 def set_learning_rate(optimizer, lr: float) -> None:
     """Write `lr` into an optimizer: a torch.optim optimizer (every param group) or one of ours (.lr)."""
-    if lr < 0:
-        raise ValueError(f"learning rate must be >= 0, got {lr}")
+    check_number("lr", lr, low=0)
     if hasattr(optimizer, "param_groups"):
         for group in optimizer.param_groups:
             group["lr"] = lr

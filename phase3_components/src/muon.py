@@ -39,8 +39,9 @@ import math
 import torch
 from torch import nn
 
+from phase1_foundation.src.validation import check_int, check_number
 from phase3_components.src.hardware import choose_newton_schulz_dtype
-from phase3_components.src.optimizers import Optimizer, _check_beta, _check_non_negative
+from phase3_components.src.optimizers import Optimizer
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -98,8 +99,9 @@ class Muon(Optimizer):
                     f"Muon updates 2-D weight matrices only, got a parameter of shape {tuple(p.shape)}; "
                     "give embeddings, norms, biases and the output head to AdamW (muon_and_adamw_groups)."
                 )
-        _check_beta("momentum", momentum)
-        _check_non_negative("weight_decay", weight_decay)
+        check_number("momentum", momentum, low=0, below=1)
+        check_number("weight_decay", weight_decay, low=0)
+        check_int("ns_steps", ns_steps, minimum=1)
         self.momentum, self.nesterov = momentum, nesterov
         self.weight_decay, self.ns_steps = weight_decay, ns_steps
         # None: the machine's fastest accurate dtype, decided once (hardware.choose_newton_schulz_dtype)

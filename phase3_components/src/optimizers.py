@@ -20,6 +20,9 @@ Weight decay in SGD/RMSProp/Adam is the classic L2 form g <- g + wd * p: it goes
 adaptive scaling in Adam, so large-gradient weights are barely decayed; AdamW's decoupled decay
 shrinks every weight by the same factor, which is why LLMs are trained with AdamW.
 
+Which parameters get weight decay is one rule for the whole course, Phase 2's
+`training_utils.weight_decay_groups` (matmul weights yes; biases, norm gains, embedding tables no).
+
 Like torch.optim, parameters whose .grad is None are skipped, and `zero_grad()` sets grads to None.
 Each optimizer has an `lr` attribute that a schedule may change between steps
 (`phase3_components.src.lr_schedules.set_learning_rate`).
@@ -30,6 +33,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+
+from phase1_foundation.src.validation import check_number
 
 
 class Optimizer:
@@ -44,7 +49,7 @@ class Optimizer:
         for p in self.params:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"parameters must be tensors, got {type(p).__name__}")
-        _check_non_negative("lr", lr)
+        check_number("lr", lr, low=0)
         self.lr = lr
         self.state: list[dict] = [{} for _ in self.params]  # one dict of buffers per parameter
 
@@ -62,22 +67,12 @@ class Optimizer:
         raise NotImplementedError
 
 
-def _check_non_negative(name: str, value: float) -> None:
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _check_beta(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-
-
 class SGD(Optimizer):
     """Plain stochastic gradient descent: p <- p - lr * (g + wd * p)."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__(params, lr)
-        _check_non_negative("weight_decay", weight_decay)
+        check_number("weight_decay", weight_decay, low=0)
         self.weight_decay = weight_decay
 
     @torch.no_grad()
@@ -108,12 +103,11 @@ class SGDMomentum(Optimizer):
         weight_decay: float = 0.0,
     ):
         super().__init__(params, lr)
-        _check_beta("momentum", momentum)
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"dampening must be in [0, 1], got {dampening}")
+        check_number("momentum", momentum, low=0, below=1)
+        check_number("dampening", dampening, low=0, high=1)
         if nesterov and (momentum == 0.0 or dampening != 0.0):
             raise ValueError("Nesterov momentum needs momentum > 0 and dampening = 0")
-        _check_non_negative("weight_decay", weight_decay)
+        check_number("weight_decay", weight_decay, low=0)
         self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
         self.weight_decay = weight_decay
 
@@ -152,10 +146,10 @@ class RMSProp(Optimizer):
         centered: bool = False,
     ):
         super().__init__(params, lr)
-        _check_beta("alpha", alpha)
-        _check_non_negative("eps", eps)
-        _check_non_negative("weight_decay", weight_decay)
-        _check_beta("momentum", momentum)
+        check_number("alpha", alpha, low=0, below=1)
+        check_number("eps", eps, low=0)
+        check_number("weight_decay", weight_decay, low=0)
+        check_number("momentum", momentum, low=0, below=1)
         self.alpha, self.eps, self.weight_decay = alpha, eps, weight_decay
         self.momentum, self.centered = momentum, centered
 
@@ -198,10 +192,10 @@ class Adam(Optimizer):
     ):
         super().__init__(params, lr)
         beta1, beta2 = betas
-        _check_beta("beta1", beta1)
-        _check_beta("beta2", beta2)
-        _check_non_negative("eps", eps)
-        _check_non_negative("weight_decay", weight_decay)
+        check_number("beta1", beta1, low=0, below=1)
+        check_number("beta2", beta2, low=0, below=1)
+        check_number("eps", eps, low=0)
+        check_number("weight_decay", weight_decay, low=0)
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
 
     def _decoupled_decay(self, p: torch.Tensor) -> None:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from phase1_foundation.src.validation import check_int
+
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
 # ----------------------------------------------------------------------------------------------
@@ -640,16 +642,9 @@ def generate_story(rng: random.Random) -> str:
 
 def generate_labelled_stories(n_stories: int, seed: int = 0) -> list[LabelledStory]:
     """`generate_stories(n_stories, seed)` with each story's labels: the same texts, in the same order."""
-    _check_n_stories(n_stories)
+    check_int("n_stories", n_stories, minimum=0)
     rng = random.Random(seed)
     return [generate_labelled_story(rng) for _ in range(n_stories)]
-
-
-def _check_n_stories(n_stories: int) -> None:
-    if isinstance(n_stories, bool) or not isinstance(n_stories, int):
-        raise TypeError(f"n_stories must be an int, got {type(n_stories).__name__}")
-    if n_stories < 0:
-        raise ValueError(f"n_stories must be >= 0, got {n_stories}")
 
 
 def generate_stories(n_stories: int, seed: int = 0) -> list[str]:
@@ -658,7 +653,7 @@ def generate_stories(n_stories: int, seed: int = 0) -> list[str]:
     Each story is three paragraphs separated by a blank line ("\\n\\n"). Use different seeds
     for the training and validation splits (the MoE pipeline uses `seed` and `seed + 1`).
     """
-    _check_n_stories(n_stories)
+    check_int("n_stories", n_stories, minimum=0)
     rng = random.Random(seed)
     return [generate_story(rng) for _ in range(n_stories)]
 

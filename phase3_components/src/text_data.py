@@ -110,8 +110,7 @@ def get_random_batch(
     Pass a seeded torch.Generator for reproducible batches. Works on np.memmap without reading
     more than the sampled windows.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_int("batch_size", batch_size, minimum=1)
     _check_stream(tokens, block_size)
     starts = torch.randint(0, len(tokens) - block_size, (batch_size,), generator=generator)  # [B]
     x = np.stack([np.asarray(tokens[s : s + block_size], dtype=np.int64) for s in starts.tolist()])  # [B, T]
@@ -203,23 +202,23 @@ class PaddedBatch:
 
 
 def pad_documents(
-    documents: Sequence[Sequence[int]], pad_id: int, max_length: int | None = None
+    documents: Sequence[Sequence[int]], pad_id: int, block_size: int | None = None
 ) -> PaddedBatch:
     """Turn each document (>= 2 tokens) into one (input, target) row, right-padded with pad_id.
 
     A document of n tokens gives n - 1 prediction positions. Rows are padded to T = max(n) - 1,
-    or to `max_length` if given (documents longer than max_length + 1 raise: truncate them or pack).
+    or to `block_size` if given (documents longer than block_size + 1 raise: truncate them or pack).
     """
     if len(documents) == 0:
         raise ValueError("pad_documents got no documents")
     lengths = [len(doc) for doc in documents]
     if min(lengths) < 2:
         raise ValueError("every document needs at least 2 tokens to give one (input, target) pair")
-    T = max(lengths) - 1 if max_length is None else max_length
+    T = max(lengths) - 1 if block_size is None else block_size
     if max(lengths) - 1 > T:
         raise ValueError(
-            f"a document has {max(lengths)} tokens, more than max_length + 1 = {T + 1}: "
-            "truncate the documents or raise max_length"
+            f"a document has {max(lengths)} tokens, more than block_size + 1 = {T + 1}: "
+            "truncate the documents or raise block_size"
         )
     B = len(documents)
     inputs = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
@@ -383,8 +382,8 @@ def load_text_dataset(
 
     if source in LOCAL_FORMATS and data_files is None:
         raise ValueError(f"load_text_dataset({source!r}) reads local files: pass data_files='path/to/file'")
-    if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents must be >= 1 or None, got {max_documents}")
+    if max_documents is not None:
+        check_int("max_documents (None = all)", max_documents, minimum=1)
     if data_files is not None:
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         missing = [str(f) for f in files if not Path(f).exists()]

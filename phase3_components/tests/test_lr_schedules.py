@@ -149,10 +149,16 @@ def test_bad_arguments():
         warmup_cosine_lr(0, max_lr=0.1, min_lr=1.0, warmup_steps=1, total_steps=10)
     with pytest.raises(ValueError, match="total_steps"):
         warmup_cosine_lr(0, max_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=5)
-    with pytest.raises(ValueError, match="step"):
+    with pytest.raises(ValueError, match="step must be a non-negative integer, got -1"):
         warmup_cosine_lr(-1, max_lr=1.0, min_lr=0.1, warmup_steps=1, total_steps=10)
-    with pytest.raises(ValueError, match="warmup_steps"):
+    with pytest.raises(ValueError, match="warmup_steps must be a positive integer, got 0"):
         linear_warmup_lr(0, max_lr=1.0, warmup_steps=0)
+    with pytest.raises(ValueError, match="max_lr must be a finite number >= 0, got inf"):
+        cosine_decay_lr(0, max_lr=float("inf"), min_lr=0.0, total_steps=10)
+    with pytest.raises(ValueError, match="total_steps .3. is smaller than warmup_steps .5."):
+        warmup_linear_decay_lr(0, max_lr=1.0, min_lr=0.0, warmup_steps=5, total_steps=3)
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got -0.1"):
+        set_learning_rate(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), -0.1)
     with pytest.raises(TypeError, match="param_groups"):
         set_learning_rate(object(), 0.1)
 

@@ -99,6 +99,10 @@ def test_one_step_applies_the_quintic_to_each_singular_value():
 def test_muon_rejects_vectors_and_the_gpt_split_puts_only_block_matrices_in_muon():
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="momentum must be a finite number >= 0 and < 1, got 1.0"):
+        Muon([torch.zeros(2, 2, requires_grad=True)], momentum=1.0)
+    with pytest.raises(ValueError, match="ns_steps must be a positive integer, got 0"):
+        Muon([torch.zeros(2, 2, requires_grad=True)], ns_steps=0)
     with pytest.raises(ValueError, match="orthogonalises a matrix"):
         newton_schulz(torch.zeros(2))
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, d_model=16, tie_weights=False))

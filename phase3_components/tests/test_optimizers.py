@@ -143,9 +143,15 @@ def test_zero_grad_and_bad_arguments():
         Adam([], lr=0.1)
     with pytest.raises(TypeError, match="iterable"):
         Adam(p, lr=0.1)
-    with pytest.raises(ValueError, match="beta2"):
+    with pytest.raises(ValueError, match=r"beta2 must be a finite number >= 0 and < 1, got 1.0"):
         Adam([p], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got nan"):
+        Adam([p], lr=float("nan"))
+    with pytest.raises(ValueError, match="dampening must be a finite number >= 0 and <= 1, got 1.5"):
+        SGDMomentum([p], dampening=1.5)
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0 and < 1, got 1"):
+        RMSProp([p], alpha=1)
     with pytest.raises(ValueError, match="Nesterov"):
         SGDMomentum([p], momentum=0.9, dampening=0.1, nesterov=True)
-    with pytest.raises(ValueError, match="weight_decay"):
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got -0.1"):
         AdamW([p], weight_decay=-0.1)

@@ -120,9 +120,9 @@ def test_articles_agree():
 
 def test_bad_arguments():
     assert generate_stories(0) == []
-    with pytest.raises(ValueError, match="n_stories must be >= 0"):
+    with pytest.raises(ValueError, match="n_stories must be a non-negative integer, got -1"):
         generate_stories(-1)
-    with pytest.raises(TypeError, match="n_stories must be an int"):
+    with pytest.raises(ValueError, match="n_stories must be a non-negative integer, got 2.5"):
         generate_stories(2.5)
 
 

@@ -170,8 +170,8 @@ def test_pad_documents_layout():
     assert batch.loss_mask.tolist() == [[True, True, True], [True, False, False]]
     assert (batch.n_real, batch.n_padding) == (4, 2)
     assert batch.masked_targets().tolist() == [[2, 3, 4], [6, IGNORE_INDEX, IGNORE_INDEX]]
-    with pytest.raises(ValueError, match="max_length"):
-        pad_documents([[1, 2, 3, 4]], pad_id=0, max_length=2)
+    with pytest.raises(ValueError, match=r"more than block_size \+ 1 = 3"):
+        pad_documents([[1, 2, 3, 4]], pad_id=0, block_size=2)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         pad_documents([[1]], pad_id=0)
 

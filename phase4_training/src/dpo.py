@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phase1_foundation.src.validation import check_number
 from phase4_training.src.log_probs import check_frozen, sequence_log_probs
 from phase4_training.src.preference_data import EncodedPairs
 
@@ -34,8 +35,7 @@ def dpo_loss(
     beta: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DPO loss for a batch of pairs (every argument [B] sequence log-probs) and its diagnostics."""
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}; typical values are 0.1 to 0.5")
+    check_number("beta (typical values: 0.1 to 0.5)", beta, above=0)
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)  # [B] implicit rewards
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)  # [B]
     logits = chosen_rewards - rejected_rewards  # [B]

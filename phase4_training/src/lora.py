@@ -29,17 +29,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from phase1_foundation.src.validation import check_int
+from phase1_foundation.src.validation import check_int, check_number
 
 
 def _check_lora_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
     check_int("rank (typical values: 4, 8 or 16)", rank, minimum=1)
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(
-            f"alpha must be a positive number, got {alpha!r}; a common choice is alpha = 2 * rank"
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    check_number("alpha (a common choice: 2 * rank)", alpha, above=0)
+    check_number("dropout", dropout, low=0, below=1)
 
 
 class LoRALinear(nn.Module):

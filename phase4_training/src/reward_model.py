@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.gpt import GPT
 from phase4_training.src.preference_data import EncodedPairs
 
@@ -109,9 +110,14 @@ def train_reward_model(
     val_pairs: EncodedPairs | None = None,
     eval_interval: int = 0,
 ) -> list[dict[str, float]]:
-    """Minimise the Bradley–Terry loss with AdamW on random batches of pairs; returns the history."""
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    """Minimise the Bradley–Terry loss with AdamW on random batches of pairs; returns the history.
+
+    With `val_pairs`, records get "val_accuracy" every `eval_interval` steps and at the last step
+    (0 = only at the last: 0 is off, as in Phase 4's TrainingConfig).
+    """
+    check_int("steps", steps, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("eval_interval (0 = only at the last step)", eval_interval, minimum=0)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters_to_train(), lr=lr, weight_decay=0.0)
     model.train()
@@ -128,7 +134,8 @@ def train_reward_model(
             "loss": loss.item(),
             "batch_accuracy": float((chosen > rejected).float().mean()),
         }
-        if val_pairs is not None and eval_interval and (step % eval_interval == 0 or step == steps - 1):
+        due = (eval_interval and step % eval_interval == 0) or step == steps - 1
+        if val_pairs is not None and due:
             record["val_accuracy"] = preference_accuracy(model, val_pairs)
         history.append(record)
     return history

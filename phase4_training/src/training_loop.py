@@ -22,7 +22,11 @@ Why each piece:
   can be forced on a CPU to see its effect on the loss.
 - Clipping: one unlucky batch with a huge gradient cannot throw the weights far away.
 - Warmup + cosine: small steps while Adam's moment estimates are noisy, then a slow decay.
-- Evaluation every `eval_interval` steps with Phase 2's `estimate_loss` (train and val splits).
+- Evaluation every `eval_interval` steps and after the last one with Phase 2's `estimate_loss` (train and
+  val splits).
+
+Off is 0 for every setting, as on the MoE's command line: grad_clip=0 clips nothing, eval_interval=0
+evaluates only at the end, save_interval=0 saves only at the end.
 - Checkpoint and resume: Phase 2's atomic `save_checkpoint` / safe `load_checkpoint`, extended with
   what an exact restart needs — the optimizer state (Adam's moments), the step (the schedule is
   a pure function of it), the GradScaler state, the random-number generators (dropout masks and
@@ -49,7 +53,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from phase1_foundation.src.validation import check_int
+from phase1_foundation.src.validation import check_int, check_number
 from phase2_architecture.src.training_utils import estimate_loss, load_checkpoint, make_adamw, save_checkpoint
 from phase3_components.src.gradient_clipping import clip_grad_norm, global_grad_norm
 from phase3_components.src.hardware import PRECISIONS, choose_precision
@@ -67,12 +71,12 @@ class TrainingConfig:
     min_lr: float | None = None  # end of the cosine; None = max_lr / 10
     warmup_steps: int = 0
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
-    eval_interval: int = 0  # evaluate every this many steps (and at the end); 0 = never
+    eval_interval: int = 0  # evaluate every this many steps (and at the end); 0 = only at the end
     eval_batches: int = 10  # batches per split in each evaluation
     checkpoint_path: str | None = None
     save_interval: int = 0  # save every this many steps (and at the end); 0 = only at the end
@@ -86,12 +90,10 @@ class TrainingConfig:
             check_int(f"TrainingConfig.{name}", value, minimum=0)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
-        if not self.max_lr > 0:
-            raise ValueError(f"max_lr must be > 0, got {self.max_lr}")
+        check_number("TrainingConfig.max_lr", self.max_lr, above=0)
         if self.min_lr is not None and not 0 <= self.min_lr <= self.max_lr:
             raise ValueError(f"min_lr must be in [0, max_lr={self.max_lr}], got {self.min_lr}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip}")
+        check_number("TrainingConfig.grad_clip (0 = no clipping)", self.grad_clip, low=0)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.save_interval and self.checkpoint_path is None:
@@ -147,16 +149,17 @@ def train_step(
     get_batch: GetBatch,
     *,
     grad_accum_steps: int = 1,
-    grad_clip: float | None = None,
+    grad_clip: float = 0.0,
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Accumulate gradients over `grad_accum_steps` micro-batches, clip, step. Returns loss and norm.
+    """Accumulate gradients over `grad_accum_steps` micro-batches, clip (grad_clip 0 = not), step.
 
     `loss` is the mean of the micro-batch losses (= the big-batch loss when every micro-batch
     scores the same number of tokens); `grad_norm` is the global gradient norm before clipping.
     The (clipped) gradients are left in .grad so they can be inspected.
     """
+    check_number("grad_clip (0 = no clipping)", grad_clip, low=0)
     device = model_device(model)
     scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
     optimizer.zero_grad(set_to_none=True)
@@ -174,7 +177,7 @@ def train_step(
         scaler.scale(loss / grad_accum_steps).backward()
     scaler.unscale_(optimizer)  # fp16: true gradients again before measuring / clipping them
     params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip is not None:
+    if grad_clip > 0:
         grad_norm = clip_grad_norm(params, grad_clip, error_if_nonfinite=not scaler.is_enabled())
     else:
         grad_norm = global_grad_norm(params)
@@ -286,7 +289,7 @@ def train(
         if config.checkpoint_path and (_due(done, config.save_interval) or done == config.max_steps):
             save_training_checkpoint(config, model, optimizer, scaler, done, history)
 
-    if config.eval_interval and (not history["eval"] or history["eval"][-1]["step"] != config.max_steps):
+    if not history["eval"] or history["eval"][-1]["step"] != config.max_steps:  # the end is always evaluated
         history["eval"].append(
             {"step": config.max_steps, **evaluate(model, get_batch, config.eval_batches, amp_dtype)}
         )

@@ -143,6 +143,10 @@ def test_gradient_of_lora_matches_finite_differences():
 def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(nn.Linear(4, 4), rank=0)
+    with pytest.raises(ValueError, match=r"alpha .a common choice: 2 .* must be a finite number > 0, got 0"):
+        LoRALinear(nn.Linear(4, 4), rank=2, alpha=0)
+    with pytest.raises(ValueError, match="dropout must be a finite number >= 0 and < 1, got 1.0"):
+        LoRALinear(nn.Linear(4, 4), rank=2, dropout=1.0)
     with pytest.raises(ValueError, match="rank 8 exceeds"):
         LoRALinear(nn.Linear(4, 4), rank=8)
     with pytest.raises(TypeError, match="nn.Linear"):

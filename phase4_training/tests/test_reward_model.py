@@ -71,8 +71,12 @@ def test_reward_model_learns_the_preference_on_held_out_pairs():
     )  # other stories
     model = RewardModel(tiny_backbone(tokenizer.vocab_size))
     before = preference_accuracy(model, held_out)
-    history = train_reward_model(model, train_pairs, steps=80, batch_size=32, lr=3e-3, seed=0)
+    history = train_reward_model(
+        model, train_pairs, steps=80, batch_size=32, lr=3e-3, seed=0, val_pairs=held_out
+    )
     after = preference_accuracy(model, held_out)
+    assert [r["step"] for r in history if "val_accuracy" in r] == [79]  # eval_interval=0: only the last step
+    assert history[-1]["val_accuracy"] == after
     assert after > 0.85 and after > before + 0.1  # chance is 0.5
     assert history[-1]["loss"] < history[0]["loss"] / 2
     # the unused LM head is not trained

@@ -172,7 +172,7 @@ def test_clipping_bounds_the_gradient_norm(story_tokens):
     batch = get_random_batch(train_ids, 4, BLOCK, generator=torch.Generator().manual_seed(2))
     # without clipping: the norm reported is the norm of the gradients left in .grad
     model = tiny_gpt(vocab)
-    out = train_step(model, make_adamw(model, 1e-3), lambda split: batch, grad_clip=None)
+    out = train_step(model, make_adamw(model, 1e-3), lambda split: batch, grad_clip=0.0)
     unclipped = out["grad_norm"]
     assert float(global_grad_norm(model.parameters())) == pytest.approx(unclipped, rel=1e-5)
     # with a max_norm well below it: the returned (pre-clip) norm is unchanged, the gradients are bounded
@@ -184,6 +184,28 @@ def test_clipping_bounds_the_gradient_norm(story_tokens):
     assert float(global_grad_norm(model.parameters())) == pytest.approx(
         max_norm, rel=1e-4
     )  # rescaled, not zeroed
+
+
+def test_zero_means_off_as_on_the_moe_command_line(story_tokens):
+    """grad_clip=0 clips nothing; eval_interval=0 evaluates once, at the end; an interval evaluates at 0,
+    every interval and at the end."""
+    vocab, train_ids, val_ids = story_tokens
+    get_batch = batches_from_global_rng(train_ids, val_ids)
+    steps_evaluated = {}
+    for interval in (0, 2):
+        torch.manual_seed(0)
+        config = TrainingConfig(max_steps=5, eval_interval=interval, eval_batches=1, grad_clip=0.0)
+        history = train(tiny_gpt(vocab), get_batch, config)
+        steps_evaluated[interval] = [record["step"] for record in history["eval"]]
+    assert steps_evaluated == {0: [5], 2: [0, 2, 4, 5]}
+    # grad_clip=0: the update is the unclipped one (a tiny clip would change it)
+    batch = get_random_batch(train_ids, 4, BLOCK, generator=torch.Generator().manual_seed(3))
+    weights = []
+    for clip in (0.0, 1e6, 1e-3):
+        model = tiny_gpt(vocab)
+        train_step(model, make_adamw(model, 1e-2), lambda split: batch, grad_clip=clip)
+        weights.append(model.lm_head.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
 def test_schedule_and_training_reduce_the_loss(story_tokens):
@@ -238,8 +260,10 @@ def test_config_validation_messages():
         TrainingConfig(max_steps=0)
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainingConfig(max_steps=5, warmup_steps=6)
-    with pytest.raises(ValueError, match="grad_clip"):
-        TrainingConfig(max_steps=5, grad_clip=0.0)
+    with pytest.raises(ValueError, match=r"no clipping. must be a finite number >= 0, got None"):
+        TrainingConfig(max_steps=5, grad_clip=None)
+    with pytest.raises(ValueError, match=r"no clipping. must be a finite number >= 0, got -1.0"):
+        TrainingConfig(max_steps=5, grad_clip=-1.0)
     with pytest.raises(ValueError, match="checkpoint_path"):
         TrainingConfig(max_steps=5, save_interval=2)
     with pytest.raises(ValueError, match="min_lr"):
