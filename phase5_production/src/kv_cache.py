@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from phase1_foundation.src.attention_mechanism import scaled_dot_product_attention
+from phase1_foundation.src.validation import check_int
 from phase2_architecture.src.generation import evaluating, stream_tokens
 from phase2_architecture.src.gpt import GPT
 from phase2_architecture.src.rotary_attention import RotaryMultiHeadAttention
@@ -62,11 +63,9 @@ from phase5_production.src.sampling import sampler
 class KVCache:
     """Per-layer keys and values [B, H_kv, T, Dh] of every token the model has seen so far."""
 
-    def __init__(self, n_layer: int, max_length: int):
-        if n_layer < 1 or max_length < 1:
-            raise ValueError(f"n_layer and max_length must be positive, got {n_layer} and {max_length}.")
-        self.n_layer = n_layer
-        self.max_length = max_length
+    def __init__(self, n_layer: int, block_size: int):
+        self.n_layer = check_int("n_layer", n_layer, minimum=1)
+        self.block_size = check_int("block_size", block_size, minimum=1)  # the most tokens it will hold
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
 
