@@ -135,3 +135,20 @@ def test_shared_experts_are_one_ffn_over_their_concatenated_hidden_units():
     w1, b1 = torch.cat(gates, 1), torch.cat(b_gates)
     w2, b2 = torch.cat([e[2] for e in experts]), experts[0][3] + experts[1][3]
     torch.testing.assert_close(dense_ffn(x, w1, b1, w2, b2, activation="swiglu"), summed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_swiglu_experts_compute_in_the_autocast_dtype_with_fp32_weight_gradients(dtype):
+    torch.manual_seed(0)
+    N, C, Fh, E, k = 32, 16, 12, 4, 2
+    x = torch.randn(N, C, requires_grad=True)
+    w1, b1, w2, b2 = swiglu_experts(E, C, Fh)
+    routing = route_tokens(torch.randn(N, E), k)
+    with torch.autocast("cpu", dtype=dtype):
+        low = expert_ffn(x, w1, b1, w2, b2, routing, "swiglu")
+        shared = dense_ffn(x, w1[0], b1[0], w2[0], b2[0], "swiglu")
+    assert low.dtype == dtype and shared.dtype == dtype
+    (low.float().sum() + shared.float().sum()).backward()
+    assert w1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    full = expert_ffn(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), routing, "swiglu")
+    torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0.05)  # half-precision rounding only
