@@ -43,6 +43,12 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("gelu", "relu2", "swiglu")
+COMBINE_ROWS = 256  # CPU: rows per block of the per-pair row work, so a [256, C] block stays in the cache
+
+
+def _block_rows(t: torch.Tensor, n: int) -> int:
+    """Rows per block: COMBINE_ROWS on the CPU; one block elsewhere (a GPU pays a launch per kernel)."""
+    return COMBINE_ROWS if t.device.type == "cpu" else max(n, 1)
 
 
 @dataclass
@@ -172,9 +178,7 @@ class _SortedExpertFFN(torch.autograd.Function):
     def backward(ctx, grad_out):
         xs, h, a, y, w1, w2, weight, token_index, expert_index, unsort_index = ctx.saved_tensors
         counts = ctx.counts
-        g = grad_out.contiguous().index_select(0, token_index)  # [M, C] dL/d(weighted output) per pair
-        grad_weight = (g * y).sum(-1)  # [M]   d out / d weight = y
-        dy = g.mul_(weight[:, None])  # [M, C] dL/dy (in place: g is ours)
+        dy, grad_weight = _pair_output_grads(grad_out.contiguous(), y, weight, token_index)  # [M, C], [M]
         # Gradients of experts that received no pair are exactly 0: fill only those.
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         for e, c in enumerate(counts):
@@ -235,6 +239,29 @@ class _SwiGLU(torch.autograd.Function):
         return swiglu_backward(da, h)
 
 
+def _pair_output_grads(
+    grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, token_index: torch.Tensor
+):
+    """grad_out [N, C], expert outputs y [M, C], routing weights [M] -> (dL/dy [M, C], dL/dweight [M]).
+
+    For pair p of token n: g_p = grad_out[n]; dL/dweight_p = <g_p, y_p> and dL/dy_p = weight_p g_p. Done
+    in blocks of COMBINE_ROWS pairs (gather, dot, scale while the block is in the cache), so the [M, C]
+    rows go through memory once instead of three times (most of the cost with many small experts).
+    """
+    M = token_index.numel()
+    dy = grad_out.new_empty(M, grad_out.shape[1])  # [M, C]
+    grad_weight = grad_out.new_empty(M)  # [M]
+    R = _block_rows(grad_out, M)
+    product = grad_out.new_empty(min(R, M), grad_out.shape[1])  # [R, C] in-cache scratch
+    for start in range(0, M, R):
+        end = min(start + R, M)
+        g = dy[start:end]  # [R, C]
+        torch.index_select(grad_out, 0, token_index[start:end], out=g)
+        torch.sum(torch.mul(g, y[start:end], out=product[: end - start]), -1, out=grad_weight[start:end])
+        g.mul_(weight[start:end, None])
+    return dy, grad_weight
+
+
 def per_expert_sum(
     rows: torch.Tensor, expert_index: torch.Tensor, n_expert: int, one_hot_matmul: bool | None = None
 ) -> torch.Tensor:
@@ -262,27 +289,34 @@ def _combine(
     """Sum the sorted pair rows [M, C] back per token -> [N, C], each scaled by weight [M] if given.
 
     unsort_index [k*N] gives, for pair (slot j, token n) at j*N + n, its row in the sorted order,
-    or M (a zero row) when the pair was dropped. One gather restores slot-major order
-    [k, N, C] and a sum over the k slots adds each token's contributions: the same result as
-    index_add_ over token_index, deterministic, and several times faster on the CPU. The routing
-    weights are applied after the gather (out = sum_j w_j * row_j), which saves a scaled [M, C] copy.
+    or M (a zero row) when the pair was dropped. Gathering each slot's rows in token order and adding
+    them gives the same result as index_add_ over token_index, deterministic, and several times faster
+    on the CPU. The routing weights are applied after the gather (out = sum_j w_j * row_j), which saves
+    a scaled [M, C] copy. The gather runs one block of COMBINE_ROWS tokens and one slot at a time into
+    a small buffer that stays in cache: a whole [k, N, C] gather would write and read back k times the
+    output through memory, which costs the most with many small experts (large k).
     """
     if rows.shape[0] < unsort_index.numel():  # some pairs dropped: append the zero row
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
         if weight is not None:
             weight = torch.cat([weight, weight.new_zeros(1)])
-    per_slot = rows.index_select(0, unsort_index).view(top_k, n_tokens, rows.shape[1])  # [k, N, C]
-    if weight is None:
-        if top_k == 1:
-            return per_slot[0]
-        out = per_slot[0] + per_slot[1]  # [N, C]
-        for j in range(2, top_k):
-            out += per_slot[j]
-        return out
-    w = weight.index_select(0, unsort_index).view(top_k, n_tokens, 1)  # [k, N, 1]
-    out = per_slot[0] * w[0]  # [N, C]
-    for j in range(1, top_k):
-        out.addcmul_(per_slot[j], w[j])  # out += row_j * w_j
+    index = unsort_index.view(top_k, n_tokens)  # [k, N] sorted row of each (slot, token)
+    w = None if weight is None else weight.index_select(0, unsort_index).view(top_k, n_tokens, 1)  # [k, N, 1]
+    out = rows.new_empty(n_tokens, rows.shape[1])  # [N, C]
+    R = _block_rows(rows, n_tokens)
+    buffer = rows.new_empty(min(R, n_tokens), rows.shape[1])  # [R, C]
+    for start in range(0, n_tokens, R):
+        end = min(start + R, n_tokens)
+        block, row = out[start:end], buffer[: end - start]  # [R, C] each
+        torch.index_select(rows, 0, index[0, start:end], out=block)
+        if w is not None:
+            block.mul_(w[0, start:end])
+        for j in range(1, top_k):
+            torch.index_select(rows, 0, index[j, start:end], out=row)
+            if w is None:
+                block.add_(row)
+            else:
+                block.addcmul_(row, w[j, start:end])  # block += row_j * w_j
     return out
 
 
