@@ -39,6 +39,8 @@ softmax in fp32).
                       per routed pair the gathered input aC, pre-activation aF' (F' = F, or 2F for
                       SwiGLU experts: gate and up), activation output aF, expert output aC, weight a
                       and three int64 indices 24, so k (2aC + aF' + aF + a + 24);
+                      With the router in fp32 under autocast (router_fp32): the gate input 4C and
+                      routing weights 4k, and no cast of the gate weight.
                       S shared experts (moe_dispatch.dense_ffn, one FFN of hidden S F): their input's
                       autocast cast aC (0 in fp32: it is the gate's input), pre-activation a S F' and
                       activation output a S F; residual dropout mask m(a) C
@@ -148,7 +150,8 @@ class MemoryPlan:
 
 def _dims(config) -> dict:
     """The Config fields the plan reads (the one place that knows their names). A config without the
-    expert options (expert_activation, n_shared_expert) plans the default: GELU experts, no shared one."""
+    expert options (expert_activation, n_shared_expert, router_fp32) plans the default: GELU experts, no
+    shared one, the router in the autocast dtype."""
     attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
     activation = getattr(config, "expert_activation", "gelu")
     if activation not in ACTIVATIONS:
@@ -158,6 +161,7 @@ def _dims(config) -> dict:
     return {
         "activation": activation,
         "S": n_shared,
+        "router_fp32": bool(getattr(config, "router_fp32", False)),
         # w1's output width: SwiGLU experts hold the gate and up projections side by side
         "F1": 2 * config.d_ff if activation == "swiglu" else config.d_ff,
         "C": config.d_model,
@@ -242,11 +246,14 @@ def sparse_ffn_bytes_per_token(config, act_bytes: int, on_gpu: bool = False) -> 
     [N, k] and the sort index [k*N], k expert pairs, and the shared experts."""
     d = _dims(config)
     C, F, k, a = d["C"], d["F"], d["k"], act_bytes
-    r = 4 if on_gpu else a  # routing weights (softmax of the top-k logits)
+    # a router kept in fp32 under autocast saves the fp32 gate input and fp32 routing weights
+    fp32_router = d["router_fp32"]
+    r = 4 if on_gpu or fp32_router else a  # routing weights (softmax of the top-k logits)
+    gate_input = 4 * C if fp32_router else a * C
     router = 8 * k + r * k + 8 * k
     experts = k * expert_pair_bytes(C, F, a, d["activation"])
     shared = shared_expert_bytes_per_token(C, F, d["S"], a, d["activation"])
-    return a * C + router + experts + shared
+    return gate_input + router + experts + shared
 
 
 def fixed_activation_bytes(config, seq_len: int) -> int:
@@ -280,8 +287,9 @@ def matmul_params_per_layer(config) -> int:
 
 
 def attention_and_gate_params_per_layer(config) -> int:
+    """The q/k/v and output projections, and the gate unless the router stays in fp32 (no cast)."""
     d = _dims(config)
-    return 4 * d["C"] * d["C"] + d["C"] * d["E"]
+    return 4 * d["C"] * d["C"] + (0 if d["router_fp32"] else d["C"] * d["E"])
 
 
 def expert_matrix_params_per_layer(config) -> int:

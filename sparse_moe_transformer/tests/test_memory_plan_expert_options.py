@@ -30,11 +30,11 @@ COARSE = dict(n_expert=8, top_k=2, d_ff=32)
 FINE = dict(n_expert=32, top_k=8, d_ff=8)  # 4x the experts, 4x top_k, d_ff / 4: equal active size
 
 
-def block_config(shape, activation, n_shared, C=16):
+def block_config(shape, activation, n_shared, C=16, router_fp32=False):
     """A Config-like object with the fields the plan reads, the expert options among them."""
     return SimpleNamespace(d_model=C, n_head=2, vocab_size=64, n_layer=2, block_size=32, dropout=0.0,
                            attn_dropout=None, expert_activation=activation, n_shared_expert=n_shared,
-                           **shape)  # fmt: skip
+                           router_fp32=router_fp32, **shape)  # fmt: skip
 
 
 def block_weights(cfg, seed=0):
@@ -57,7 +57,11 @@ def block_weights(cfg, seed=0):
 
 def block_forward(cfg, p, x):
     """What SparseMoEFFN.forward computes: gate, route, routed experts, plus the shared experts."""
-    logits = F.linear(x, p["gate_w"], p["gate_b"])  # [N, E], under autocast in its dtype
+    if cfg.router_fp32:  # logits, softmax and top-k in fp32 whatever the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), p["gate_w"], p["gate_b"])  # [N, E] fp32
+    else:
+        logits = F.linear(x, p["gate_w"], p["gate_b"])  # [N, E], under autocast in its dtype
     routing = route_tokens(logits, cfg.top_k)
     out = expert_ffn(x, p["w1"], p["b1"], p["w2"], p["b2"], routing, cfg.expert_activation)
     if cfg.n_shared_expert:
@@ -103,22 +107,26 @@ def measured_block(cfg, precision, N=48):
 @pytest.mark.parametrize("n_shared", [0, 1, 2])
 @pytest.mark.parametrize("activation", ["gelu", "relu2", "swiglu"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_moe_ffn_block_saves_what_the_plan_says_to_the_byte(shape, n_shared, activation, precision):
-    cfg = block_config(shape, activation, n_shared)
+@pytest.mark.parametrize("router_fp32", [False, True])
+def test_moe_ffn_block_saves_what_the_plan_says_to_the_byte(
+    shape, n_shared, activation, precision, router_fp32
+):
+    cfg = block_config(shape, activation, n_shared, router_fp32=router_fp32)
     N = 48
     a = 4 if precision == "fp32" else 2
     C, E, Fh, S = cfg.d_model, cfg.n_expert, cfg.d_ff, n_shared
     F1 = 2 * Fh if activation == "swiglu" else Fh
     # autocast copies of the matmul weights, written out from the shapes: gate, routed w1 and w2, shared
-    copies = 0 if a == 4 else a * (C * E + E * C * (F1 + Fh) + S * C * (F1 + Fh))
+    gate = 0 if router_fp32 else C * E  # an fp32 router's gate weight is not cast
+    copies = 0 if a == 4 else a * (gate + E * C * (F1 + Fh) + S * C * (F1 + Fh))
     want = N * sparse_ffn_bytes_per_token(cfg, a, on_gpu=False) + copies
     assert measured_block(cfg, precision, N) == want
 
 
 def test_the_options_change_the_plan_by_the_measured_block_difference_per_layer():
     """plan_memory composes the block's bytes: swapping GELU experts for SwiGLU ones with 2 shared experts
-    adds L x (the measured block difference), and their parameters add the formula's count."""
-    base, opts = block_config(FINE, "gelu", 0), block_config(FINE, "swiglu", 2)
+    and an fp32 router adds L x (the measured block difference, weight casts included)."""
+    base, opts = block_config(FINE, "gelu", 0), block_config(FINE, "swiglu", 2, router_fp32=True)
     B, T = 2, 24  # 48 tokens, as measured_block
     for precision in ("fp32", "bf16"):
         plans = [
