@@ -4,6 +4,8 @@
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --profile       # + where the time goes
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --device cuda   # on a GPU
     python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --processes 6   # ours / dense, fresh processes
+    python sparse_moe_transformer/benchmarks/bench_moe_ffn.py --only-fast --n-expert 64 --top-k 8 --d-ff 256
+                                                                              # fine-grained experts
 
 Setting: float32, 2 threads, d_model 512, d_ff 1024, 16 experts, top-2, 1024 and 2048
 tokens, gradients for the input, the gate and the experts. Implementations, run in alternating
@@ -17,6 +19,8 @@ order every round (so machine noise hits them alike) and reported as medians:
     dense         a dense GELU FFN d_model -> top_k*d_ff -> d_model: the same active work as the MoE
 
 Then the cpu-demo layer (d_model 192, d_ff 384, 8 experts) against its dense equivalent.
+`--d-model`, `--d-ff`, `--n-expert` and `--top-k` change the first layer's shape (fine-grained experts:
+more experts, a larger top_k and a smaller d_ff at the same top_k * d_ff, so the same dense FFN).
 
 On the 2-core VM the machine alternates between two states every few tens of seconds. In one
 of them a 64 MiB memory copy runs faster and the expert matmuls run slower (dense barely moves;
@@ -179,6 +183,8 @@ def ratios_over_processes(args):
     samples = {n: [] for n in args.tokens}
     common = ["--only-fast", "--ratio-only", "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     common += ["--threads", str(args.threads), "--device", args.device]
+    common += ["--d-model", str(args.d_model), "--d-ff", str(args.d_ff)]
+    common += ["--n-expert", str(args.n_expert), "--top-k", str(args.top_k)]
     print(f"ours / dense in {args.processes} fresh processes per token count ({args.threads} threads)")
     for i in range(args.processes):
         for n_tokens in args.tokens:  # token counts alternate, so drifting machine load hits all alike
@@ -207,6 +213,10 @@ def main():
         "as it has in a training run",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=1024, help="hidden size of each expert")
+    parser.add_argument("--n-expert", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only-fast", action="store_true", help="skip the seed loop and HF Mixtral")
     parser.add_argument(
@@ -229,7 +239,7 @@ def main():
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, float32")
     print(f"hardware: {hardware_facts(args.device).summary()}")
 
-    d_model, d_ff, n_expert, top_k = 512, 1024, 16, 2
+    d_model, d_ff, n_expert, top_k = args.d_model, args.d_ff, args.n_expert, args.top_k
     print(f"MoE FFN: d_model {d_model}, d_ff {d_ff}, {n_expert} experts, top-{top_k}; "
           f"dense: {d_model} -> {top_k * d_ff} -> {d_model}")  # fmt: skip
     impls = build(d_model, d_ff, n_expert, top_k, not args.only_fast, args.device)

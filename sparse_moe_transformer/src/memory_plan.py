@@ -8,11 +8,12 @@ Model state (P parameters, AdamW, "mixed precision" = torch autocast):
     gradients        4 P bytes   fp32 (.grad has the parameter's dtype)
     optimizer state  8 P bytes   AdamW's exp_avg and exp_avg_sq, fp32; with Muon, 4 bytes (one momentum
                                  buffer) for each of its P_muon hidden-matrix parameters: 8 P - 4 P_muon
-    autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, and the experts' w1
-                                 and w2; the router computes in fp32) that the forward pass saves for the
-                                 backward; 0 in fp32. On a GPU the autocast cast cache keeps every
-                                 attention copy until the autocast region ends; the CPU has no cache, so under
-                                 activation checkpointing only the rebuilt layer's copies exist there.
+    autocast copies  2 P_mm      fp16/bf16 casts of the matmul weights (attention, and the routed and
+                                 shared experts' w1 and w2; the router stays in fp32) that the forward
+                                 pass saves for the backward; 0 in fp32. On a GPU the autocast cast
+                                 cache keeps every attention copy until the autocast region ends; the
+                                 CPU has no cache, so under activation checkpointing only the rebuilt
+                                 layer's copies exist there.
                                  The expert dispatch casts its weights itself (no cache anywhere): under
                                  checkpointing only the rebuilt layer's expert copies exist. (The head's
                                  cast is made and freed inside the chunked loss: a transient.)
@@ -22,8 +23,8 @@ F = expert hidden size, E = experts, k = top_k, H = heads, T = sequence length, 
 a = 2 under fp16/bf16 autocast and 4 in fp32 (the dtype of matmul outputs, the experts' included); the
 residual stream and LayerNorm outputs stay fp32 (4) in every precision. A dropout mask m(d) costs
 d bytes per element on the CPU (it is a float tensor of its input's dtype, d) and 1 byte on a GPU
-(a bool mask); 0 without dropout. The router computes in fp32 in every precision (its logits, softmax
-and top-k), so its input, logits and routing weights are 4 bytes per element.
+(a bool mask); 0 without dropout. Routing weights r: a on the CPU, 4 on a GPU (CUDA autocast runs
+softmax in fp32).
 
     attention block   LayerNorm input 4C + 8 (plus its mean and rstd), q/k/v projection input aC
                       fused kernel (GPU; CPU without attention dropout): the q/k/v projection output
@@ -33,13 +34,17 @@ and top-k), so its input, logits and routing weights are 4 bytes per element.
                       autocast): q, k, v 3 * 4C, the T x T weights 12 H T (softmax, dropout mask,
                       dropped weights, fp32 each), the output projection's input aC
                       residual dropout mask m(a) C
-    MoE block         LayerNorm input 4C + 8, gate input 4C (fp32), top-k indices 8k and routing weights
-                      4k, sort index 8k; the expert Function (computing in the autocast dtype) saves
-                      per routed pair the gathered input aC, pre-activation aF, GELU output aF,
-                      expert output aC, weight a and three int64 indices 24, so
-                      k (2aC + 2aF + a + 24); residual dropout mask m(a) C
+    MoE block         LayerNorm input 4C + 8, gate input 4C and routing weights 4k (the router computes
+                      in fp32 in every precision, so its weight is never cast), top-k indices 8k,
+                      sort index 8k; the expert Function (computing in the autocast dtype) saves
+                      per routed pair the gathered input aC, pre-activation aF' (F' = F, or 2F for
+                      SwiGLU experts: gate and up), activation output aF, expert output aC, weight a
+                      and three int64 indices 24, so k (2aC + aF' + aF + a + 24);
+                      S shared experts (moe_dispatch.dense_ffn, one FFN of hidden S F): their input's
+                      autocast cast aC (0 in fp32: it is the gate's input), pre-activation a S F' and
+                      activation output a S F; residual dropout mask m(a) C
     router losses     per layer, computed by `moe_losses` after the forward (outside the layers, so
-                      they are counted outside, L times): the gate logits 4E (fp32: the router's own
+                      they are counted outside, L times): the gate logits 4E (the router's fp32
                       output) that logsumexp saves, the
                       router probabilities 4E that the Switch loss's softmax saves, logsumexp 4
     embeddings        token ids 8, embedding dropout mask m(4) C
@@ -67,7 +72,7 @@ and their RMS statistics, and RoPE (pos="rope", off in the t1000 preset) the rot
 much with them on; the byte-exact tests run with both off.
 
 Expert parallelism (E ranks share one copy of the experts, expert_parallel.py), per rank: the expert
-parameters (L E (2CF + F + C)), their gradients and optimizer state are divided by E. The activations
+parameters (L E (CF' + F' + FC + C)), their gradients and optimizer state are divided by E. The activations
 assume a balanced router (each rank's experts receive as many pairs as its tokens send) and add, per
 token and layer, what the exchange's combine keeps: the k returned expert outputs 4C and their weights 4,
 and two int64 indices of each pair (gather and un-sort, 16): k (4C + 20). The all-to-all buffers: one
@@ -92,6 +97,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from phase1_foundation.src.validation import check_int
+from sparse_moe_transformer.src.moe_dispatch import ACTIVATIONS
 
 GB = 1024**3  # the plan counts binary gigabytes (GiB): a "4 GB" card has 4 GiB
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -142,9 +148,19 @@ class MemoryPlan:
 
 
 def _dims(config) -> dict:
-    """The Config fields the plan reads (the one place that knows their names)."""
+    """The Config fields the plan reads (the one place that knows their names). A config without the
+    expert options (expert_activation, n_shared_expert) plans the default: GELU experts, no shared one."""
     attn_dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
+    activation = getattr(config, "expert_activation", "gelu")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown expert_activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+    n_shared = getattr(config, "n_shared_expert", 0)
+    check_int("n_shared_expert", n_shared, minimum=0)
     return {
+        "activation": activation,
+        "S": n_shared,
+        # w1's output width: SwiGLU experts hold the gate and up projections side by side
+        "F1": 2 * config.d_ff if activation == "swiglu" else config.d_ff,
         "C": config.d_model,
         "F": config.d_ff,
         "E": config.n_expert,
@@ -169,7 +185,7 @@ def activation_bytes_per_token(
     """Saved-for-backward bytes per token of one layer's parts, the router losses of one layer
     (saved outside the layers), the embeddings and the head (expert_parallel > 1: balanced load)."""
     d = _dims(config)
-    C, F, E, k, H = d["C"], d["F"], d["E"], d["k"], d["H"]
+    C, E, H = d["C"], d["E"], d["H"]
     a = act_bytes
 
     def mask(dtype_bytes: int) -> int:  # bytes per element of a dropout mask (module docstring)
@@ -177,20 +193,15 @@ def activation_bytes_per_token(
             return 0
         return 1 if on_gpu else dtype_bytes
 
-    r = 4  # routing weights: the softmax of the router's fp32 top-k logits
     layer_norm = 4 * C + 8  # fp32 input + mean and rstd
     if math_attention:  # q, k, v and the T x T weights in fp32, then the output projection's input
         core = 3 * 4 * C + 12 * H * seq_len + a * C
     else:  # fused kernel: the q/k/v projection output, the attention output, logsumexp
         core = 3 * a * C + a * C + 4 * H
     attention = layer_norm + a * C + core + mask(a) * C  # + q/k/v input, + residual dropout mask
-    router = 8 * k + r * k + 8 * k  # top-k indices and routing weights [N, k]; sort index [k*N]
-    # per routed pair, in the compute dtype: gathered input, pre-activation, GELU output, output, weight;
-    # and 3 int64 indices
-    experts = k * (a * C + a * F + a * F + a * C + a + 3 * 8)
-    moe = layer_norm + 4 * C + router + experts + mask(a) * C  # + fp32 gate input, + residual dropout mask
+    moe = layer_norm + sparse_ffn_bytes_per_token(config, a, on_gpu) + mask(a) * C  # + residual dropout mask
     if expert_parallel > 1:  # the combine keeps the returned rows and weights (compute dtype; measured in
-        moe += k * (a * C + a + 16)  # fp32), and the gather and un-sort indices
+        moe += d["k"] * (a * C + a + 16)  # fp32), and the gather and un-sort indices
     # moe_losses, per layer: fp32 gate logits and softmax probs [N, E], logsumexp [N] (in fp32 always)
     router_losses = 4 * E + 4 * E + 4
     embeddings = 8 + mask(4) * C  # token ids, dropout mask
@@ -203,6 +214,41 @@ def activation_bytes_per_token(
         "embeddings": embeddings,
         "head": head,
     }
+
+
+def expert_pair_bytes(C: int, F: int, act_bytes: int, activation: str = "gelu") -> int:
+    """Bytes the expert Function saves per routed (token, expert) pair: the gathered input, the
+    pre-activation (SwiGLU: gate and up, 2F), the activation output, the expert output and the routing
+    weight in the compute dtype, and three int64 indices (token, expert, un-sort)."""
+    pre_activation = 2 * F if activation == "swiglu" else F
+    return act_bytes * (C + pre_activation + F + C + 1) + 3 * 8
+
+
+def shared_expert_bytes_per_token(
+    C: int, F: int, n_shared: int, act_bytes: int, activation: str = "gelu"
+) -> int:
+    """Bytes moe_dispatch.dense_ffn saves per token for n_shared shared experts of hidden size F: its
+    input's autocast cast (in fp32 its input is the gate's, already counted), the pre-activation
+    (SwiGLU: 2F per expert) and the activation output."""
+    if n_shared == 0:
+        return 0
+    pre_activation = 2 * F if activation == "swiglu" else F
+    cast = 0 if act_bytes == 4 else act_bytes * C
+    return cast + act_bytes * n_shared * (pre_activation + F)
+
+
+def sparse_ffn_bytes_per_token(config, act_bytes: int, on_gpu: bool = False) -> int:
+    """Saved bytes per token of the MoE FFN (gate, routing, routed and shared experts), without the
+    LayerNorm before it and the dropout after it: the gate input, top-k indices and routing weights
+    [N, k] and the sort index [k*N], k expert pairs, and the shared experts."""
+    d = _dims(config)
+    C, F, k, a = d["C"], d["F"], d["k"], act_bytes
+    # the router computes in fp32: it saves its fp32 input and fp32 routing weights
+    gate_input = 4 * C
+    router = 8 * k + 4 * k + 8 * k
+    experts = k * expert_pair_bytes(C, F, a, d["activation"])
+    shared = shared_expert_bytes_per_token(C, F, d["S"], a, d["activation"])
+    return gate_input + router + experts + shared
 
 
 def fixed_activation_bytes(config, seq_len: int) -> int:
@@ -226,25 +272,47 @@ def chunked_loss_transient_bytes(config, act_bytes: int) -> int:
 
 
 def matmul_params_per_layer(config) -> int:
-    """Weights autocast casts in one layer: the q/k/v and output projections, and the experts' w1 and
-    w2 (cast by the dispatch itself); the router stays in fp32."""
-    return attention_params_per_layer(config) + expert_matrix_params_per_layer(config)
+    """Weights autocast casts in one layer: the q/k/v and output projections, and the routed and shared
+    experts' w1 and w2 (cast by the dispatch itself); the router stays in fp32."""
+    return (
+        attention_params_per_layer(config)
+        + expert_matrix_params_per_layer(config)
+        + shared_expert_matrix_params_per_layer(config)
+    )
 
 
 def attention_params_per_layer(config) -> int:
+    """The q/k/v and output projections."""
     d = _dims(config)
     return 4 * d["C"] * d["C"]
 
 
 def expert_matrix_params_per_layer(config) -> int:
+    """The routed experts' w1 [E, C, F'] and w2 [E, F, C] (F' = 2F for SwiGLU)."""
     d = _dims(config)
-    return 2 * d["E"] * d["C"] * d["F"]
+    return d["E"] * d["C"] * (d["F1"] + d["F"])
+
+
+def shared_expert_matrix_params_per_layer(config) -> int:
+    """The shared experts' w1 [C, S F'] and w2 [S F, C] (F' = 2F for SwiGLU)."""
+    d = _dims(config)
+    return d["S"] * d["C"] * (d["F1"] + d["F"])
 
 
 def expert_parameter_count(config) -> int:
-    """Parameters of every layer's experts (w1, b1, w2, b2): L E (2CF + F + C)."""
+    """Parameters of every layer's routed experts (w1, b1, w2, b2): L E (CF' + F' + FC + C), F' = F,
+    or 2F for SwiGLU experts (gate and up)."""
     d = _dims(config)
-    return d["L"] * d["E"] * (2 * d["C"] * d["F"] + d["F"] + d["C"])
+    return d["L"] * d["E"] * (d["C"] * d["F1"] + d["F1"] + d["F"] * d["C"] + d["C"])
+
+
+def shared_expert_parameter_count(config) -> int:
+    """Parameters of every layer's shared experts, one dense FFN of hidden S F per layer (w1 [C, S F'],
+    b1 [S F'], w2 [S F, C], b2 [C]): L (S (CF' + F' + FC) + C); 0 without shared experts."""
+    d = _dims(config)
+    if d["S"] == 0:
+        return 0
+    return d["L"] * (d["S"] * (d["C"] * d["F1"] + d["F1"] + d["F"] * d["C"]) + d["C"])
 
 
 def plan_memory(
@@ -293,12 +361,13 @@ def plan_memory(
     outside = L * per_token["router_losses"] + per_token["embeddings"] + per_token["head"]
     activations = int(tokens * (kept + outside)) + fixed_activation_bytes(config, seq_len)
     transient = int(tokens * per_token["layer"]) + chunked_loss_transient_bytes(config, act)
-    # autocast copies: attention weights in every layer, except on the CPU under checkpointing
+    # autocast copies: attention and gate weights in every layer, except on the CPU under checkpointing
     # (no cast cache: only the rebuilt layer's); the experts' only in the rebuilt layer under checkpointing
     attention_layers = 1 if activation_checkpointing and not on_gpu else L
     expert_layers = 1 if activation_checkpointing else L
     attention_casts = attention_layers * attention_params_per_layer(config)
     expert_casts = expert_layers * expert_matrix_params_per_layer(config) // expert_parallel  # this rank's
+    expert_casts += expert_layers * shared_expert_matrix_params_per_layer(config)  # on every rank
     copies = 0 if act == 4 else 2 * (attention_casts + expert_casts)
     # expert parallelism: the other E - 1 ranks of the group hold the rest of the experts
     elsewhere = expert_parameter_count(config) * (expert_parallel - 1) // expert_parallel

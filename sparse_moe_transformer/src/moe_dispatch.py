@@ -16,10 +16,16 @@ Every token picks `top_k` experts, so a batch of N tokens makes M = N * top_k (t
     expert_ffn(x, w1, b1, w2, b2, routing, activation="gelu")   -> out [N, C]
         a custom torch.autograd.Function. Forward: gather the sorted token rows once, and for
         every expert e with a non-empty slice s:t run  y[s:t] = act(x_s @ w1[e] + b1[e]) @ w2[e] + b2[e]
-        (act = GELU, or ReLU^2 = relu(h)^2 as in the modded-nanogpt speedrun)
+        (act = GELU, or ReLU^2 = relu(h)^2 as in the modded-nanogpt speedrun; or SwiGLU: w1 [E, C, 2F]
+        holds the gate and up projections side by side, h = [gate | up] and act(h) = SiLU(gate) * up,
+        so each projection stays one matmul per expert and w2 is [E, F, C])
         as two addmm calls that write into preallocated [M, F] / [M, C] buffers, scale by the
         routing weight and add the rows back to their tokens once (see _combine). Backward does
         the same in reverse by hand (dX, dW1, db1, dW2, db2 and d(routing weight)) on the same slices.
+
+    dense_ffn(x, w1, b1, w2, b2, activation="gelu")   -> out [N, C]
+        the shared experts every token passes through: one FFN of hidden size S * F for S shared
+        experts (the sum of S experts' outputs is one FFN over their concatenated hidden units).
 
 Why by hand: left to autograd, slicing a stacked weight per expert and concatenating results
 creates dozens of small graph nodes, copies and zero-filled gradient buffers per layer (the
@@ -38,6 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from phase2_architecture.src.mixture_of_experts import route_with_bias
+
+ACTIVATIONS = ("gelu", "relu2", "swiglu")
+COMBINE_ROWS = 256  # CPU: rows per block of the per-pair row work, so a [256, C] block stays in the cache
+
+
+def _block_rows(t: torch.Tensor, n: int) -> int:
+    """Rows per block: COMBINE_ROWS on the CPU; one block elsewhere (a GPU pays a launch per kernel)."""
+    return COMBINE_ROWS if t.device.type == "cpu" else max(n, 1)
 
 
 @dataclass
@@ -152,11 +166,13 @@ class _SortedExpertFFN(torch.autograd.Function):
     ):
         M, (N, C), Fh = token_index.numel(), x.shape, w1.shape[2]
         xs = x.index_select(0, token_index)  # [M, C] sorted token rows, gathered once
-        h = x.new_empty(M, Fh)  # [M, F] pre-activation
+        h = x.new_empty(M, Fh)  # [M, F] pre-activation (swiglu: [M, 2F], gate | up)
         for e, s, t in _slices(counts):
             torch.addmm(b1[e], xs[s:t], w1[e], out=h[s:t])  # [m, C] @ [C, F] + [F]
         if activation == "gelu":
             a = F.gelu(h)  # [M, F]
+        elif activation == "swiglu":
+            a = swiglu(h)  # [M, F] from h = [gate | up] [M, 2F]
         else:  # relu2: a = relu(h)^2; h's buffer keeps relu(h), all the backward needs (d a/d h = 2 relu(h))
             h = h.clamp_(min=0)
             a = h.square()  # [M, F]
@@ -172,9 +188,7 @@ class _SortedExpertFFN(torch.autograd.Function):
     def backward(ctx, grad_out):
         xs, h, a, y, w1, w2, weight, token_index, expert_index, unsort_index = ctx.saved_tensors
         counts = ctx.counts
-        g = grad_out.contiguous().index_select(0, token_index)  # [M, C] dL/d(weighted output) per pair
-        grad_weight = (g * y).sum(-1)  # [M]   d out / d weight = y
-        dy = g.mul_(weight[:, None])  # [M, C] dL/dy (in place: g is ours)
+        dy, grad_weight = _pair_output_grads(grad_out.contiguous(), y, weight, token_index)  # [M, C], [M]
         # Gradients of experts that received no pair are exactly 0: fill only those.
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         for e, c in enumerate(counts):
@@ -187,17 +201,75 @@ class _SortedExpertFFN(torch.autograd.Function):
             torch.mm(dy[s:t], w2[e].t(), out=da[s:t])  # [m, C] @ [C, F]
         if ctx.activation == "gelu":
             dh = torch.ops.aten.gelu_backward.grad_input(da, h, grad_input=da)  # [M, F] da * GELU'(h), in da
+        elif ctx.activation == "swiglu":
+            dh = swiglu_backward(da, h)  # [M, 2F]
         else:
             dh = da.mul_(h).mul_(2.0)  # [M, F] da * 2 relu(h), in da (h holds relu(h))
-        db1 = per_expert_sum(dh, expert_index, len(counts))  # [E, F]
+        db1 = per_expert_sum(dh, expert_index, len(counts))  # [E, F] (swiglu: [E, 2F])
         need_dx = ctx.needs_input_grad[0]
         dxs = dy if need_dx else None  # [M, C] dy is no longer needed: its buffer takes dx per pair
         for e, s, t in _slices(counts):
-            torch.mm(xs[s:t].t(), dh[s:t], out=dw1[e])  # [C, m] @ [m, F]
+            torch.mm(xs[s:t].t(), dh[s:t], out=dw1[e])  # [C, m] @ [m, F] (swiglu: 2F)
             if need_dx:
-                torch.mm(dh[s:t], w1[e].t(), out=dxs[s:t])  # [m, F] @ [F, C]
+                torch.mm(dh[s:t], w1[e].t(), out=dxs[s:t])  # [m, F] @ [F, C] (swiglu: 2F)
         dx = _combine(dxs, unsort_index, ctx.top_k, ctx.n_tokens) if need_dx else None  # [N, C]
         return dx, dw1, db1, dw2, db2, grad_weight, None, None, None, None, None, None
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """h = [gate | up] [..., 2F] -> SiLU(gate) * up [..., F] (Shazeer 2020, "GLU Variants")."""
+    gate, up = h.chunk(2, dim=-1)  # 2 x [..., F] views
+    return F.silu(gate) * up
+
+
+def swiglu_backward(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """dL/dh [..., 2F] from dL/da [..., F] for a = SiLU(gate) * up, h = [gate | up].
+
+    d a / d up = SiLU(gate); d a / d gate = up * SiLU'(gate), SiLU'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+    """
+    gate, up = h.chunk(2, dim=-1)  # 2 x [..., F]
+    s = torch.sigmoid(gate)
+    d_up = da * gate * s  # da * SiLU(gate)
+    d_gate = da * up * s * (1 + gate * (1 - s))
+    return torch.cat([d_gate, d_up], dim=-1)  # [..., 2F]
+
+
+class _SwiGLU(torch.autograd.Function):
+    """SiLU(gate) * up that saves only h (its backward recomputes the sigmoid): autograd's own ops
+    would also keep SiLU(gate), F more values per row."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return swiglu(h)
+
+    @staticmethod
+    def backward(ctx, da):
+        (h,) = ctx.saved_tensors
+        return swiglu_backward(da, h)
+
+
+def _pair_output_grads(
+    grad_out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, token_index: torch.Tensor
+):
+    """grad_out [N, C], expert outputs y [M, C], routing weights [M] -> (dL/dy [M, C], dL/dweight [M]).
+
+    For pair p of token n: g_p = grad_out[n]; dL/dweight_p = <g_p, y_p> and dL/dy_p = weight_p g_p. Done
+    in blocks of COMBINE_ROWS pairs (gather, dot, scale while the block is in the cache), so the [M, C]
+    rows go through memory once instead of three times (most of the cost with many small experts).
+    """
+    M = token_index.numel()
+    dy = grad_out.new_empty(M, grad_out.shape[1])  # [M, C]
+    grad_weight = grad_out.new_empty(M)  # [M]
+    R = _block_rows(grad_out, M)
+    product = grad_out.new_empty(min(R, M), grad_out.shape[1])  # [R, C] in-cache scratch
+    for start in range(0, M, R):
+        end = min(start + R, M)
+        g = dy[start:end]  # [R, C]
+        torch.index_select(grad_out, 0, token_index[start:end], out=g)
+        torch.sum(torch.mul(g, y[start:end], out=product[: end - start]), -1, out=grad_weight[start:end])
+        g.mul_(weight[start:end, None])
+    return dy, grad_weight
 
 
 def per_expert_sum(
@@ -227,28 +299,48 @@ def _combine(
     """Sum the sorted pair rows [M, C] back per token -> [N, C], each scaled by weight [M] if given.
 
     unsort_index [k*N] gives, for pair (slot j, token n) at j*N + n, its row in the sorted order,
-    or M (a zero row) when the pair was dropped. One gather restores slot-major order
-    [k, N, C] and a sum over the k slots adds each token's contributions: the same result as
-    index_add_ over token_index, deterministic, and several times faster on the CPU. The routing
-    weights are applied after the gather (out = sum_j w_j * row_j), which saves a scaled [M, C] copy.
+    or M (a zero row) when the pair was dropped. Gathering each slot's rows in token order and adding
+    them gives the same result as index_add_ over token_index, deterministic, and several times faster
+    on the CPU. The routing weights are applied after the gather (out = sum_j w_j * row_j), which saves
+    a scaled [M, C] copy. The gather runs one block of COMBINE_ROWS tokens and one slot at a time into
+    a small buffer that stays in cache: a whole [k, N, C] gather would write and read back k times the
+    output through memory, which costs the most with many small experts (large k).
     """
     if rows.shape[0] < unsort_index.numel():  # some pairs dropped: append the zero row
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
         if weight is not None:
             weight = torch.cat([weight, weight.new_zeros(1)])
-    per_slot = rows.index_select(0, unsort_index).view(top_k, n_tokens, rows.shape[1])  # [k, N, C]
-    if weight is None:
-        if top_k == 1:
-            return per_slot[0]
-        out = per_slot[0] + per_slot[1]  # [N, C]
-        for j in range(2, top_k):
-            out += per_slot[j]
-        return out
-    w = weight.index_select(0, unsort_index).view(top_k, n_tokens, 1)  # [k, N, 1]
-    out = per_slot[0] * w[0]  # [N, C]
-    for j in range(1, top_k):
-        out.addcmul_(per_slot[j], w[j])  # out += row_j * w_j
+    index = unsort_index.view(top_k, n_tokens)  # [k, N] sorted row of each (slot, token)
+    w = None if weight is None else weight.index_select(0, unsort_index).view(top_k, n_tokens, 1)  # [k, N, 1]
+    out = rows.new_empty(n_tokens, rows.shape[1])  # [N, C]
+    R = _block_rows(rows, n_tokens)
+    buffer = rows.new_empty(min(R, n_tokens), rows.shape[1])  # [R, C]
+    for start in range(0, n_tokens, R):
+        end = min(start + R, n_tokens)
+        block, row = out[start:end], buffer[: end - start]  # [R, C] each
+        torch.index_select(rows, 0, index[0, start:end], out=block)
+        if w is not None:
+            block.mul_(w[0, start:end])
+        for j in range(1, top_k):
+            torch.index_select(rows, 0, index[j, start:end], out=row)
+            if w is None:
+                block.add_(row)
+            else:
+                block.addcmul_(row, w[j, start:end])  # block += row_j * w_j
     return out
+
+
+def check_ffn_shapes(w1_out: int, w2_in: int, activation: str) -> None:
+    """w1's output width must be w2's input width (2x for swiglu: gate and up side by side)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {activation!r}: choose gelu, relu2 or swiglu")
+    want = 2 * w2_in if activation == "swiglu" else w2_in
+    if w1_out != want:
+        raise ValueError(
+            f"{activation} experts need w1 with {want} output columns for w2's {w2_in} input rows, got "
+            f"{w1_out}"
+            + (" (swiglu: gate and up projections side by side, 2F)" if activation == "swiglu" else "")
+        )
 
 
 def expert_ffn(
@@ -263,11 +355,11 @@ def expert_ffn(
     """x [N, C], stacked experts w1 [E, C, F], b1 [E, F], w2 [E, F, C], b2 [E, C] -> out [N, C].
 
     Each token's output is sum_j weight_j * (act(x @ w1[e_j] + b1[e_j]) @ w2[e_j] + b2[e_j])
-    over its kept choices j (act: "gelu" or "relu2" = relu(h)^2); a token whose pairs were all
-    dropped gets 0.
+    over its kept choices j (act: "gelu", "relu2" = relu(h)^2, or "swiglu", where w1 is [E, C, 2F] and
+    b1 [E, 2F]: the gate projection in the first F columns, the up projection in the last F, and
+    act(h) = SiLU(gate) * up); a token whose pairs were all dropped gets 0.
     """
-    if activation not in ("gelu", "relu2"):
-        raise ValueError(f"unknown expert activation {activation!r}: choose gelu or relu2")
+    check_ffn_shapes(w1.shape[-1], w2.shape[-2], activation)
     top_k = routing.topk_index.shape[1]
     # Under autocast the experts compute in its dtype, as nn.Linear would (their input, a LayerNorm's
     # output, is fp32 even under autocast); the casts are differentiable, so the gradients of the fp32
@@ -292,19 +384,49 @@ def expert_ffn(
         )
 
 
-# the activation of a dense (shared) expert, as autograd ops; routed experts use moe_dispatch's fused kernels
-DENSE_ACTIVATIONS = {"gelu": F.gelu, "relu2": lambda h: F.relu(h).square()}
+def dense_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """x [N, C], w1 [C, F], b1 [F], w2 [F, C], b2 [C] -> act(x @ w1 + b1) @ w2 + b2 [N, C] (swiglu: w1
+    [C, 2F], b1 [2F], the gate projection in the first F columns): the shared experts, which every token
+    passes through with weight 1, so they need no routing and no gather. S shared experts of hidden size
+    F are one such FFN of hidden size S * F (for swiglu the S gates first, then the S ups).
+
+    Under autocast it computes in the autocast dtype, as expert_ffn does. Saved for the backward: x (the
+    gate's own input in fp32; a cast copy under autocast), h and act(h) (memory_plan.py counts them).
+    """
+    check_ffn_shapes(w1.shape[-1], w2.shape[-2], activation)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+    with torch.autocast(device_type=device, enabled=False):
+        h = torch.addmm(b1, x, w1)  # [N, F] (swiglu: [N, 2F])
+        if activation == "gelu":
+            a = F.gelu(h)
+        elif activation == "swiglu":
+            a = _SwiGLU.apply(h)
+        else:  # relu(h)^2: relu saves its output, which square reuses
+            a = F.relu(h).square()
+        return torch.addmm(b2, a, w2)  # [N, C]
 
 
 class SharedExperts(nn.Module):
-    """Dense experts that every token passes through (DeepSeekMoE's shared experts): S experts of hidden F
-    as one FFN of hidden S F, with the routed experts' formula act(x W1 + b1) W2 + b2."""
+    """Dense experts that every token passes through (DeepSeekMoE's shared experts): S experts of hidden
+    F as one FFN of hidden S F, computed by dense_ffn with the routed experts' formula and layout."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str):
+    def __init__(self, d_model: int, hidden: int, activation: str, init_std: float):
         super().__init__()
-        self.w1 = nn.Linear(d_model, hidden)
-        self.w2 = nn.Linear(hidden, d_model)
-        self.activation = DENSE_ACTIVATIONS[activation]
+        up = 2 * hidden if activation == "swiglu" else hidden  # SwiGLU: the S gates, then the S ups
+        self.w1 = nn.Parameter(torch.randn(d_model, up) * init_std)  # [C, S F']
+        self.b1 = nn.Parameter(torch.zeros(up))  # [S F']
+        self.w2 = nn.Parameter(torch.randn(hidden, d_model) * init_std)  # [S F, C]
+        self.b2 = nn.Parameter(torch.zeros(d_model))  # [C]
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.activation(self.w1(x)))  # [N, C] -> [N, C]
+        return dense_ffn(x, self.w1, self.b1, self.w2, self.b2, self.activation)  # [N, C] -> [N, C]

@@ -127,7 +127,7 @@ class Config:
     qk_norm: bool = False  # RMS-normalise every head's queries and keys (no weights) before the dot product
     zero_init_proj: bool = False  # the residual projections (attention out, expert w2) start at 0
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None = no cap
-    expert_activation: str = "gelu"  # "gelu" or "relu2" (relu(h)^2) inside every expert
+    expert_activation: str = "gelu"  # "gelu", "relu2" (relu(h)^2) or "swiglu" (silu(gate) * up), per expert
     # Options of today's sparse models (DeepSeekMoE, DeepSeek-V3); off by default, as above.
     n_shared_expert: int = 0  # dense experts of d_ff every token passes through, added to the routed output
     balance: str = "aux_loss"  # "aux_loss": the Switch loss alone; "bias": + a per-expert routing bias
@@ -166,9 +166,9 @@ class Config:
         if self.balance not in ("aux_loss", "bias"):
             raise ValueError(f"Config.balance must be 'aux_loss' or 'bias', got {self.balance!r}.")
         check_number("Config.balance_bias_step", self.balance_bias_step, above=0)
-        if self.expert_activation not in ("gelu", "relu2"):
+        if self.expert_activation not in ("gelu", "relu2", "swiglu"):
             raise ValueError(
-                f"Config.expert_activation must be 'gelu' or 'relu2', got {self.expert_activation!r}."
+                f"Config.expert_activation must be gelu, relu2 or swiglu, got {self.expert_activation!r}."
             )
 
     @property
@@ -262,7 +262,8 @@ class SparseMoEFFN(nn.Module):
     """y = sum over the top_k experts e chosen for x of  g_e(x) * (act(x W1_e + b1_e) W2_e + b2_e)
     (+ the shared experts' output, when Config.n_shared_expert > 0).
 
-    act = GELU, or ReLU^2 with Config.expert_activation="relu2".
+    act = GELU, ReLU^2 with Config.expert_activation="relu2", or SwiGLU with "swiglu": W1_e then holds the
+    gate and up projections side by side [C, 2F], and act(h) = silu(h_gate) * h_up.
 
     Gate logits z = x W_g + b_g [N, E], in fp32 even under fp16/bf16 autocast. The top_k logits are
     softmaxed among themselves into the routing weights g. With Config.balance="bias" the experts are
@@ -278,8 +279,9 @@ class SparseMoEFFN(nn.Module):
         self.n_expert, self.top_k, self.capacity_factor = E, config.top_k, config.capacity_factor
         self.activation = config.expert_activation
         self.gate = nn.Linear(C, E)
-        self.w1 = nn.Parameter(torch.empty(E, C, Fh))  # [E, C, F]
-        self.b1 = nn.Parameter(torch.zeros(E, Fh))  # [E, F]
+        up = 2 * Fh if config.expert_activation == "swiglu" else Fh  # SwiGLU: gate and up, side by side
+        self.w1 = nn.Parameter(torch.empty(E, C, up))  # [E, C, F] (SwiGLU: [E, C, 2F])
+        self.b1 = nn.Parameter(torch.zeros(E, up))  # [E, F] (SwiGLU: [E, 2F])
         self.w2 = nn.Parameter(torch.empty(E, Fh, C))  # [E, F, C]
         self.b2 = nn.Parameter(torch.zeros(E, C))  # [E, C]
         nn.init.normal_(self.w1, std=config.init_std)
@@ -287,7 +289,7 @@ class SparseMoEFFN(nn.Module):
         # a buffer: saved in checkpoints, moved by train_step (not by the optimizer), None unless "bias"
         self.register_buffer("balance_bias", torch.zeros(E) if config.balance == "bias" else None)
         hidden = config.n_shared_expert * Fh  # the shared experts as one dense FFN (moe_dispatch.py)
-        self.shared = SharedExperts(C, hidden, config.expert_activation) if hidden else None
+        self.shared = SharedExperts(C, hidden, config.expert_activation, config.init_std) if hidden else None
         self.expert_parallel = None  # set by expert_parallel.shard_experts: this rank holds a slice
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -426,7 +428,7 @@ class SparseMoETransformer(nn.Module):
         # stream's variance at init does not grow with depth.
         residual_std = config.init_std / math.sqrt(2 * config.n_layer)
         for layer in self.layers:
-            shared = [layer.moe.shared.w2.weight] if layer.moe.shared is not None else []
+            shared = [layer.moe.shared.w2] if layer.moe.shared is not None else []
             for weight in [layer.attn.out_proj.weight, layer.moe.w2, *shared]:
                 nn.init.normal_(weight, std=residual_std)
                 if config.zero_init_proj:  # modded-nanogpt: every layer starts as the identity
@@ -456,7 +458,7 @@ class SparseMoETransformer(nn.Module):
         for layer in self.layers:
             hidden += [layer.attn.qkv.weight, layer.attn.out_proj.weight, layer.moe.w1, layer.moe.w2]
             if layer.moe.shared is not None:
-                hidden += [layer.moe.shared.w1.weight, layer.moe.shared.w2.weight]
+                hidden += [layer.moe.shared.w1, layer.moe.shared.w2]
         return hidden
 
     @torch.no_grad()

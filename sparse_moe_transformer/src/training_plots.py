@@ -14,6 +14,9 @@ The training loop appends one JSON object per line to `<out-dir>/metrics.jsonl`:
     expert_load.png   one heatmap per MoE layer: x = step, y = expert, colour = share of the
                       layer's routed (token, slot) pairs that went to that expert. A balanced
                       router is a flat colour at 1/n_expert; a collapsed one shows a few bright rows.
+                      Below them, routing health over time (routing_health.py): the worst layer's
+                      largest and smallest share against the balanced 1/n_expert, and the idle
+                      experts of all layers.
 
 Resumed runs append to the same file. A record logged after the checkpoint a run resumed from
 is superseded by the resumed run's record for the same step: `read_metrics` keeps, for each kind,
@@ -30,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_moe_transformer.src.run_folder import METRICS_FILE
+from sparse_moe_transformer.src.routing_health import summarize_load
+from sparse_moe_transformer.src.run_folder import METRICS_FILE  # noqa: E402
 
 PLOT_FILES = ("loss.png", "learning_rate.png", "expert_load.png")
 
@@ -85,6 +89,17 @@ def expert_load_matrix(train_records: list[dict]) -> tuple[np.ndarray, np.ndarra
     steps = np.array([s for s, _ in rows])
     loads = np.array([load for _, load in rows], dtype=np.float64)  # [N, L, E]
     return steps, loads.transpose(1, 2, 0)  # [L, E, N]
+
+
+def load_health_series(train_records: list[dict]) -> dict[str, np.ndarray]:
+    """Per logged expert load: steps, the worst layer's max and min share, the idle experts (all layers)."""
+    rows = [(r["step"], summarize_load(r["expert_load"])) for r in train_records if r.get("expert_load")]
+    return {
+        "steps": np.array([step for step, _ in rows], dtype=np.int64),
+        "max_share": np.array([s.max_share for _, s in rows]),
+        "min_share": np.array([s.min_share for _, s in rows]),
+        "idle_experts": np.array([s.idle_experts for _, s in rows], dtype=np.int64),
+    }
 
 
 def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> list[Path]:
@@ -150,10 +165,14 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
     fig.tight_layout()
     written.append(_save(fig, out_dir / "learning_rate.png"))
 
-    # --- expert load heatmaps --------------------------------------------------------------------
+    # --- expert load heatmaps, then routing health --------------------------------------------------
     steps, loads = expert_load_matrix(train)  # [N], [L, E, N]
     n_layer = max(1, loads.shape[0])
-    fig, axes = plt.subplots(n_layer, 1, figsize=(8, 1.2 + 1.6 * n_layer), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        n_layer + 1, 1, figsize=(8, 3.2 + 1.6 * n_layer), sharex=True, squeeze=False,
+        height_ratios=[1] * n_layer + [1.3],
+    )  # fmt: skip
+    health_ax, axes = axes[-1, 0], axes[:-1]
     if loads.size:
         n_expert = loads.shape[1]
         vmax = max(2.0 / n_expert, float(loads.max()))
@@ -171,11 +190,30 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
             ax.set_ylabel(f"layer {layer}\nexpert")
         fig.colorbar(image, ax=axes[:, 0].tolist(), label=f"share of routed tokens (balanced = 1/{n_expert})")
         axes[0, 0].set_title("Expert load per layer over training")
+        _plot_load_health(health_ax, load_health_series(train), n_expert)
     else:
         axes[0, 0].text(0.5, 0.5, "no expert loads logged", ha="center", va="center")
-    axes[-1, 0].set_xlabel("optimizer step")
+    health_ax.set_xlabel("optimizer step")
     written.append(_save(fig, out_dir / "expert_load.png"))
     return written
+
+
+def _plot_load_health(ax, health: dict[str, np.ndarray], n_expert: int) -> None:
+    """The worst layer's max and min share against the balanced share; idle experts on a second axis."""
+    steps = health["steps"]
+    ax.plot(steps, health["max_share"], color="tab:red", lw=1.5, label="worst layer: largest share")
+    ax.plot(steps, health["min_share"], color="tab:blue", lw=1.5, label="worst layer: smallest share")
+    ax.axhline(1 / n_expert, color="grey", ls=":", lw=1, label=f"balanced (1/{n_expert})")
+    ax.set_ylabel("share")
+    ax.set_ylim(bottom=0)
+    idle_ax = ax.twinx()
+    idle_ax.step(steps, health["idle_experts"], where="post", color="black", lw=1, label="idle experts")
+    idle_ax.set_ylabel("idle experts")
+    idle_ax.set_ylim(bottom=0, top=max(1, int(health["idle_experts"].max()) + 1))
+    lines = ax.get_legend_handles_labels()
+    idle = idle_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + idle[0], lines[1] + idle[1], loc="upper left", fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _save(fig, path: Path) -> Path:

@@ -34,6 +34,15 @@ def test_bench_moe_ffn_reports_ours_and_dense_for_each_size():
         assert re.search(r"machine state: 64 MiB copy at [\d.]+ GiB/s", section)
 
 
+def test_bench_moe_ffn_takes_the_layer_shape_for_fine_grained_experts():
+    tiny = ["--repeats", "1", "--warmup", "0", "--only-fast", "--tokens", "64"]
+    shape = ["--d-model", "32", "--d-ff", "16", "--n-expert", "8", "--top-k", "4"]
+    out = run_script("bench_moe_ffn.py", *tiny, *shape)
+    assert "MoE FFN: d_model 32, d_ff 16, 8 experts, top-4; dense: 32 -> 64 -> 32" in out
+    main_part = out.split("cpu-demo layer")[0]
+    assert re.search(r"ours\s+[\d.]+ ms\s+[\d.]+ GFLOP/s\s+[\d.]+x", main_part)
+
+
 def test_bench_moe_ffn_processes_mode_reports_one_ratio_per_process():
     tiny = ["--repeats", "1", "--warmup", "0"]
     out = run_script("bench_moe_ffn.py", "--processes", "2", "--tokens", "64", *tiny)

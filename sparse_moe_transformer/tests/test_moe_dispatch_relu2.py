@@ -72,7 +72,7 @@ def test_relu2_is_not_gelu_and_unknown_activations_are_refused():
     routing = route_tokens(torch.randn(8, 2), 1)
     relu2, gelu = (expert_ffn(x, w1, b1, w2, b2, routing, a) for a in ("relu2", "gelu"))
     assert (relu2 - gelu).abs().max() > 1e-2
-    with pytest.raises(ValueError, match="gelu or relu2"):
+    with pytest.raises(ValueError, match="gelu, relu2 or swiglu"):
         expert_ffn(x, w1, b1, w2, b2, routing, "swish")
     with pytest.raises(ValueError, match="expert_activation"):
         preset_config("tiny", expert_activation="swish")

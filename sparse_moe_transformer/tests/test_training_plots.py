@@ -8,6 +8,7 @@ import pytest
 from sparse_moe_transformer.src.training_plots import (
     PLOT_FILES,
     expert_load_matrix,
+    load_health_series,
     make_plots,
     moving_average,
     read_metrics,
@@ -64,3 +65,16 @@ def test_make_plots_writes_three_pngs(tmp_path):
 
 def test_moving_average():
     assert np.allclose(moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+
+
+def test_load_health_series_follows_the_worst_layer_and_counts_idle_experts():
+    records = [
+        _train(10, 5.0, [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]]),  # layer 1 collapsed: 2 idle
+        _train(20, 4.0, [[0.7, 0.1, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]]),  # layer 0 is the worst now
+        _train(30, 3.0, None),  # no load logged: skipped
+    ]
+    health = load_health_series(records)
+    assert health["steps"].tolist() == [10, 20]
+    assert health["max_share"].tolist() == [0.5, 0.7]
+    assert health["min_share"].tolist() == [0.0, 0.1]
+    assert health["idle_experts"].tolist() == [2, 0]
