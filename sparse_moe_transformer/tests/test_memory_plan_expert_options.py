@@ -149,7 +149,7 @@ def test_fine_grained_experts_keep_the_active_parameters_and_the_plan_is_exact_f
     matrices = [c.top_k * 3 * c.d_model * c.d_ff for c in (coarse, fine)]
     assert matrices[0] == matrices[1] and abs(active[0] - active[1]) < 0.05 * active[0]
     for activation in ("gelu", "relu2"):
-        config = cli.Config.from_preset("tiny", vocab_size=256, n_layer=2, d_model=32, n_head=2,
+        config = cli.preset_config("tiny", vocab_size=256, n_layer=2, d_model=32, n_head=2,
                                         block_size=32, n_expert=32, top_k=8, d_ff=16, dropout=0.0,
                                         expert_activation=activation, pos="learned",
                                         qk_norm=False)  # fmt: skip
