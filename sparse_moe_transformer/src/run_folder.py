@@ -32,6 +32,7 @@ from sparse_moe_transformer.src.param_counts import (
     count_parameters,
     parameter_summary,
 )
+from sparse_moe_transformer.src.routing_health import CollapseWatch
 from sparse_moe_transformer.src.runtime import Runtime, TrainingDiverged
 
 if TYPE_CHECKING:  # annotations only
@@ -115,6 +116,7 @@ class MetricsLog:
     def __init__(self, run: Run):
         c = run.config
         self.device, self.shape = run.runtime.device, (c.n_layer, c.n_expert)
+        self.watch = CollapseWatch(c.n_expert, c.top_k, aux_loss_coef=c.aux_loss_coef)  # routing health
         self.file = open(run.out_dir / METRICS_FILE, "a", encoding="utf-8") if run.runtime.is_main else None
         self.reset()
 
@@ -145,6 +147,9 @@ class MetricsLog:
             "tokens_per_s": self.tokens / max(self.time, 1e-9), "train_time_s": state.train_time,
             "expert_load": load.tolist(),
         }  # fmt: skip
+        warning = self.watch.update(state.step, record["expert_load"])  # once per run, on a collapse
+        if warning:
+            record["routing_warning"] = warning
         self.write(record)
         self.reset()
         return record

@@ -76,6 +76,7 @@ from sparse_moe_transformer.src.expert_parallel import (
 )
 from sparse_moe_transformer.src.moe_dispatch import Routing, SharedExperts, expert_ffn, route_tokens
 from sparse_moe_transformer.src.rank_checks import RankHeartbeat, is_collective_failure
+from sparse_moe_transformer.src.routing_health import progress_postfix, summarize_load
 from sparse_moe_transformer.src.run_folder import MetricsLog, diverged, print_header, save, start_run_folder
 from sparse_moe_transformer.src.runtime import (
     Runtime,
@@ -814,8 +815,11 @@ def step_and_log(run: Run, state: TrainState, metrics: MetricsLog, bar) -> None:
     metrics.add(result, dt, s.tokens_per_step)
     if state.step % s.log_interval == 0 or state.step == s.max_steps:
         record = metrics.write_train_record(state, lr, result["grad_norm"], rt)
+        health = progress_postfix(summarize_load(record["expert_load"]))  # the worst layer's max/min share
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                        aux=f"{record['aux_loss']:.3f}")  # fmt: skip
+                        aux=f"{record['aux_loss']:.3f}", **health)  # fmt: skip
+        if "routing_warning" in record and rt.is_main:
+            bar.write(record["routing_warning"])
 
 
 def run_steps(run: Run, state: TrainState, metrics: MetricsLog, bar, stop: StopRequest) -> tuple[str, dict]:

@@ -5,6 +5,7 @@ window, stay silent."""
 
 import numpy as np
 import pytest
+import torch
 
 from sparse_moe_transformer.src.routing_health import CollapseWatch, progress_postfix, summarize_load
 
@@ -90,3 +91,37 @@ def test_default_threshold_is_reachable_under_top_k_and_bad_settings_are_refused
         summarize_load([0.5, 0.5])
     with pytest.raises(ValueError, match="negative"):
         summarize_load([[1.5, -0.5]])
+
+
+def test_the_training_log_records_the_warning_once_on_a_collapse_and_never_on_a_healthy_run(tmp_path):
+    """MetricsLog (what the loop writes to metrics.jsonl) runs the watch on every train record."""
+    from types import SimpleNamespace
+
+    from sparse_moe_transformer.src.run_folder import MetricsLog
+    from sparse_moe_transformer.src.runtime import Runtime
+    from sparse_moe_transformer.src.train import preset_config
+
+    config = preset_config("tiny")  # 2 layers, 4 experts, top-2
+    runtime = Runtime(torch.device("cpu"), None)
+
+    def records(counts_per_interval, out_dir):
+        out_dir.mkdir()
+        run = SimpleNamespace(config=config, runtime=runtime, out_dir=out_dir)
+        metrics = MetricsLog(run)
+        written = []
+        for step, counts in enumerate(counts_per_interval, start=1):
+            metrics.add({"losses": torch.ones(4), "expert_counts": counts, "grad_norm": 1.0}, 0.1, 64)
+            written.append(
+                metrics.write_train_record(
+                    SimpleNamespace(step=step, tokens=64 * step, train_time=0.1 * step), 1e-3, 1.0, runtime
+                )
+            )
+        metrics.close()
+        return written
+
+    collapsed = torch.tensor([[32.0, 32.0, 0.0, 0.0], [16.0, 16.0, 16.0, 16.0]])  # layer 0: 2 of 4 idle
+    healthy = torch.tensor([[17.0, 15.0, 16.0, 16.0], [16.0, 16.0, 15.0, 17.0]])
+    warned = [r for r in records([collapsed] * 8, tmp_path / "collapsed") if "routing_warning" in r]
+    assert len(warned) == 1 and "layer 0" in warned[0]["routing_warning"]
+    assert "balance='bias'" in warned[0]["routing_warning"]
+    assert not any("routing_warning" in r for r in records([healthy] * 8, tmp_path / "healthy"))
