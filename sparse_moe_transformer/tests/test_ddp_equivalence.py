@@ -110,6 +110,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 def test_accumulation_on_two_gloo_ranks_equals_one_big_batch_and_resumes_in_one_process(tmp_path):
     """2 ranks x 2 micro-batches of 2 (the no_sync branch) = 1 process with batch 8; the DDP checkpoint
     then resumes in 1 process with the same global batch (4 x 2) and continues the same trajectory.
+    Balancing by routing bias is on: the ranks move their biases by the global batch's load (the
+    single process's), and the biases resume with the checkpoint.
 
     The Switch loss is off: it multiplies two per-micro-batch means, so accumulation optimises a slightly
     different balance objective than one big batch (the LM loss and the z-loss are means over tokens)."""
@@ -121,6 +123,10 @@ def test_accumulation_on_two_gloo_ranks_equals_one_big_batch_and_resumes_in_one_
             str(accum),
             "--set",
             "aux_loss_coef=0",
+            "--set",
+            "balance=bias",
+            "--set",
+            "balance_bias_step=0.01",
         ]
         return args + ["--eval-interval", "0", "--save-interval", "0", *map(str, extra)]
 
@@ -142,3 +148,5 @@ def test_accumulation_on_two_gloo_ranks_equals_one_big_batch_and_resumes_in_one_
     weights_ddp = read_checkpoint(tmp_path / "ddp" / LATEST_NAME)["model"]
     for name, w in weights_single.items():
         assert (w - weights_ddp[name]).abs().max() <= 1e-5, name
+    biases = [name for name in weights_single if name.endswith("balance_bias")]
+    assert biases and all(weights_single[name].abs().sum() > 0 for name in biases)  # they moved
