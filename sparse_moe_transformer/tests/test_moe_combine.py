@@ -7,7 +7,7 @@ import torch
 
 from sparse_moe_transformer.src import moe_dispatch
 from sparse_moe_transformer.src.moe_dispatch import _combine, expert_ffn, route_tokens
-from sparse_moe_transformer.tests.test_moe_dispatch_swiglu import per_token_reference, silu_gate_times_up
+from sparse_moe_transformer.tests.test_expert_activations import per_token_reference, silu_gate_times_up
 
 
 @pytest.mark.parametrize("block", [1, 5, 256])

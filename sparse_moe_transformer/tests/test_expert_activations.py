@@ -1,7 +1,8 @@
-"""SwiGLU experts (activation="swiglu": w1 [E, C, 2F] holds the gate and up projections side by side,
-act(h) = SiLU(gate) * up): the sorted dispatch and its hand-written backward equal a per-token reference
-(forward and every gradient, with and without capacity drops, coarse and fine-grained shapes), pass
-gradcheck in float64, and the dense shared-expert FFN equals its own reference for every activation."""
+"""Every expert activation in the sorted dispatch and its hand-written backward: GELU, ReLU^2 (relu(h)^2) and
+SwiGLU (w1 [E, C, 2F] holds the gate and up projections side by side, act(h) = SiLU(gate) * up) equal a
+per-token reference (forward and every gradient, with and without capacity drops, coarse and fine-grained
+shapes, through the MoE layer with its Config), pass gradcheck in float64, unknown activations are refused,
+and the dense shared-expert FFN equals its own reference for every activation."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from phase2_architecture.src.mixture_of_experts import capacity_keep_mask, expert_capacity
 from sparse_moe_transformer.src.moe_dispatch import dense_ffn, expert_ffn, route_tokens
+from sparse_moe_transformer.src.train import Config, SparseMoEFFN, preset_config
 
 
 def silu_gate_times_up(h):
@@ -152,3 +154,56 @@ def test_swiglu_experts_compute_in_the_autocast_dtype_with_fp32_weight_gradients
     assert w1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     full = expert_ffn(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), routing, "swiglu")
     torch.testing.assert_close(low.float(), full, atol=0.05, rtol=0.05)  # half-precision rounding only
+
+
+@pytest.mark.parametrize("activation", ["relu2", "gelu", "swiglu"])
+@pytest.mark.parametrize("skew", [0.0, 3.0])  # 3.0: uneven load with empty experts
+def test_the_moe_layer_equals_the_per_token_reference_for_every_activation(activation, skew):
+    torch.manual_seed(0)
+    E, k = 6, 2
+    cfg = Config(vocab_size=11, d_model=12, n_head=1, n_layer=1, n_expert=E, top_k=k, d_ff=20, block_size=8,
+                 expert_activation=activation)  # fmt: skip
+    moe = SparseMoEFFN(cfg)
+    with torch.no_grad():
+        for p in (moe.b1, moe.b2):
+            p.normal_(std=0.1)
+        moe.w1.normal_(std=0.3), moe.w2.normal_(std=0.3)
+        moe.gate.bias.copy_(-skew * torch.arange(E, dtype=torch.float32))
+    x = torch.randn(24, 12, requires_grad=True)
+    out, _, routing = moe(x)
+    ref = per_token_reference(x, moe.gate(x), moe.w1, moe.b1, moe.w2, moe.b2, k, ACTS[activation])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if skew:
+        assert (routing.routed_counts == 0).any()
+    params = [x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2]
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_relu2_backward_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    N, C, Fh, E, k = 12, 3, 4, 4, 2
+    dt = torch.float64
+    x = torch.randn(N, C, dtype=dt, requires_grad=True)
+    wg = torch.randn(C, E, dtype=dt, requires_grad=True)
+    ws = [torch.randn(*s, dtype=dt, requires_grad=True) for s in ((E, C, Fh), (E, Fh), (E, Fh, C), (E, C))]
+
+    def f(x, wg, w1, b1, w2, b2, capacity):
+        return expert_ffn(x, w1, b1, w2, b2, route_tokens(x @ wg, k, capacity), activation="relu2")
+
+    assert torch.autograd.gradcheck(lambda *a: f(*a, None), (x, wg, *ws))
+    assert torch.autograd.gradcheck(lambda *a: f(*a, expert_capacity(N, k, E, 0.5)), (x, wg, *ws))  # drops
+
+
+def test_relu2_is_not_gelu_and_unknown_activations_are_refused():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    w1, b1, w2, b2 = torch.randn(2, 4, 6), torch.randn(2, 6), torch.randn(2, 6, 4), torch.randn(2, 4)
+    routing = route_tokens(torch.randn(8, 2), 1)
+    relu2, gelu = (expert_ffn(x, w1, b1, w2, b2, routing, a) for a in ("relu2", "gelu"))
+    assert (relu2 - gelu).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="gelu, relu2 or swiglu"):
+        expert_ffn(x, w1, b1, w2, b2, routing, "swish")
+    with pytest.raises(ValueError, match="expert_activation"):
+        preset_config("tiny", expert_activation="swish")
