@@ -6,8 +6,9 @@ The model
                                 t1000 (the reference model: 158.77M parameters, 18.97M active per token
                                 outside the embeddings and head), cpu-demo (the offline demo), cpu-small
                                 (nanoGPT's CPU model as 8 experts), tiny (tests)
-    SparseMoEFFN                router -> top-k -> softmax over the chosen logits -> experts, with the sorted
-                                dispatch of moe_dispatch.py; returns (out, router logits, routing)
+    SparseMoEFFN                router (fp32) -> top-k -> softmax over the chosen logits -> experts, with the
+                                sorted dispatch of moe_dispatch.py (+ shared experts); returns (out, router
+                                logits, routing); options: SwiGLU experts, shared experts, bias balancing
     CausalSelfAttention         F.scaled_dot_product_attention, causal, with Phase 5's KVCache;
                                 options: RoPE (Phase 2's), QK-norm
     SparseMoETransformerLayer   pre-norm: x + attn(ln1(x)); x + moe(ln2(x))
@@ -20,17 +21,17 @@ The model
 
 The training loop
 
-    TrainSettings               batch, accumulation, schedule, optimizer, intervals; its defaults are the
-                                recipe: Muon for the hidden matrices + AdamW, warmup-stable-decay
-    lr_at, make_optimizer       the learning rate of a step; Muon + AdamW (moe_optimizer.py) or AdamW
-    train_step                  gradient accumulation, autocast + fp16 GradScaler, NaN guard, clip, update
+    train_step                  gradient accumulation, autocast + fp16 GradScaler, NaN guard, clip, update,
+                                then (balance "bias") the routing biases move towards equal load
     evaluate, sample_text       validation loss over real tokens; a short sample
-    train                       build the state (fresh or resumed exactly), then the loop: step, log,
-                                evaluate, save (atomic latest.pt / best.pt), stop on Ctrl-C
+    train                       the loop over a built state (fresh or resumed exactly): step, log (with the
+                                routing health), evaluate, save (atomic latest.pt / best.pt), stop on Ctrl-C
 
-Around it, each in its own module: the runtime (runtime.py: device, precision, DDP, stop requests),
-flags -> a run (run_config.py), parameter counts (param_counts.py), what a run logs (run_folder.py),
-and the command line (cli.py): python sparse_moe_transformer/src/train.py --help
+Around it, each in its own module: the settings and the schedule (train_settings.py: TrainSettings, whose
+defaults are the recipe, and lr_at), the optimizer (moe_optimizer.py), the runtime (runtime.py: device,
+precision, DDP, stop requests), flags -> a run and its state (run_config.py), parameter counts
+(param_counts.py), what a run writes (run_folder.py), and the command line (cli.py):
+    python sparse_moe_transformer/src/train.py --help
 """
 
 from __future__ import annotations
