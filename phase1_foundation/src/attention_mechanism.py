@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
@@ -300,6 +299,8 @@ def plot_attention_weights(weights, query_labels=None, key_labels=None, title=No
         if labels is not None and len(labels) != n:
             raise ValueError(f"{name} has {len(labels)} entries but the matrix has {n} along that axis.")
     if ax is None:
+        import matplotlib.pyplot as plt  # here, not at the top: importing attention needs no plotting library
+
         fig, ax = plt.subplots(figsize=(1.0 + 0.45 * Tk, 0.8 + 0.45 * Tq))
     else:
         fig = ax.figure

@@ -80,6 +80,91 @@ def count_pairs(ids: Sequence[int]) -> Counter:
     return Counter(zip(ids, ids[1:]))
 
 
+# ----------------------------------------------------------------------------------------------
+# The steps of BPETokenizer.train, in the order it runs them
+# ----------------------------------------------------------------------------------------------
+
+
+def _count_words(text: str, special_tokens: list[str], pattern: str) -> tuple[list[list[int]], list[int]]:
+    """Steps 1-2: pre-tokenise the text outside special tokens and count each distinct word once.
+
+    Returns (words, freqs): words[w] is the w-th distinct word as byte ids, freqs[w] how often it occurs.
+    """
+    compiled = regex.compile(pattern)
+    pieces = [text]
+    if special_tokens:
+        special_re = regex.compile(
+            "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True))
+        )
+        pieces = special_re.split(text)
+    word_freq: Counter = Counter()
+    for piece in pieces:
+        word_freq.update(compiled.findall(piece))
+    words: list[list[int]] = [list(w.encode("utf-8")) for w in word_freq]  # each word as ids
+    freqs: list[int] = list(word_freq.values())
+    return words, freqs
+
+
+def _index_pairs(
+    words: list[list[int]], freqs: list[int]
+) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], set[int]]]:
+    """Step 3: pair counts weighted by word frequency, and which words contain each pair."""
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for w, ids in enumerate(words):
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += freqs[w]
+            where[pair].add(w)
+    return pair_counts, where
+
+
+def _pop_most_frequent(
+    heap: list[tuple[int, tuple[int, int]]], pair_counts: dict[tuple[int, int], int]
+) -> tuple[tuple[int, int], int] | None:
+    """Pop (pair, count) of the most frequent pair, skipping stale heap entries; None if no pair is left."""
+    while heap:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) == -neg_count and -neg_count > 0:
+            return pair, -neg_count
+    return None
+
+
+def _merge_in_words(
+    pair: tuple[int, int],
+    new_id: int,
+    words: list[list[int]],
+    freqs: list[int],
+    pair_counts: dict[tuple[int, int], int],
+    where: dict[tuple[int, int], set[int]],
+    heap: list[tuple[int, tuple[int, int]]],
+) -> None:
+    """Step 4: replace `pair` by `new_id` in every word containing it, in place.
+
+    Only the pair counts of those words change; each changed count is pushed to the heap again.
+    """
+    changed: set[tuple[int, int]] = set()
+    for w in where.pop(pair, ()):
+        old = words[w]
+        new = merge_pair(old, pair, new_id)
+        if len(new) == len(old):
+            continue  # stale index entry: this word no longer contains the pair
+        for p in zip(old, old[1:]):
+            pair_counts[p] -= freqs[w]
+            changed.add(p)
+        for p in zip(new, new[1:]):
+            pair_counts[p] += freqs[w]
+            where[p].add(w)
+            changed.add(p)
+        words[w] = new
+    pair_counts.pop(pair, None)
+    changed.discard(pair)
+    for p in changed:
+        if pair_counts[p] > 0:
+            heapq.heappush(heap, (-pair_counts[p], p))
+        else:
+            pair_counts.pop(p)
+
+
 class BPETokenizer:
     """A trained byte-level BPE tokenizer: merges (in rank order) plus special tokens."""
 
@@ -147,27 +232,8 @@ class BPETokenizer:
                 f"vocab_size={vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens: "
                 f"use vocab_size >= {N_BYTES + len(special_tokens)}"
             )
-        # 1-2. pre-tokenise (outside special tokens) and count distinct words
-        compiled = regex.compile(pattern)
-        pieces = [text]
-        if special_tokens:
-            special_re = regex.compile(
-                "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True))
-            )
-            pieces = special_re.split(text)
-        word_freq: Counter = Counter()
-        for piece in pieces:
-            word_freq.update(compiled.findall(piece))
-        words: list[list[int]] = [list(w.encode("utf-8")) for w in word_freq]  # each word as ids
-        freqs: list[int] = list(word_freq.values())
-
-        # 3. pair counts weighted by word frequency, and which words contain each pair
-        pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-        where: dict[tuple[int, int], set[int]] = defaultdict(set)
-        for w, ids in enumerate(words):
-            for pair in zip(ids, ids[1:]):
-                pair_counts[pair] += freqs[w]
-                where[pair].add(w)
+        words, freqs = _count_words(text, special_tokens, pattern)  # 1-2
+        pair_counts, where = _index_pairs(words, freqs)  # 3
         # max-heap via negated counts; ties -> smallest pair ids first. Entries go stale when a
         # count changes; a popped entry is used only if it still matches the current count.
         heap = [(-c, pair) for pair, c in pair_counts.items()]
@@ -175,13 +241,8 @@ class BPETokenizer:
 
         merges: list[tuple[int, int]] = []
         merge_counts: list[int] = []
-        while len(merges) < n_merges:
-            best = None
-            while heap:
-                neg_count, pair = heapq.heappop(heap)
-                if pair_counts.get(pair, 0) == -neg_count and -neg_count > 0:
-                    best = (pair, -neg_count)
-                    break
+        while len(merges) < n_merges:  # 4
+            best = _pop_most_frequent(heap, pair_counts)
             if best is None:
                 raise ValueError(
                     f"the training text has no pair left to merge after {len(merges)} merges (asked for "
@@ -192,28 +253,7 @@ class BPETokenizer:
             new_id = N_BYTES + len(merges)
             merges.append(pair)
             merge_counts.append(count)
-            # 4. replace the pair in every word containing it; update counts of those words only
-            changed: set[tuple[int, int]] = set()
-            for w in where.pop(pair, ()):
-                old = words[w]
-                new = merge_pair(old, pair, new_id)
-                if len(new) == len(old):
-                    continue  # stale index entry: this word no longer contains the pair
-                for p in zip(old, old[1:]):
-                    pair_counts[p] -= freqs[w]
-                    changed.add(p)
-                for p in zip(new, new[1:]):
-                    pair_counts[p] += freqs[w]
-                    where[p].add(w)
-                    changed.add(p)
-                words[w] = new
-            pair_counts.pop(pair, None)
-            changed.discard(pair)
-            for p in changed:
-                if pair_counts[p] > 0:
-                    heapq.heappush(heap, (-pair_counts[p], p))
-                else:
-                    pair_counts.pop(p)
+            _merge_in_words(pair, new_id, words, freqs, pair_counts, where, heap)
         return cls(merges, special_tokens=special_tokens, pattern=pattern, merge_counts=merge_counts)
 
     # ------------------------------------------------------------------------------------------

@@ -113,6 +113,85 @@ def _check_args(target: GPT, draft: GPT, idx: torch.Tensor, max_new_tokens: int,
         )
 
 
+def _draft_tokens(
+    draft: GPT,
+    seq: torch.Tensor,
+    draft_cache: KVCache,
+    k: int,
+    stats: SpeculativeStats,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Step 1: the draft proposes k tokens, fed first whatever of seq [1, T] it has not seen yet.
+
+    Returns the k tokens and, when sampling, the distribution q_i [V] each was drawn from (empty when greedy).
+    """
+    greedy = temperature == 0
+    draft_logits = forward_with_cache(draft, seq[:, draft_cache.length :], draft_cache)[0, -1]  # [V]
+    stats.draft_calls += 1
+    drafts, draft_probs = [], []
+    for i in range(k):
+        if greedy:
+            token = int(draft_logits.argmax())
+        else:
+            q = sampling_probs(draft_logits, temperature, top_k, top_p)  # [V]
+            token = int(torch.multinomial(q, 1, generator=generator))
+            draft_probs.append(q)
+        drafts.append(token)
+        if i < k - 1:
+            step = torch.tensor([[token]], device=seq.device)  # [1, 1]
+            draft_logits = forward_with_cache(draft, step, draft_cache)[0, -1]  # [V]
+            stats.draft_calls += 1
+    return drafts, draft_probs
+
+
+def _score_drafts(
+    target: GPT, seq: torch.Tensor, target_cache: KVCache, drafts: list[int], stats: SpeculativeStats
+) -> torch.Tensor:
+    """Step 2: one target pass over the unseen part of seq [1, T] + the k drafts.
+
+    Returns the logits of p_1..p_{k+1}, [k+1, V].
+    """
+    unseen = seq[:, target_cache.length :]  # [1, >=1] tokens the target has not processed
+    verify_in = torch.cat([unseen, torch.tensor([drafts], device=seq.device)], dim=1)  # [1, unseen + k]
+    target_logits = forward_with_cache(target, verify_in, target_cache)[0, -(len(drafts) + 1) :]  # [k+1, V]
+    stats.target_calls += 1
+    return target_logits
+
+
+def _accept_drafts(
+    target_logits: torch.Tensor,
+    drafts: list[int],
+    draft_probs: list[torch.Tensor],
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Step 3: accept a prefix of the drafts, then one token from the target (logits [k+1, V]).
+
+    Returns (number of drafts accepted, the token the target emits after them).
+    """
+    greedy = temperature == 0
+    for i, token in enumerate(drafts):
+        if greedy:
+            choice = int(target_logits[i].argmax())
+            if choice != token:
+                return i, choice
+        else:
+            p = sampling_probs(target_logits[i], temperature, top_k, top_p)  # [V]
+            ok, choice = accept_or_resample(p, draft_probs[i], token, generator)
+            if not ok:
+                return i, choice
+    k = len(drafts)  # every draft accepted: the bonus token comes from p_{k+1}
+    if greedy:
+        return k, int(target_logits[k].argmax())
+    p = sampling_probs(target_logits[k], temperature, top_k, top_p)  # [V]
+    return k, int(torch.multinomial(p, 1, generator=generator))
+
+
 @torch.no_grad()
 def speculative_generate(
     target: GPT,
@@ -128,7 +207,7 @@ def speculative_generate(
 ) -> tuple[torch.Tensor, SpeculativeStats]:
     """idx [1, T] -> ([1, T + max_new_tokens], stats). temperature 0 = greedy (the target's exact output)."""
     _check_args(target, draft, idx, max_new_tokens, num_draft)
-    greedy = temperature == 0
+    sampler = (temperature, top_k, top_p, generator)
     modes = (target.training, draft.training)
     target.eval()
     draft.eval()
@@ -139,52 +218,13 @@ def speculative_generate(
     try:
         while seq.shape[1] < end:
             k = min(num_draft, end - seq.shape[1])
-            # 1. draft k tokens, feeding the draft whatever of seq it has not seen yet
-            draft_logits = forward_with_cache(draft, seq[:, draft_cache.length :], draft_cache)[0, -1]  # [V]
-            stats.draft_calls += 1
-            drafts, draft_probs = [], []
-            for i in range(k):
-                if greedy:
-                    token = int(draft_logits.argmax())
-                else:
-                    q = sampling_probs(draft_logits, temperature, top_k, top_p)  # [V]
-                    token = int(torch.multinomial(q, 1, generator=generator))
-                    draft_probs.append(q)
-                drafts.append(token)
-                if i < k - 1:
-                    step = torch.tensor([[token]], device=seq.device)
-                    draft_logits = forward_with_cache(draft, step, draft_cache)[0, -1]
-                    stats.draft_calls += 1
-            # 2. one target pass over the unseen part of seq + the k drafts
             seen = seq.shape[1]
-            unseen = seq[:, target_cache.length :]  # [1, >=1] tokens the target has not processed
-            verify_in = torch.cat([unseen, torch.tensor([drafts], device=seq.device)], dim=1)
-            target_logits = forward_with_cache(target, verify_in, target_cache)[0, -(k + 1) :]  # [k+1, V]
-            stats.target_calls += 1
-            # 3. accept a prefix of the drafts, then one token from the target
-            accepted, next_token = 0, None
-            for i, token in enumerate(drafts):
-                if greedy:
-                    choice = int(target_logits[i].argmax())
-                    if choice != token:
-                        next_token = choice
-                        break
-                else:
-                    p = sampling_probs(target_logits[i], temperature, top_k, top_p)
-                    ok, choice = accept_or_resample(p, draft_probs[i], token, generator)
-                    if not ok:
-                        next_token = choice
-                        break
-                accepted += 1
-            if next_token is None:  # every draft accepted: the bonus token comes from p_{k+1}
-                if greedy:
-                    next_token = int(target_logits[k].argmax())
-                else:
-                    p = sampling_probs(target_logits[k], temperature, top_k, top_p)
-                    next_token = int(torch.multinomial(p, 1, generator=generator))
+            drafts, draft_probs = _draft_tokens(draft, seq, draft_cache, k, stats, *sampler)  # 1
+            target_logits = _score_drafts(target, seq, target_cache, drafts, stats)  # 2: [k+1, V]
+            accepted, next_token = _accept_drafts(target_logits, drafts, draft_probs, *sampler)  # 3
             stats.proposed += k
             stats.accepted += accepted
-            new = torch.tensor([drafts[:accepted] + [next_token]], device=seq.device)
+            new = torch.tensor([drafts[:accepted] + [next_token]], device=seq.device)  # [1, accepted + 1]
             seq = torch.cat([seq, new], dim=1)
             # 4. roll the caches back to the confirmed tokens (seq before this round + accepted drafts)
             target_cache.crop(seen + accepted)

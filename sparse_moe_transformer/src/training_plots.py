@@ -106,17 +106,23 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
     """Draw loss.png, learning_rate.png and expert_load.png into `out_dir`; returns the paths written."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # files only: no display needed; before the steps below import pyplot
     out_dir = Path(out_dir)
     metrics = read_metrics(metrics_path or out_dir / METRICS_FILE)
     train, evals = metrics.get("train", []), metrics.get("eval", [])
     if not train and not evals:
         raise ValueError(f"{out_dir / METRICS_FILE} holds no training or evaluation records yet")
-    written = []
+    return [
+        _plot_loss(train, evals, out_dir / "loss.png"),
+        _plot_learning_rate(train, out_dir / "learning_rate.png"),
+        _plot_expert_load(train, out_dir / "expert_load.png"),
+    ]
 
-    # --- loss ------------------------------------------------------------------------------------
+
+def _plot_loss(train: list[dict], evals: list[dict], path: Path) -> Path:
+    """Train LM loss (raw and smoothed) and validation loss above; the load-balancing aux loss below."""
+    import matplotlib.pyplot as plt
+
     fig, (ax_loss, ax_aux) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 1))
     if train:
         steps = np.array([r["step"] for r in train])
@@ -152,9 +158,13 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
     ax_aux.set_ylabel("aux loss")
     ax_aux.grid(alpha=0.3)
     fig.tight_layout()
-    written.append(_save(fig, out_dir / "loss.png"))
+    return _save(fig, path)
 
-    # --- learning rate ---------------------------------------------------------------------------
+
+def _plot_learning_rate(train: list[dict], path: Path) -> Path:
+    """The learning rate logged at each optimizer step."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if train:
         ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
@@ -163,9 +173,13 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
     ax.set_title("Learning rate per optimizer step (AdamW's; Muon's follows it, scaled)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    written.append(_save(fig, out_dir / "learning_rate.png"))
+    return _save(fig, path)
 
-    # --- expert load heatmaps, then routing health --------------------------------------------------
+
+def _plot_expert_load(train: list[dict], path: Path) -> Path:
+    """One heatmap of expert load per layer over training, then the routing health of the worst layer."""
+    import matplotlib.pyplot as plt
+
     steps, loads = expert_load_matrix(train)  # [N], [L, E, N]
     n_layer = max(1, loads.shape[0])
     fig, axes = plt.subplots(
@@ -194,8 +208,7 @@ def make_plots(out_dir: str | Path, metrics_path: str | Path | None = None) -> l
     else:
         axes[0, 0].text(0.5, 0.5, "no expert loads logged", ha="center", va="center")
     health_ax.set_xlabel("optimizer step")
-    written.append(_save(fig, out_dir / "expert_load.png"))
-    return written
+    return _save(fig, path)
 
 
 def _plot_load_health(ax, health: dict[str, np.ndarray], n_expert: int) -> None:
