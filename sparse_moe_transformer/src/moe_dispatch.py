@@ -417,16 +417,16 @@ def dense_ffn(
 
 class SharedExperts(nn.Module):
     """Dense experts that every token passes through (DeepSeekMoE's shared experts): S experts of hidden
-    F as one FFN of hidden S F, computed by dense_ffn with the routed experts' formula and layout."""
+    F as one FFN of hidden S F, computed by dense_ffn with the routed experts' formula. Its matrices are
+    nn.Linear weights ([out, in], passed to dense_ffn transposed), like every other dense matmul."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str, init_std: float):
+    def __init__(self, d_model: int, hidden: int, activation: str):
         super().__init__()
         up = 2 * hidden if activation == "swiglu" else hidden  # SwiGLU: the S gates, then the S ups
-        self.w1 = nn.Parameter(torch.randn(d_model, up) * init_std)  # [C, S F']
-        self.b1 = nn.Parameter(torch.zeros(up))  # [S F']
-        self.w2 = nn.Parameter(torch.randn(hidden, d_model) * init_std)  # [S F, C]
-        self.b2 = nn.Parameter(torch.zeros(d_model))  # [C]
+        self.w1 = nn.Linear(d_model, up)  # weight [S F', C]
+        self.w2 = nn.Linear(hidden, d_model)  # weight [C, S F]
         self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_ffn(x, self.w1, self.b1, self.w2, self.b2, self.activation)  # [N, C] -> [N, C]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N, C]
+        w1, w2 = self.w1, self.w2
+        return dense_ffn(x, w1.weight.t(), w1.bias, w2.weight.t(), w2.bias, self.activation)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw
 
+from phase2_architecture.src.training_utils import weight_decay_groups
 from phase3_components.src.hardware import choose_newton_schulz_dtype
 from phase3_components.src.muon import newton_schulz
 from sparse_moe_transformer.src.train_settings import TrainSettings
@@ -125,15 +126,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def make_optimizer(model: nn.Module, s: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on the model's decayed_parameters() and none on the rest; or (optimizer
-    "muon") MuonAdamW: Muon for the model's hidden_matrices() and that AdamW for the others."""
-    decayed = {id(p) for p in model.decayed_parameters()}
-    muon = {id(p) for p in model.hidden_matrices()} if s.optimizer == "muon" else set()
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in muon]
-    groups = [
-        {"params": [p for p in params if id(p) in decayed], "weight_decay": s.weight_decay},
-        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
-    ]
+    """AdamW with weight decay by the course's one rule (Phase 2's weight_decay_groups: the matmul weights,
+    not biases, norms or embeddings); or (optimizer "muon") MuonAdamW: Muon for the model's
+    hidden_matrices() and that AdamW for the others."""
+    muon = model.hidden_matrices() if s.optimizer == "muon" else []
+    groups = weight_decay_groups(model, s.weight_decay, exclude=muon)
     if s.optimizer == "muon":
         return MuonAdamW(
             model.hidden_matrices(), groups, lr=s.max_lr, lr_ratio=s.muon_lr / s.max_lr,

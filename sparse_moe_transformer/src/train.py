@@ -291,7 +291,7 @@ class SparseMoEFFN(nn.Module):
         # a buffer: saved in checkpoints, moved by train_step (not by the optimizer), None unless "bias"
         self.register_buffer("balance_bias", torch.zeros(E) if config.balance == "bias" else None)
         hidden = config.n_shared_expert * Fh  # the shared experts as one dense FFN (moe_dispatch.py)
-        self.shared = SharedExperts(C, hidden, config.expert_activation, config.init_std) if hidden else None
+        self.shared = SharedExperts(C, hidden, config.expert_activation) if hidden else None
         self.expert_parallel = None  # set by expert_parallel.shard_experts: this rank holds a slice
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -430,7 +430,7 @@ class SparseMoETransformer(nn.Module):
         # stream's variance at init does not grow with depth.
         residual_std = config.init_std / math.sqrt(2 * config.n_layer)
         for layer in self.layers:
-            shared = [layer.moe.shared.w2] if layer.moe.shared is not None else []
+            shared = [layer.moe.shared.w2.weight] if layer.moe.shared is not None else []
             for weight in [layer.attn.out_proj.weight, layer.moe.w2, *shared]:
                 nn.init.normal_(weight, std=residual_std)
                 if config.zero_init_proj:  # modded-nanogpt: every layer starts as the identity
@@ -445,13 +445,6 @@ class SparseMoETransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
 
-    def decayed_parameters(self) -> list[nn.Parameter]:
-        """The weight matrices AdamW decays: attention, gate, experts, head. Norms, biases and the
-        embedding tables are left out (decaying them pulls gains, offsets and token vectors to 0)."""
-        return (
-            [self.lm_head.weight] + [layer.moe.gate.weight for layer in self.layers] + self.hidden_matrices()
-        )
-
     def hidden_matrices(self) -> list[nn.Parameter]:
         """What Muon updates (TrainSettings.optimizer "muon"): the attention projections, the expert
         stacks (each expert orthogonalised separately) and the shared experts' matrices; not the
@@ -460,7 +453,7 @@ class SparseMoETransformer(nn.Module):
         for layer in self.layers:
             hidden += [layer.attn.qkv.weight, layer.attn.out_proj.weight, layer.moe.w1, layer.moe.w2]
             if layer.moe.shared is not None:
-                hidden += [layer.moe.shared.w1, layer.moe.shared.w2]
+                hidden += [layer.moe.shared.w1.weight, layer.moe.shared.w2.weight]
         return hidden
 
     @torch.no_grad()

@@ -59,10 +59,10 @@ def test_shared_experts_add_a_dense_ffn_to_the_routed_output(activation):
         sum(g * (act(x[n] @ moe.w1[e] + moe.b1[e]) @ moe.w2[e] + moe.b2[e]) for g, e in zip(*_route(moe, x[n])))  # noqa: E501
         for n in range(x.shape[0])
     ])  # fmt: skip
-    dense = act(x @ shared.w1 + shared.b1) @ shared.w2 + shared.b2
+    dense = act(x @ shared.w1.weight.t() + shared.w1.bias) @ shared.w2.weight.t() + shared.w2.bias
     torch.testing.assert_close(out, routed + dense)
-    assert shared.w1.shape == (12, 2 * 20)  # two experts of d_ff 20, as one FFN
-    params = [x, moe.gate.weight, moe.w1, moe.w2, shared.w1, shared.b2]
+    assert shared.w1.weight.shape == (2 * 20, 12)  # two experts of d_ff 20, as one FFN
+    params = [x, moe.gate.weight, moe.w1, moe.w2, shared.w1.weight, shared.w2.bias]
     g = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(routed + dense, params, g)):
         torch.testing.assert_close(got, want)
