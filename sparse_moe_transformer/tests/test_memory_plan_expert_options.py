@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_moe_transformer.src import train as cli
 from sparse_moe_transformer.src.memory_plan import (
     expert_parameter_count,
     measure_saved_bytes,
@@ -24,6 +23,7 @@ from sparse_moe_transformer.src.memory_plan import (
     sparse_ffn_bytes_per_token,
 )
 from sparse_moe_transformer.src.moe_dispatch import dense_ffn, expert_ffn, route_tokens
+from sparse_moe_transformer.src.train import SparseMoETransformer, preset_config
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COARSE = dict(n_expert=8, top_k=2, d_ff=32)
@@ -143,18 +143,18 @@ def test_expert_parameter_counts_equal_the_tensors_the_block_holds(activation, n
 
 def test_fine_grained_experts_keep_the_active_parameters_and_the_plan_is_exact_for_the_model():
     """32 experts of d_ff / 4, top-8: the same active expert parameters per token as 8 of d_ff, top-2
-    (up to biases), and the whole model (today's Config, GELU and ReLU^2 experts) is planned to the byte."""
+    (up to biases), and the whole model (GELU, ReLU^2 and SwiGLU experts, with and without shared experts) is planned to the byte."""
     coarse, fine = block_config(COARSE, "swiglu", 0), block_config(FINE, "swiglu", 0)
     active = [expert_parameter_count(c) // c.n_expert * c.top_k for c in (coarse, fine)]
     matrices = [c.top_k * 3 * c.d_model * c.d_ff for c in (coarse, fine)]
     assert matrices[0] == matrices[1] and abs(active[0] - active[1]) < 0.05 * active[0]
-    for activation in ("gelu", "relu2"):
-        config = cli.preset_config("tiny", vocab_size=256, n_layer=2, d_model=32, n_head=2,
+    for activation, n_shared in (("gelu", 0), ("relu2", 0), ("swiglu", 0), ("gelu", 1), ("swiglu", 2)):
+        config = preset_config("tiny", vocab_size=256, n_layer=2, d_model=32, n_head=2,
                                         block_size=32, n_expert=32, top_k=8, d_ff=16, dropout=0.0,
-                                        expert_activation=activation, pos="learned",
-                                        qk_norm=False)  # fmt: skip
+                                        expert_activation=activation, n_shared_expert=n_shared,
+                                        pos="learned", qk_norm=False)  # fmt: skip
         torch.manual_seed(0)
-        model = cli.SparseMoETransformer(config).train()
+        model = SparseMoETransformer(config).train()
         x = torch.randint(0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
         for precision in ("fp32", "bf16"):
             measured = measure_saved_bytes(
@@ -162,12 +162,15 @@ def test_fine_grained_experts_keep_the_active_parameters_and_the_plan_is_exact_f
             )
             n_params = sum(q.numel() for q in model.parameters())
             plan = plan_memory(config, 2, 32, n_params=n_params, precision=precision, on_gpu=False)
-            assert plan.saved_for_backward == measured.total, (activation, precision)
+            assert plan.saved_for_backward == measured.total, (activation, n_shared, precision)
             assert expert_parameter_count(config) == sum(
                 q.numel()
                 for layer in model.layers
                 for n, q in layer.named_parameters()
-                if "moe.w" in n or "moe.b" in n
+                if n.startswith(("moe.w", "moe.b"))
+            )
+            assert shared_expert_parameter_count(config) == sum(
+                q.numel() for layer in model.layers for n, q in layer.named_parameters() if ".shared." in n
             )
 
 
