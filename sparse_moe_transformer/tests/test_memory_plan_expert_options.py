@@ -143,7 +143,8 @@ def test_expert_parameter_counts_equal_the_tensors_the_block_holds(activation, n
 
 def test_fine_grained_experts_keep_the_active_parameters_and_the_plan_is_exact_for_the_model():
     """32 experts of d_ff / 4, top-8: the same active expert parameters per token as 8 of d_ff, top-2
-    (up to biases), and the whole model (GELU, ReLU^2 and SwiGLU experts, with and without shared experts) is planned to the byte."""
+    (up to biases), and the whole model (GELU, ReLU^2 and SwiGLU experts, with and without shared
+    experts) is planned to the byte."""
     coarse, fine = block_config(COARSE, "swiglu", 0), block_config(FINE, "swiglu", 0)
     active = [expert_parameter_count(c) // c.n_expert * c.top_k for c in (coarse, fine)]
     matrices = [c.top_k * 3 * c.d_model * c.d_ff for c in (coarse, fine)]
