@@ -49,6 +49,9 @@ ACTIVATIONS = ("gelu", "relu2", "swiglu")
 COMBINE_ROWS = 256  # CPU: rows per block of the per-pair row work, so a [256, C] block stays in the cache
 
 
+SMALL_COMBINE = 16  # tokens up to which _combine gathers every slot at once (a KV-cached decode step)
+
+
 def _block_rows(t: torch.Tensor, n: int) -> int:
     """Rows per block: COMBINE_ROWS on the CPU; one block elsewhere (a GPU pays a launch per kernel)."""
     return COMBINE_ROWS if t.device.type == "cpu" else max(n, 1)
@@ -312,6 +315,9 @@ def _combine(
             weight = torch.cat([weight, weight.new_zeros(1)])
     index = unsort_index.view(top_k, n_tokens)  # [k, N] sorted row of each (slot, token)
     w = None if weight is None else weight.index_select(0, unsort_index).view(top_k, n_tokens, 1)  # [k, N, 1]
+    if n_tokens <= SMALL_COMBINE:  # decoding: a few rows, where each Python-level op is the cost
+        gathered = rows.index_select(0, unsort_index).view(top_k, n_tokens, -1)  # [k, N, C]
+        return (gathered if w is None else gathered * w).sum(0)  # [N, C]
     out = rows.new_empty(n_tokens, rows.shape[1])  # [N, C]
     R = _block_rows(rows, n_tokens)
     buffer = rows.new_empty(min(R, n_tokens), rows.shape[1])  # [R, C]
