@@ -61,7 +61,7 @@ def local_slice(full: torch.Tensor, local: torch.Tensor, ep) -> torch.Tensor:
 
 
 def run_case(case: dict, rank: int, world: int) -> dict:
-    config = replace(CONFIG, capacity_factor=case.get("capacity_factor"))
+    config = replace(CONFIG, capacity_factor=case.get("capacity_factor"), **case.get("options", {}))
     ep = init_expert_parallel(case["E"], config.n_expert)
     torch.manual_seed(0)
     reference = SparseMoETransformer(config)
@@ -129,6 +129,10 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     result["weights"] = {
         n: max_diff(local_slice(p, local[n], ep), local[n]) for n, p in reference.named_parameters()
     }
+    biases = dict(model.named_buffers())  # balance "bias": every rank's biases equal one process's
+    result["weights"].update(
+        {n: max_diff(b, biases[n]) for n, b in reference.named_buffers() if n.endswith("balance_bias")}
+    )
     result["weights_moved"] = max(max_diff(p, q) for p, q in zip(reference.parameters(), start))
     # Muon on the expert slices = Muon on the whole stacks, given the same gradients
     result["muon"] = muon_on_slices(reference, model, ep)

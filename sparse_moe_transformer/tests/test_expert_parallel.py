@@ -40,6 +40,14 @@ TWO_RANKS = [  # E = 2 on 2 processes
         "capacity_factor": 1.0,
         "checkpointing": True,
     },
+    # the routing bias chooses through the exchanges and moves by every rank's counts; the shared expert
+    # is replicated on every rank, its gradient averaged like the attention's
+    {
+        "name": "bias balancing, a shared expert",
+        "E": 2,
+        "accum": 1,
+        "options": {"balance": "bias", "balance_bias_step": 0.05, "n_shared_expert": 1},
+    },  # fmt: skip
     {"name": "bytes", "E": 2, "balanced_bytes": True},
     {"name": "saved bytes", "E": 2, "saved_bytes": True},
 ]
