@@ -26,6 +26,7 @@ import torch.distributed as torch_dist
 TIMEOUT_ENV = "MOE_DIST_TIMEOUT_S"  # --dist-timeout sets it; torchrun users may set it too
 DEFAULT_TIMEOUT_S = 300.0  # long enough for a slow evaluation or save on rank 0, short enough to notice
 HEARTBEAT_S = 0.5  # seconds between two heartbeats of a rank
+STORE_TIMEOUT_S = 10.0  # the heartbeat's bound on one call to the rendezvous store
 
 
 class RanksStopped(RuntimeError):
@@ -129,14 +130,19 @@ class RankHeartbeat:
 
     def _beat(self) -> None:
         try:
-            store = self._client(timeout_s=10)
+            store = self._client(timeout_s=STORE_TIMEOUT_S)
             while not self._stop.wait(HEARTBEAT_S):
                 store.add(f"{self.PREFIX}{self.rank}", 1)
         except Exception:  # the store went away (its host ended): nothing left to report to
             return
 
     def __exit__(self, *exc):
+        # Wait for the thread to leave: a daemon thread still inside the store's C++ call when the
+        # interpreter exits is ended by a forced unwind through that call, which aborts the process
+        # ("terminate called without an active exception", SIGABRT) after a finished run.
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=STORE_TIMEOUT_S + HEARTBEAT_S)
         return False
 
     def stopped_ranks(self) -> list[int] | None:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import sparse_moe_transformer.src.train as train
 from sparse_moe_transformer.src import cli
 from sparse_moe_transformer.src.cli import EXIT_RANK_STOPPED
+from sparse_moe_transformer.src.rank_checks import RankHeartbeat
 
 TRAIN_SCRIPT = Path(train.__file__)
 FAST = ["--mode", "train", "--preset", "tiny", "--tokenizer", "bpe", "--vocab-size", "300",
@@ -130,3 +132,22 @@ def test_evaluation_lines_are_printed_by_rank_0_only(tmp_path, cache_dir):
     assert steps == [0, 2, 4]
     printed = [results[rank][1].count("| val loss") for rank in (0, 1)]
     assert printed == [len(steps), 0], printed
+
+
+def test_the_heartbeat_thread_has_left_when_training_ends(monkeypatch):
+    """A heartbeat still inside the store's C++ call at interpreter exit aborts the rank (SIGABRT) after a
+    finished run; leaving the `with` block waits for the thread. A slow store stands in for a loaded host."""
+    entered = threading.Event()
+
+    class SlowStore:
+        def add(self, key, amount):
+            entered.set()
+            time.sleep(1.0)
+            return amount
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setattr(RankHeartbeat, "_client", lambda self, timeout_s: SlowStore())
+    with RankHeartbeat(rank=0, world_size=2) as heartbeat:
+        assert entered.wait(timeout=10)  # the thread is inside a store call
+    assert not heartbeat._thread.is_alive()
