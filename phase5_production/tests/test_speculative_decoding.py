@@ -103,10 +103,18 @@ def test_accept_or_resample_reproduces_the_target_distribution():
     assert abs(accepted / n - 0.5) < 0.015
 
 
-def test_sampled_sequences_follow_the_target_joint_distribution():
+@pytest.mark.parametrize(
+    "draft_kind, num_draft",
+    [
+        ("unrelated", 2),  # both tokens drafted: accepted or resampled
+        ("unrelated", 1),  # the second token is the bonus whenever the first draft is accepted
+        ("identical", 1),  # always accepted: the second token is always the bonus, sampled from p_2
+    ],
+)
+def test_sampled_sequences_follow_the_target_joint_distribution(draft_kind, num_draft):
     """End to end on a 3-token vocabulary: P(t1, t2) from speculative sampling vs the exact target."""
     target = _gpt(2, d_model=16, n_layer=1, vocab_size=3, scale=3.0)
-    draft = _gpt(3, d_model=8, n_layer=1, vocab_size=3, scale=3.0)
+    draft = target if draft_kind == "identical" else _gpt(3, d_model=8, n_layer=1, vocab_size=3, scale=3.0)
     idx = torch.tensor([[0]])
     # exact target probabilities of every two-token continuation
     with torch.no_grad():
@@ -119,7 +127,7 @@ def test_sampled_sequences_follow_the_target_joint_distribution():
     n = 600
     counts = dict.fromkeys(exact, 0)
     for _ in range(n):
-        out, _ = speculative_generate(target, draft, idx, 2, num_draft=2, temperature=1.0, generator=g)
+        out, _ = speculative_generate(target, draft, idx, 2, num_draft=num_draft, temperature=1.0, generator=g)
         counts[tuple(out[0, 1:].tolist())] += 1
     worst = max(abs(counts[key] / n - exact[key]) for key in exact)
     assert worst < 0.07, (counts, exact)  # > 3.5 standard errors (sqrt(0.25 / 600) = 0.02)
