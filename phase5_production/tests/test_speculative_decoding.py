@@ -127,7 +127,9 @@ def test_sampled_sequences_follow_the_target_joint_distribution(draft_kind, num_
     n = 600
     counts = dict.fromkeys(exact, 0)
     for _ in range(n):
-        out, _ = speculative_generate(target, draft, idx, 2, num_draft=num_draft, temperature=1.0, generator=g)
+        out, _ = speculative_generate(
+            target, draft, idx, 2, num_draft=num_draft, temperature=1.0, generator=g
+        )
         counts[tuple(out[0, 1:].tolist())] += 1
     worst = max(abs(counts[key] / n - exact[key]) for key in exact)
     assert worst < 0.07, (counts, exact)  # > 3.5 standard errors (sqrt(0.25 / 600) = 0.02)
