@@ -62,16 +62,18 @@ def test_fast_dispatch_equals_naive_reference_forward_and_gradients(skew, capaci
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_custom_backward_passes_gradcheck_in_float64():
+@pytest.mark.parametrize("activation", ["gelu", "relu2", "swiglu"])
+def test_custom_backward_passes_gradcheck_in_float64(activation):
     torch.manual_seed(0)
     N, C, Fh, E, k = 12, 3, 4, 4, 2
     dt = torch.float64
     x = torch.randn(N, C, dtype=dt, requires_grad=True)
     wg = torch.randn(C, E, dtype=dt, requires_grad=True)
-    ws = [torch.randn(*s, dtype=dt, requires_grad=True) for s in ((E, C, Fh), (E, Fh), (E, Fh, C), (E, C))]
+    up = 2 * Fh if activation == "swiglu" else Fh  # SwiGLU's w1 holds the gate and up projections
+    ws = [torch.randn(*s, dtype=dt, requires_grad=True) for s in ((E, C, up), (E, up), (E, Fh, C), (E, C))]
 
     def f(x, wg, w1, b1, w2, b2, capacity):
-        return expert_ffn(x, w1, b1, w2, b2, route_tokens(x @ wg, k, capacity))
+        return expert_ffn(x, w1, b1, w2, b2, route_tokens(x @ wg, k, capacity), activation=activation)
 
     assert torch.autograd.gradcheck(lambda *a: f(*a, None), (x, wg, *ws))
     assert torch.autograd.gradcheck(lambda *a: f(*a, 4), (x, wg, *ws))  # 4 < 2*12/4: drops
