@@ -1,6 +1,7 @@
 """The architecture options of the recipe (Config.pos="rope", qk_norm, zero_init_proj, logit_softcap,
-expert_activation): causality and KV-cache equivalence with them on, attention equal to its formula written
-out by hand, the defaults reproduce the original model, old configs load."""
+expert_activation): causality and KV-cache equivalence with them on (the cache also with the preset as it
+is), attention equal to its formula written out by hand, the defaults reproduce the original model, old
+configs load."""
 
 import math
 from dataclasses import asdict
@@ -41,9 +42,9 @@ def test_causality_future_tokens_do_not_change_past_logits_with_the_new_options(
     assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().amax() > 1e-3  # the later positions do change
 
 
-@pytest.mark.parametrize("options", RECIPES)
+@pytest.mark.parametrize("options", [{}, *RECIPES])  # {}: the preset as it is
 @pytest.mark.parametrize("T", [1, 5])
-def test_cached_forward_in_chunks_equals_full_forward_with_the_new_options(options, T):
+def test_cached_forward_in_chunks_equals_full_forward(options, T):
     model = tiny_model(**options)
     ids = torch.randint(0, 97, (2, 15))
     with torch.no_grad():
