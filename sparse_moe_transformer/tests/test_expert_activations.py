@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from phase2_architecture.src.mixture_of_experts import capacity_keep_mask, expert_capacity
 from sparse_moe_transformer.src.moe_dispatch import dense_ffn, expert_ffn, route_tokens
-from sparse_moe_transformer.src.train import Config, SparseMoEFFN, preset_config
+from sparse_moe_transformer.src.train import preset_config
+from sparse_moe_transformer.tests.test_moe_dispatch import grads, make_moe
 
 
 def silu_gate_times_up(h):
@@ -73,8 +74,7 @@ def test_swiglu_dispatch_equals_per_token_reference_forward_and_gradients(E, k, 
     if capacity_factor is not None:
         assert routing.dropped > 0
     params = [x, wg, w1, b1, w2, b2]
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+    for got, want in zip(grads(out, params), grads(ref, params)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -146,25 +146,14 @@ def test_swiglu_experts_compute_in_the_autocast_dtype_with_fp32_weight_gradients
 @pytest.mark.parametrize("activation", ["relu2", "gelu", "swiglu"])
 @pytest.mark.parametrize("skew", [0.0, 3.0])  # 3.0: uneven load with empty experts
 def test_the_moe_layer_equals_the_per_token_reference_for_every_activation(activation, skew):
-    torch.manual_seed(0)
-    E, k = 6, 2
-    cfg = Config(vocab_size=11, d_model=12, n_head=1, n_layer=1, n_expert=E, top_k=k, d_ff=20, block_size=8,
-                 expert_activation=activation)  # fmt: skip
-    moe = SparseMoEFFN(cfg)
-    with torch.no_grad():
-        for p in (moe.b1, moe.b2):
-            p.normal_(std=0.1)
-        moe.w1.normal_(std=0.3), moe.w2.normal_(std=0.3)
-        moe.gate.bias.copy_(-skew * torch.arange(E, dtype=torch.float32))
-    x = torch.randn(24, 12, requires_grad=True)
+    moe, x = make_moe(skew=skew, activation=activation)
     out, _, routing = moe(x)
-    ref = per_token_reference(x, moe.gate(x), moe.w1, moe.b1, moe.w2, moe.b2, k, ACTS[activation])
+    ref = per_token_reference(x, moe.gate(x), moe.w1, moe.b1, moe.w2, moe.b2, moe.top_k, ACTS[activation])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     if skew:
         assert (routing.routed_counts == 0).any()
     params = [x, moe.gate.weight, moe.gate.bias, moe.w1, moe.b1, moe.w2, moe.b2]
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+    for got, want in zip(grads(out, params), grads(ref, params)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

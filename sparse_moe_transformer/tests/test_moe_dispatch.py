@@ -12,10 +12,10 @@ from sparse_moe_transformer.src.moe_dispatch import expert_ffn, per_expert_sum, 
 from sparse_moe_transformer.src.train import Config, SparseMoEFFN, preset_config
 
 
-def make_moe(N=24, C=12, Fh=20, E=6, k=2, skew=0.0, seed=0, capacity_factor=None):
+def make_moe(N=24, C=12, Fh=20, E=6, k=2, skew=0.0, seed=0, capacity_factor=None, activation="gelu"):
     torch.manual_seed(seed)
     cfg = Config(vocab_size=11, d_model=C, n_head=1, n_layer=1, n_expert=E, top_k=k, d_ff=Fh, block_size=8,
-                 capacity_factor=capacity_factor)  # fmt: skip
+                 capacity_factor=capacity_factor, expert_activation=activation)  # fmt: skip
     moe = SparseMoEFFN(cfg)
     with torch.no_grad():
         for p in (moe.b1, moe.b2):
