@@ -95,8 +95,8 @@ def _run_ranks(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProc
             os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(f"the ranks did not finish in {timeout} s: {err[-2000:]}") from None
-    # torchrun's own summary ends stderr; what the ranks printed (a traceback, a C++ abort, a signal)
-    # comes before it, so show both ends
+    # torchrun's own summary (~40 lines) ends stderr; what the ranks printed before it (a traceback, a
+    # C++ abort message) is the cause, so the message keeps a long tail, and stdout's tail
     assert proc.returncode == 0, f"exit {proc.returncode}\nstderr:\n{err[-6000:]}\nstdout:\n{out[-2000:]}"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
